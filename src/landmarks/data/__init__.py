@@ -1,0 +1,1 @@
+"""Datasets and formats: GLDv2 CSVs and layout, folder collections, robust decoding, synthetic data."""
