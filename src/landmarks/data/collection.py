@@ -119,13 +119,13 @@ def load_gldv2_csv(csv_path: str | Path, image_dir: str | Path | None = None) ->
                     add(image_id, lm, n)
         elif "id" in cols:
             idi = cols.index("id")
-            li = cols.index("landmark_id") if "landmark_id" in cols else None
+            lj = cols.index("landmark_id") if "landmark_id" in cols else None
             for n, row in enumerate(reader, start=2):
                 if not row or not any(c.strip() for c in row):
                     continue
                 if len(row) < len(cols):
                     raise DataFormatError(f"{csv_path}:{n}: expected {len(cols)} columns, got {len(row)}")
-                lm = _check_token(row[li], "landmark id", f"{csv_path}:{n}") if li is not None else None
+                lm = _check_token(row[lj], "landmark id", f"{csv_path}:{n}") if lj is not None else None
                 add(row[idi], lm, n)
         else:
             raise DataFormatError(f"{csv_path}: header {cols} has neither an 'id' column nor 'landmark_id,images'")
