@@ -125,8 +125,8 @@ def load_gldv2_csv(csv_path: str | Path, image_dir: str | Path | None = None) ->
                     continue
                 if len(row) < len(cols):
                     raise DataFormatError(f"{csv_path}:{n}: expected {len(cols)} columns, got {len(row)}")
-                lm = _check_token(row[lj], "landmark id", f"{csv_path}:{n}") if lj is not None else None
-                add(row[idi], lm, n)
+                label = _check_token(row[lj], "landmark id", f"{csv_path}:{n}") if lj is not None else None
+                add(row[idi], label, n)
         else:
             raise DataFormatError(f"{csv_path}: header {cols} has neither an 'id' column nor 'landmark_id,images'")
     return records
