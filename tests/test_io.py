@@ -1,0 +1,40 @@
+"""Atomic writes leave the old file intact on failure; skipped.csv keeps one row per path."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from landmarks.utils.io import SkippedLog, atomic_write, read_json, write_json
+
+
+def test_atomic_write_replaces_and_keeps_old_on_error(tmp_path: Path) -> None:
+    p = tmp_path / "a" / "f.txt"
+    with atomic_write(p) as f:
+        f.write("one")
+    assert p.read_text() == "one"
+    with pytest.raises(RuntimeError), atomic_write(p) as f:
+        f.write("two")
+        raise RuntimeError("boom")
+    assert p.read_text() == "one"
+    assert [x.name for x in p.parent.iterdir()] == ["f.txt"]  # no temporary left behind
+
+
+def test_json_roundtrip(tmp_path: Path) -> None:
+    write_json(tmp_path / "x.json", {"a": [1, 2], "b": None})
+    assert read_json(tmp_path / "x.json") == {"a": [1, 2], "b": None}
+
+
+def test_skipped_log(tmp_path: Path) -> None:
+    log = SkippedLog(tmp_path / "skipped.csv")
+    log.add("a.jpg", "truncated image")
+    log.add("b.jpg", "not an image\nsecond line")
+    log.add("a.jpg", "again")
+    again = SkippedLog(tmp_path / "skipped.csv")  # a resumed job does not repeat rows
+    again.add("b.jpg", "x")
+    with open(tmp_path / "skipped.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["path"], r["reason"]) for r in rows] == [("a.jpg", "truncated image"),
+                                                        ("b.jpg", "not an image second line")]
