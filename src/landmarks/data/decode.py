@@ -42,6 +42,12 @@ class ImageInfo:
     mode: str
 
 
+def _open_formats() -> list[str]:
+    """The supported formats this Pillow can open (Pillow 13 reads MPO through its JPEG opener)."""
+    Image.init()
+    return [f for f in SUPPORTED_FORMATS if f in Image.OPEN]
+
+
 def _name(source: ImageSource, name: str | None) -> str:
     if name is not None:
         return name
@@ -72,7 +78,7 @@ def _open(source: ImageSource, name: str, max_pixels: int | None) -> Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp, formats=list(SUPPORTED_FORMATS))
+            img = Image.open(fp, formats=_open_formats())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(name, f"refused: too many pixels ({e})") from None
     except UnidentifiedImageError:
