@@ -95,7 +95,7 @@ def load_gldv2_csv(csv_path: str | Path, image_dir: str | Path | None = None) ->
     root = Path(image_dir) if image_dir is not None else csv_path.parent / split
     records: list[ImageRecord] = []
     seen: set[str] = set()
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -183,7 +183,7 @@ def load_list_file(list_path: str | Path) -> list[ImageRecord]:
     base = list_path.parent
     records = []
     seen: Counter[str] = Counter()
-    with open(list_path, encoding="utf-8") as f:
+    with open(list_path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
             line = line.strip()
             if not line or line.startswith("#"):
