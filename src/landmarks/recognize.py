@@ -1,0 +1,410 @@
+"""Recognition: k nearest index images, voting, and the GLR-2020 out-of-domain handling.
+
+For a query q with neighbours j_1..j_k (cosine similarities c_1..c_k), each neighbour scores
+
+- without a non-landmark set N: s(q, j) = cos(q, j);
+- with N (index side): s'(q, j) = clip(cos(q, j), 0, 1) − mean of the top-5 cos(j, N) (precomputed
+  per index image, :attr:`LandmarkIndex.penalty`).
+
+A landmark's score is the sum of the scores of its neighbours among the k; the prediction is the best
+landmark (ties: the one of the nearer neighbour) and its confidence that sum, minus (query side)
+w · mean of the top-10 cos(q, N). Optionally, a landmark predicted for more than T queries of a batch
+has ``demote_penalty`` taken off those confidences (a "hub" that attracts out-of-domain queries), and a
+query whose confidence stays below ``threshold`` is reported as no landmark.
+
+The scoring functions (:func:`neighbour_scores`, :func:`vote`, :func:`query_confidence`,
+:func:`demote`) are pure and vectorised; tests compare them with loop versions. :class:`Recognizer`
+wraps embedding, search, an optional re-ranking hook and voting for in-memory images::
+
+    rec = Recognizer.load("index/")                  # the model is the one recorded in the index
+    out = rec.recognize([img])                       # img: (H, W, 3) uint8 RGB
+    out[0].landmark, out[0].confidence, out[0].neighbours
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from landmarks.data.collection import ImageRecord
+from landmarks.errors import ConfigError, LandmarksError
+
+logger = logging.getLogger("landmarks")
+
+#: Values accepted by ``RecognizeConfig.rerank`` (local-feature re-ranking is plugged in via ``Reranker``).
+RERANK_CHOICES = ("none",)
+
+
+@dataclass
+class RecognizeConfig:
+    """Voting and out-of-domain settings."""
+
+    # neighbours that vote
+    k: int = 3
+    # use the non-landmark set (index-side penalty and query-side penalty) when the index has one
+    ood: bool = True
+    # w: weight of the query-side penalty (mean of the top-10 similarities to the non-landmark set)
+    ood_weight: float = 1.0
+    # non-landmark neighbours averaged into the query-side penalty
+    ood_query_k: int = 10
+    # a landmark predicted for more than this many queries of one batch is demoted (None: never)
+    demote_above: int | None = None
+    # taken off the confidence of each demoted prediction
+    demote_penalty: float = 1.0
+    # below this confidence a query gets no landmark (None: always predict the best landmark)
+    threshold: float | None = None
+    # local-feature re-ranking of the top candidates: "none" (a Reranker can be passed to Recognizer)
+    rerank: str = "none"
+    # candidates handed to the re-ranker
+    rerank_candidates: int = 50
+    # seed of the re-ranker's RANSAC (results are deterministic given it)
+    seed: int = 0
+    # images per forward pass when embedding queries
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+        if self.ood_query_k < 1:
+            raise ConfigError(f"ood_query_k must be >= 1, got {self.ood_query_k}")
+        if self.demote_above is not None and self.demote_above < 0:
+            raise ConfigError(f"demote_above must be >= 0, got {self.demote_above}")
+
+
+@dataclass
+class Neighbour:
+    """An index image near a query: ``score`` is the cosine similarity (or the re-ranker's score).
+
+    ``landmark`` is ``""`` for an image of an unlabelled (retrieval-only) index.
+    """
+
+    id: str
+    landmark: str
+    score: float
+    inliers: int | None = None
+    path: str | None = None
+
+
+@dataclass
+class Recognition:
+    """The answer for one query.
+
+    ``landmark`` is the best-voted landmark (None only when the index is empty); ``is_landmark`` says
+    whether ``confidence`` reaches the threshold (always True without one). ``timings_ms`` holds the
+    stage times of the batch the query was in (embed, search, ood, rerank, vote, total).
+    """
+
+    landmark: str | None
+    confidence: float
+    is_landmark: bool
+    neighbours: list[Neighbour]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Reranker(Protocol):
+    """Hook for local-feature re-ranking (geometric verification of the top candidates)."""
+
+    def __call__(self, query: np.ndarray | str | Path, neighbours: list[Neighbour]) -> list[Neighbour]:
+        """Return the candidates re-scored (``score``, ``inliers`` filled), in their new order."""
+        ...
+
+
+# --- pure scoring -----------------------------------------------------------------------------------
+
+def neighbour_scores(sims: np.ndarray, penalties: np.ndarray | None = None) -> np.ndarray:
+    """Per-neighbour voting scores.
+
+    Args:
+        sims: ``(nq, k)`` float32 cosine similarities (``-inf`` for missing neighbours).
+        penalties: ``(nq, k)`` float32 index-side penalties (mean top-5 cos(j, N)), or None.
+
+    Returns:
+        ``(nq, k)`` float32: ``sims`` without penalties, else ``clip(sims, 0, 1) - penalties``;
+        missing neighbours stay ``-inf``.
+    """
+    sims = np.asarray(sims, dtype=np.float32)
+    if penalties is None:
+        return sims.copy()
+    out = np.clip(sims, 0.0, 1.0) - np.asarray(penalties, dtype=np.float32)
+    return np.where(np.isfinite(sims), out, -np.inf).astype(np.float32)
+
+
+def vote(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum the scores of each landmark among a query's neighbours and pick the best.
+
+    Args:
+        scores: ``(nq, k)`` float32 neighbour scores (``-inf`` or label ``-1`` = no neighbour).
+        labels: ``(nq, k)`` int64 landmark codes of the neighbours (``-1`` = no neighbour).
+
+    Returns:
+        ``(best (nq,) int64, confidence (nq,) float32)``: the landmark with the largest sum (ties go to
+        the landmark of the nearer neighbour); ``-1`` and ``-inf`` when a query has no neighbour.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    valid = (labels >= 0) & np.isfinite(scores)
+    s = np.where(valid, scores, 0.0).astype(np.float32)
+    same = (labels[:, :, None] == labels[:, None, :]) & valid[:, None, :]
+    totals = np.einsum("qij,qj->qi", same.astype(np.float32), s)
+    totals = np.where(valid, totals, -np.inf)
+    if totals.shape[1] == 0:
+        return np.full(len(scores), -1, np.int64), np.full(len(scores), -np.inf, np.float32)
+    pos = np.argmax(totals, axis=1)
+    conf = totals[np.arange(len(totals)), pos].astype(np.float32)
+    best = np.where(np.isfinite(conf), labels[np.arange(len(labels)), pos], -1).astype(np.int64)
+    return best, conf
+
+
+def query_confidence(conf: np.ndarray, query_ood: np.ndarray | None, weight: float = 1.0) -> np.ndarray:
+    """Query-side penalty: ``conf - weight * query_ood`` (``query_ood`` = mean top-10 cos(q, N)); ``(nq,)`` float32."""
+    conf = np.asarray(conf, dtype=np.float32)
+    if query_ood is None:
+        return conf.copy()
+    return (conf - np.float32(weight) * np.asarray(query_ood, dtype=np.float32)).astype(np.float32)
+
+
+def demote(best: np.ndarray, conf: np.ndarray, above: int | None, penalty: float = 1.0) -> np.ndarray:
+    """Lower the confidence of every query whose landmark is predicted for more than ``above`` queries.
+
+    Args:
+        best: ``(nq,)`` int64 predicted landmark codes (``-1`` = none, never demoted).
+        conf: ``(nq,)`` float32 confidences.
+
+    Returns:
+        ``(nq,)`` float32: ``conf - penalty`` for the demoted queries, ``conf`` elsewhere.
+    """
+    conf = np.asarray(conf, dtype=np.float32).copy()
+    if above is None or len(best) == 0:
+        return conf
+    best = np.asarray(best, dtype=np.int64)
+    valid = best >= 0
+    if not valid.any():
+        return conf
+    uniq, counts = np.unique(best[valid], return_counts=True)
+    hubs = uniq[counts > above]
+    mask = valid & np.isin(best, hubs)
+    conf[mask] -= np.float32(penalty)
+    return conf
+
+
+# --- the recognizer ---------------------------------------------------------------------------------
+
+class Recognizer:
+    """Recognize in-memory images against a :class:`~landmarks.index.LandmarkIndex`."""
+
+    def __init__(self, index: Any, embedder: Any, conf: RecognizeConfig | None = None,
+                 reranker: Reranker | None = None, index_dir: str | Path | None = None):
+        from landmarks.extract import ExtractConfig
+
+        self.index = index
+        self.embedder = embedder
+        self.conf = conf or RecognizeConfig()
+        self.reranker = reranker
+        self.index_dir = Path(index_dir) if index_dir is not None else getattr(index, "path", None)
+        if self.conf.rerank not in RERANK_CHOICES and reranker is None:
+            raise ConfigError(
+                f"rerank={self.conf.rerank!r} needs a re-ranker (local-feature verification is not wired in "
+                f"yet); known without one: {', '.join(RERANK_CHOICES)}")
+        index.check_model(embedder.fingerprint, embedder.describe().get("name"))
+        views = index.views
+        self.extract_conf = ExtractConfig(batch_size=self.conf.batch_size,
+                                          scales=tuple(views.get("scales", [1.0])), flip=bool(views.get("flip")))
+
+    @classmethod
+    def load(cls, index_dir: str | Path, conf: RecognizeConfig | None = None, device: str = "cpu", *,
+             model: str | Path | None = None, embedder: Any = None, reranker: Reranker | None = None) -> Recognizer:
+        """Open an index and its model.
+
+        The model is ``embedder`` when given, else the run ``model``, else the run recorded in the
+        index's meta.json. Raises :class:`IncompatibleArtifactError` when the model is not the index's.
+        """
+        from landmarks import extract
+        from landmarks.index import LandmarkIndex
+
+        index = LandmarkIndex.load(index_dir)
+        if embedder is None:
+            source = model or index.meta["model"].get("source")
+            if not source:
+                raise LandmarksError(f"{index_dir}: meta.json names no model; pass the model run explicitly")
+            if not Path(source).exists():
+                raise LandmarksError(f"model {source} (recorded in {index_dir}/meta.json) not found; pass --model")
+            embedder = extract.load_embedder(source, device=device)
+        return cls(index, embedder, conf, reranker=reranker, index_dir=index_dir)
+
+    def info(self) -> dict[str, Any]:
+        """Index size, landmark count, model fingerprint and name, views, OOD availability, config."""
+        info = dict(self.index.info())
+        info["recognize"] = asdict(self.conf)
+        info["ood_active"] = bool(self.conf.ood and self.index.has_non_landmarks)
+        return info
+
+    # -- embedding + recognition --------------------------------------------------------------------
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """``(H, W, 3)`` uint8 images -> ``(n, D)`` float32 L2-normalised, with the index's views."""
+        from landmarks.extract import embed_images
+
+        return embed_images(self.embedder, images, self.extract_conf)
+
+    def recognize(self, images: Sequence[np.ndarray], ids: Sequence[str] | None = None) -> list[Recognition]:
+        """Recognize in-memory images (``(H, W, 3)`` uint8 RGB); one :class:`Recognition` per image.
+
+        ``ids`` only name the images in log messages. Demotion (when configured) counts over this batch.
+        """
+        if ids is not None and len(ids) != len(images):
+            raise LandmarksError(f"{len(images)} images but {len(ids)} ids")
+        t0 = time.perf_counter()
+        xq = self.embed(images) if len(images) else np.zeros((0, self.index.d), np.float32)
+        t_embed = (time.perf_counter() - t0) * 1000.0
+        return self.recognize_embeddings(xq, queries=list(images), extra_timings={"embed": t_embed}, t_start=t0)
+
+    def recognize_embeddings(self, xq: np.ndarray, queries: Sequence[np.ndarray | str | Path] | None = None,
+                             extra_timings: dict[str, float] | None = None,
+                             t_start: float | None = None) -> list[Recognition]:
+        """Recognize from query embeddings ``xq (nq, D)`` float32 L2-normalised.
+
+        ``queries`` (images or paths) are handed to the re-ranker when one is configured.
+        """
+        t0 = time.perf_counter() if t_start is None else t_start
+        timings = dict(extra_timings or {})
+        conf = self.conf
+        nq = len(xq)
+        k_search = max(conf.k, conf.rerank_candidates if self.reranker is not None else 0)
+        t = time.perf_counter()
+        sims, rows = self.index.search(xq, k_search)
+        timings["search"] = (time.perf_counter() - t) * 1000.0
+
+        t = time.perf_counter()
+        use_ood = conf.ood and self.index.has_non_landmarks
+        q_ood = self.index.query_ood(xq, conf.ood_query_k) if use_ood else None
+        timings["ood"] = (time.perf_counter() - t) * 1000.0
+
+        t = time.perf_counter()
+        if self.reranker is not None:
+            if queries is None or len(queries) != nq:
+                raise LandmarksError("re-ranking needs the query images or paths")
+            sims, rows, inliers = self._rerank(queries, sims, rows)
+        else:
+            inliers = None
+        timings["rerank"] = (time.perf_counter() - t) * 1000.0
+
+        t = time.perf_counter()
+        best, confidence, names = self.vote(sims[:, :conf.k], rows[:, :conf.k], q_ood)
+        timings["vote"] = (time.perf_counter() - t) * 1000.0
+        timings["total"] = (time.perf_counter() - t0) * 1000.0
+
+        out = []
+        for q in range(nq):
+            nbrs = self._neighbours(sims[q, :conf.k], rows[q, :conf.k], None if inliers is None else inliers[q, :conf.k])
+            lm = names[best[q]] if best[q] >= 0 else None
+            c = float(confidence[q]) if np.isfinite(confidence[q]) else 0.0
+            is_lm = lm is not None and (conf.threshold is None or c >= conf.threshold)
+            out.append(Recognition(landmark=lm, confidence=c, is_landmark=is_lm, neighbours=nbrs,
+                                   timings_ms=dict(timings)))
+        return out
+
+    def vote(self, sims: np.ndarray, rows: np.ndarray,
+             query_ood: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Voting for a batch: ``sims``/``rows`` ``(nq, k)`` from :meth:`LandmarkIndex.search`.
+
+        Returns ``(best (nq,) int64 codes, confidence (nq,) float32, names)``; ``names[code]`` is the landmark.
+        """
+        codes, names = self.index.landmark_codes()
+        labels = np.where(rows >= 0, codes[np.maximum(rows, 0)] if len(codes) else -1, -1)
+        use_ood = self.conf.ood and self.index.has_non_landmarks
+        pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(codes) else None
+        scores = neighbour_scores(sims, pen)
+        best, conf = vote(scores, labels)
+        conf = query_confidence(conf, query_ood if use_ood else None, self.conf.ood_weight)
+        conf = demote(best, conf, self.conf.demote_above, self.conf.demote_penalty)
+        return best, conf, names
+
+    def retrieve(self, xq: np.ndarray, k: int = 100) -> list[list[str]]:
+        """Ids of the ``k`` most similar index images of each query (cosine, no voting)."""
+        _, rows = self.index.search(xq, k)
+        return [[self.index.ids[r] for r in row if r >= 0] for row in rows]
+
+    def _neighbours(self, sims: np.ndarray, rows: np.ndarray, inliers: np.ndarray | None) -> list[Neighbour]:
+        out = []
+        for j, (s, r) in enumerate(zip(sims, rows)):
+            if r < 0:
+                continue
+            n_in = None if inliers is None or inliers[j] < 0 else int(inliers[j])
+            out.append(Neighbour(id=self.index.ids[r], landmark=self.index.landmarks[r] or "", score=float(s),
+                                 inliers=n_in, path=self.index.paths[r]))
+        return out
+
+    def _rerank(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray,
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert self.reranker is not None
+        n = self.conf.rerank_candidates
+        out_s = np.full_like(sims, -np.inf)
+        out_r = np.full_like(rows, -1)
+        out_i = np.full(rows.shape, -1, np.int64)
+        for q, query in enumerate(queries):
+            cands = self._neighbours(sims[q, :n], rows[q, :n], None)
+            new = self.reranker(query, cands)
+            for j, nb in enumerate(new[: rows.shape[1]]):
+                r = self.index.row_of(nb.id)
+                if r is None:
+                    raise LandmarksError(f"re-ranker returned an unknown image id {nb.id!r}")
+                out_s[q, j], out_r[q, j] = nb.score, r
+                out_i[q, j] = -1 if nb.inliers is None else nb.inliers
+        return out_s, out_r, out_i
+
+    # -- growing the index ---------------------------------------------------------------------------
+
+    def add(self, records: Sequence[ImageRecord], *, work_dir: str | Path | None = None,
+            num_workers: int | None = None) -> int:
+        """Embed labelled ``records`` (new images or new landmarks), add them and save the index atomically.
+
+        Ids already in the index are left alone (logged); unreadable images go to the index's
+        ``skipped.csv``. Returns the number of images added.
+        """
+        from landmarks.extract import ExtractConfig, extract_resumable
+
+        if self.index_dir is None:
+            raise LandmarksError("this recognizer's index has no folder to save to")
+        unlabelled = [r.id for r in records if not r.landmark]
+        if unlabelled:
+            raise LandmarksError(f"images to add need a landmark id: {', '.join(unlabelled[:5])}")
+        known = [r for r in records if self.index.row_of(r.id) is not None]
+        if known:
+            logger.info("%d image(s) already in the index are left alone (e.g. %s)", len(known), known[0].id)
+        todo = [r for r in records if self.index.row_of(r.id) is None]
+        if not todo:
+            return 0
+        work = Path(work_dir) if work_dir is not None else self.index_dir / "work" / "add"
+        ext_conf = ExtractConfig(batch_size=self.extract_conf.batch_size, scales=self.extract_conf.scales,
+                                 flip=self.extract_conf.flip, num_workers=num_workers)
+        res = extract_resumable(self.embedder, todo, work, ext_conf, skipped_csv=self.index_dir / "skipped.csv",
+                                desc="add")
+        recs = [todo[i] for i in res.rows]
+        n = self.index.add(res.embeddings, [r.id for r in recs], [str(r.landmark) for r in recs],
+                           [str(Path(r.path).absolute()) for r in recs])
+        self.index.save(self.index_dir)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        if work.parent.name == "work" and work.parent.exists() and not any(work.parent.iterdir()):
+            work.parent.rmdir()
+        return n
+
+
+def neighbours_row(query_id: str, path: str | None, rec: Recognition) -> dict[str, Any]:
+    """The ``--neighbours`` JSON-lines row of one query."""
+    return {
+        "id": query_id,
+        "path": path,
+        "landmark": rec.landmark if rec.is_landmark else None,
+        "confidence": rec.confidence,
+        "neighbours": [{"id": n.id, "landmark": n.landmark, "score": n.score, "inliers": n.inliers, "path": n.path}
+                       for n in rec.neighbours],
+    }
+
