@@ -68,22 +68,36 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     # Find the verb first so that only its module is imported.
-    verb = next((a for a in argv if not a.startswith("-")), None)
-    module = None
-    if verb in subparsers:
-        module = importlib.import_module(f"landmarks.commands.{verb}")
-        module.add_arguments(subparsers[verb])
-    args = parser.parse_args(argv)
-    if args.verb is None:
+    pos = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    verb = argv[pos] if pos is not None else None
+    if verb not in subparsers:
+        args = parser.parse_args(argv)  # --help, --version, or argparse's error for an unknown verb
         parser.print_help()
         return 0
+    assert pos is not None
+    module = importlib.import_module(f"landmarks.commands.{verb}")
+    sub = subparsers[verb]
+    module.add_arguments(sub)
+    args = parser.parse_args(argv[:pos])
+    try:
+        # options and positionals in any order (``train --time-budget 5 a=1 --preset cpu b=2``)
+        verb_args = sub.parse_intermixed_args(argv[pos + 1:])
+    except TypeError:  # verbs with sub-commands (``evaluate``) are parsed the ordinary way
+        verb_args = sub.parse_args(argv[pos + 1:])
+    for key, value in vars(verb_args).items():
+        setattr(args, key, value)
+    args.verb = verb
     setup_logging(args.verbose, args.quiet)
-    assert module is not None
     try:
         return int(module.run(args) or 0)
     except LandmarksError as e:
         print(f"landmarks {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"landmarks {args.verb}: interrupted", file=sys.stderr)
         return 130
