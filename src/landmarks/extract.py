@@ -499,10 +499,9 @@ def _run_batches(embedder: Embedder, records: Sequence[ImageRecord], out_dir: Pa
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
-        import multiprocessing
+        from landmarks.utils.workers import worker_context
 
-        if "fork" in multiprocessing.get_all_start_methods():
-            kwargs["multiprocessing_context"] = "fork"
+        kwargs["multiprocessing_context"] = worker_context()
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         pin_memory=torch.cuda.is_available(), **kwargs)
     bar = Progress(total_images, desc, "img", disable=not show_progress)

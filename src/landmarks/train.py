@@ -49,6 +49,7 @@ from landmarks.models.net import LandmarkNet, ModelConfig
 from landmarks.models.presets import preset
 from landmarks.utils.io import SkippedLog, atomic_write, read_json, write_json
 from landmarks.utils.progress import Progress
+from landmarks.utils.workers import worker_context
 
 logger = logging.getLogger("landmarks")
 
@@ -495,14 +496,16 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             ds, batch_size=sampler.local_batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda", drop_last=False, persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(c.seed))
+            prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(c.seed),
+            multiprocessing_context=worker_context() if workers > 0 else None)
         return sampler, loader
 
     def _eval_loader(self, records: Sequence[ImageRecord]) -> torch.utils.data.DataLoader:
         c = self.conf
         workers = _auto_workers(c.data.num_workers, 1)
         return torch.utils.data.DataLoader(EvalDataset(records, c.data.image_size), batch_size=max(1, c.batch_size),
-                                           shuffle=False, num_workers=workers, collate_fn=collate)
+                                           shuffle=False, num_workers=workers, collate_fn=collate,
+                                           multiprocessing_context=worker_context() if workers > 0 else None)
 
     # --- one step ----------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
