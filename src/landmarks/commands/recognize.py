@@ -8,16 +8,16 @@ QUERIES are image files, folders (id = file name without extension), list files 
 - ``--neighbours``: JSON lines ``{"id", "path", "landmark", "confidence", "neighbours": [...]}``;
 - ``--retrieval``: ``id,images`` with the ``--retrieval-k`` most similar index images (for mAP@100).
 
-Unreadable queries are listed in ``skipped.csv`` beside ``--out``.
+``--rerank local`` verifies the top ``--rerank-candidates`` global candidates of each query with the
+index's local features (``landmarks index --local``) and seeded RANSAC in ``--rerank-workers``
+processes; neighbours then carry their inlier counts. Unreadable queries are listed in ``skipped.csv``
+beside ``--out``. The work is done by :func:`landmarks.pipeline.recognize_queries`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from landmarks.commands._index_common import add_extraction_arguments, resolve_device, setup_threads
@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="taken off the confidence of demoted predictions (default 1)")
     parser.add_argument("--rerank", choices=("none", "local"), default="none",
                         help="re-rank the top candidates with local features and RANSAC (default: none)")
+    parser.add_argument("--rerank-candidates", type=int, default=None, metavar="K",
+                        help="top global candidates verified by --rerank local (default 20)")
+    parser.add_argument("--rerank-workers", type=int, default=None, metavar="N",
+                        help="verification processes of --rerank local (default: CPUs - 1, at most 8; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-ranking's RANSAC (default 0)")
     parser.add_argument("--model", default=None, help="the model run (default: the one recorded in the index)")
     add_extraction_arguments(parser)
@@ -64,51 +68,29 @@ def _config(args: argparse.Namespace) -> RecognizeConfig:
         conf.ood_weight = args.ood_weight
     if args.demote_penalty is not None:
         conf.demote_penalty = args.demote_penalty
+    if args.rerank_candidates is not None:
+        conf.rerank_candidates = args.rerank_candidates
+    conf.rerank_workers = args.rerank_workers
     conf.__post_init__()
     return conf
 
 
 def run(args: argparse.Namespace) -> int:
-    """Recognize the queries and write the outputs; returns 0."""
-    from landmarks import extract
-    from landmarks.data.collection import load_images
-    from landmarks.errors import LandmarksError
-    from landmarks.recognize import Recognizer, neighbours_row
-    from landmarks.submission import write_recognition_csv, write_retrieval_csv
-    from landmarks.utils.io import atomic_write
+    """Recognize the queries and write the outputs (:func:`landmarks.pipeline.recognize_queries`); returns 0."""
+    from landmarks.pipeline import recognize_queries
 
-    records = load_images(args.queries, args.image_dir)
-    if not records:
-        raise LandmarksError(f"no query images found in {' '.join(args.queries)}")
     conf = _config(args)
     device = resolve_device(args.device)
     setup_threads(device, args.threads, args.workers)
-    rec = Recognizer.load(args.index, conf, device=device, model=args.model)
-    out = Path(args.out)
-    work = out.parent / f".{out.name}.work"
-    ext_conf = extract.ExtractConfig(batch_size=args.batch_size, num_workers=args.workers,
-                                     scales=rec.extract_conf.scales, flip=rec.extract_conf.flip)
-    res = extract.extract_resumable(rec.embedder, records, work, ext_conf, skipped_csv=out.parent / "skipped.csv",
-                                    desc="queries")
-    done = [records[i] for i in res.rows]
-    recs = rec.recognize_embeddings(res.embeddings, queries=[r.path for r in done])
-    predictions: dict[str, tuple[str, float] | None] = {
-        r.id: ((str(x.landmark), x.confidence) if x.is_landmark and x.landmark is not None else None)
-        for r, x in zip(done, recs)}
-    write_recognition_csv(out, predictions, ids=[r.id for r in records])
-    if args.neighbours:
-        with atomic_write(args.neighbours) as f:
-            for r, x in zip(done, recs):
-                f.write(json.dumps(neighbours_row(r.id, str(r.path), x)) + "\n")
-    if args.retrieval:
-        ranked: dict[str, list[str]] = {r.id: [] for r in records}
-        ranked.update(zip((r.id for r in done), rec.retrieve(res.embeddings, args.retrieval_k)))
-        write_retrieval_csv(args.retrieval, ranked)
-    shutil.rmtree(work, ignore_errors=True)
-    n_pred = sum(v is not None for v in predictions.values())
-    info = rec.info()
-    ood = (f"OOD handling on ({info['non_landmarks']} non-landmarks)" if info["ood_active"]
+    stats = recognize_queries(args.index, args.queries, args.out, conf=conf, neighbours_jsonl=args.neighbours,
+                              retrieval_csv=args.retrieval, retrieval_k=args.retrieval_k, device=device,
+                              model=args.model, image_dir=args.image_dir, num_workers=args.workers)
+    ood = (f"OOD handling on ({stats['non_landmarks']} non-landmarks)" if stats["ood_active"]
            else "no OOD handling")
-    print(f"recognized {len(done)} of {len(records)} queries ({n_pred} with a landmark, "
-          f"{len(res.skipped)} unreadable) -> {out}; {ood}")
+    rerank = ""
+    if stats["rerank"] != "none":
+        per_query = stats["timings_ms"].get("rerank", 0.0) / max(1, stats["recognized"])
+        rerank = f"; re-ranked ({stats['rerank']}, {per_query:.1f} ms/query)"
+    print(f"recognized {stats['recognized']} of {stats['queries']} queries ({stats['with_landmark']} with a landmark, "
+          f"{stats['unreadable']} unreadable) -> {args.out}; {ood}{rerank}")
     return 0
