@@ -351,7 +351,7 @@ class DelgExtractor:
         all_xy, all_desc, all_score = [], [], []
         with torch.inference_mode():
             for w, h in self.pyramid_sizes(width, height):
-                level = np.ascontiguousarray(_resize(img, w, h))
+                level = np.require(_resize(img, w, h), dtype=np.uint8, requirements=["C", "W"])
                 x = torch.from_numpy(level).to(device).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
                 x = (x - mean) / std
                 att, desc = self.model.local_features(x)
