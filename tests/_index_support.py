@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+
+@dataclass(frozen=True)
+class TinyPreprocess:
+    """Resize to ``size``², normalise with mean 0.5 / std 0.25: what DataLoader workers receive."""
+
+    size: int
+
+    def __call__(self, img: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None] / 255.0
+        t = F.interpolate(t, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0]
+        return (t - 0.5) / 0.25
 
 
 class TinyEmbedder:
@@ -48,10 +61,12 @@ class TinyEmbedder:
     def image_size(self) -> int:
         return self.size
 
+    @property
+    def preprocessor(self) -> TinyPreprocess:
+        return TinyPreprocess(self.size)
+
     def preprocess(self, img: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None] / 255.0
-        t = F.interpolate(t, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0]
-        return (t - 0.5) / 0.25
+        return self.preprocessor(img)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         self.calls += 1

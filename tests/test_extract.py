@@ -167,3 +167,71 @@ def test_torchrun_two_ranks_match_single_process(collection: list[ImageRecord], 
                                 ExtractConfig(batch_size=2, chunk_size=3, num_workers=0), show_progress=False)
     for rank in (0, 1):
         np.testing.assert_array_equal(np.load(out / f"result-{rank}.npy"), single.embeddings)
+
+
+# --- real timm models with DataLoader workers -------------------------------------------------------------
+
+def _save_random_run(run: Path, backbone: str, size: int = 64) -> int:
+    """A run folder holding an untrained LandmarkNet on ``backbone``; returns its number of tensors."""
+    import dataclasses
+    import json
+
+    from landmarks import checkpoint as ckpt
+    from landmarks.data.transforms import Preprocess
+    from landmarks.models.net import LandmarkNet, ModelConfig
+
+    conf = ModelConfig(backbone=backbone, embedding_dim=32)
+    torch.manual_seed(0)
+    net = LandmarkNet(conf, num_classes=3, class_counts=[1, 1, 1])
+    meta = {"config": {"model": json.loads(json.dumps(dataclasses.asdict(conf)))}, "num_classes": 3,
+            "classes": [{"landmark": c, "count": 1} for c in "abc"], "preprocessing": Preprocess(size).to_dict()}
+    ckpt.save_model(run, net, meta)
+    return len(net.state_dict())
+
+
+def _preset_backbones() -> list[str]:
+    from landmarks.models.presets import PRESETS
+
+    return sorted({p["model"]["backbone"] for p in PRESETS.values()} | {"tf_efficientnet_lite0"})
+
+
+@pytest.mark.parametrize("backbone", _preset_backbones())
+def test_real_models_index_with_workers(backbone: str, tmp_path: Path) -> None:
+    """The DataLoader workers receive the preprocessor only: a model of hundreds of tensors (EfficientNet)
+    once travelled to every worker as file descriptors through the forkserver ("too many fds")."""
+    from landmarks.extract import load_embedder
+
+    records = load_folder_collection(make_collection(tmp_path / "c", {"a": 1, "b": 2}, per_landmark=3))
+    n_tensors = _save_random_run(tmp_path / "run", backbone)
+    if backbone == "tf_efficientnet_lite0":
+        assert n_tensors >= 300
+    emb = load_embedder(tmp_path / "run")
+    res = extract_embeddings(emb, records, tmp_path / "out", ExtractConfig(batch_size=4, num_workers=2),
+                             show_progress=False)
+    assert res.embeddings.shape == (6, 32)
+    direct = embed_images(emb, [decode_image(r.path) for r in records])
+    np.testing.assert_allclose(res.embeddings, direct, atol=1e-4)
+
+
+def test_index_cli_killed_then_resumed_with_efficientnet(tmp_path: Path) -> None:
+    """`landmarks index` with workers on EfficientNet-Lite0: SIGKILL mid-run, the same command resumes."""
+    import signal
+    import time
+
+    make_collection(tmp_path / "c", {f"l{i}": i for i in range(4)}, per_landmark=8)
+    _save_random_run(tmp_path / "run", "tf_efficientnet_lite0")
+    cmd = [sys.executable, "-m", "landmarks", "index", "--model", str(tmp_path / "run"), "--images",
+           str(tmp_path / "c"), "--out", str(tmp_path / "idx"), "--workers", "2", "--batch-size", "2",
+           "--chunk-size", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks = tmp_path / "idx" / "work" / "images" / "chunks"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not list(chunks.glob("*.npy")):
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "too many fds" not in out.stderr
+    assert "indexed 32 images of 4 landmarks" in out.stdout

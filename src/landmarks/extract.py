@@ -62,8 +62,10 @@ CHUNKS_FORMAT = 1
 class Embedder(Protocol):
     """What extraction, the index and recognition need from a model.
 
-    ``preprocess`` runs in DataLoader workers (it must not touch the GPU); ``embed`` runs in the main
-    process and returns CPU tensors. :func:`load_embedder` adapts a trained run; tests use tiny ones.
+    ``preprocessor`` is what DataLoader workers receive: a small picklable callable (sizes and
+    mean/std, never the model: a model's hundreds of tensors would travel to every worker as file
+    descriptors). ``embed`` runs in the main process and returns CPU tensors. :func:`load_embedder`
+    adapts a trained run; tests use tiny ones.
     """
 
     @property
@@ -81,8 +83,13 @@ class Embedder(Protocol):
         """S, the side of the square tensors ``preprocess`` returns (used for faster JPEG decoding)."""
         ...
 
+    @property
+    def preprocessor(self) -> Callable[[np.ndarray], torch.Tensor]:
+        """Picklable ``(H, W, 3)`` uint8 RGB -> ``(3, S, S)`` float32 normalised tensor, holding no model."""
+        ...
+
     def preprocess(self, img: np.ndarray) -> torch.Tensor:
-        """``(H, W, 3)`` uint8 RGB -> ``(3, S, S)`` float32 normalised tensor."""
+        """``(H, W, 3)`` uint8 RGB -> ``(3, S, S)`` float32 normalised tensor (= ``preprocessor(img)``)."""
         ...
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -125,6 +132,11 @@ class CheckpointEmbedder:
     def image_size(self) -> int:
         """Input side S of the preprocessed tensors."""
         return self._image_size
+
+    @property
+    def preprocessor(self) -> Callable[[np.ndarray], torch.Tensor]:
+        """The run's :class:`~landmarks.data.transforms.Preprocess` (image size, mean/std): picklable."""
+        return self.loaded.preprocess
 
     def preprocess(self, img: np.ndarray) -> torch.Tensor:
         """``(H, W, 3)`` uint8 RGB -> ``(3, S, S)`` float32 (the run's own preprocessing)."""
@@ -495,7 +507,8 @@ def _run_batches(embedder: Embedder, records: Sequence[ImageRecord], out_dir: Pa
                  batches: list[list[int]], done_images: int, total_images: int, show_progress: bool,
                  desc: str) -> None:
     workers = default_num_workers() if conf.num_workers is None else conf.num_workers
-    dataset = _ImageDataset(records, embedder.preprocess, embedder.image_size, conf.max_pixels)
+    # the workers get the preprocessor alone (sizes, mean/std), never the embedder and its model
+    dataset = _ImageDataset(records, embedder.preprocessor, embedder.image_size, conf.max_pixels)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
