@@ -157,9 +157,9 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
     embedder = _embedder(model, device)
     extractor = None
     if local is not None:  # fail before the long extraction when the run has no local head
-        from landmarks.rerank import make_local_extractor
+        from landmarks.rerank import index_extractor
 
-        extractor = make_local_extractor(local, embedder)
+        extractor = index_extractor(local, embedder)
     logger.info("indexing %d images of %d landmarks with model %s (%s)", len(records),
                 len({r.landmark for r in records if r.landmark}), embedder.describe().get("name"),
                 embedder.fingerprint[:12])
@@ -187,7 +187,7 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
         store = open_or_create_store(out, extractor)
         lres = extract_local_features(extractor, kept, store, skipped_csv=out / "skipped.csv",
                                       num_workers=local_workers, show_progress=show_progress)
-        local_entry = local_meta(str(local), extractor)
+        local_entry = local_meta(extractor)
         logger.info("local features (%s) of %d images in %s (%.1f MB); %d unreadable", extractor.name,
                     len(store), store.root, store.nbytes() / 1e6, len(lres.skipped))
     index = LandmarkIndex.build(res.embeddings, res.ids, [r.landmark for r in kept],
