@@ -32,20 +32,22 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from landmarks.data.decode import open_image
+from landmarks.data.decode import decode_image, open_image
 from landmarks.errors import DataFormatError, ImageDecodeError, LandmarksError
 from landmarks.utils.io import atomic_write
 from landmarks.utils.progress import Progress
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from landmarks.local_features import LocalFeatures
 
 logger = logging.getLogger("landmarks")
 
@@ -78,7 +80,7 @@ class ReportConfig:
     neighbour_thumb_px: int = 96  # longer side of a neighbour thumbnail, pixels (8..512)
     jpeg_quality: int = 80  # JPEG quality of the embedded thumbnails and match drawings (1-95)
     max_match_drawings: int = 50  # rows (worst first) whose top verified neighbour gets its inliers drawn
-    match_max_side_px: int = 512  # images are downscaled to this longer side before SIFT matching
+    match_max_side_px: int = 512  # match drawings show the images downscaled to this longer side (features come from the full images, as at indexing)
     match_drawing_px: int = 480  # longer side of an embedded match drawing, pixels
     max_image_pixels: int = 100_000_000  # decoder pixel limit (decompression-bomb guard)
     title: str = "landmarks report"  # page title
@@ -390,60 +392,51 @@ class _Images:
             self._cache[key] = result
         return self._cache[key]
 
-    def array(self, path: str, max_side_px: int) -> np.ndarray:
-        """The image downscaled to ``max_side_px``, ``(H, W, 3)`` uint8. Raises ImageDecodeError."""
-        from PIL import Image
-
-        img = open_image(self.resolve(path), max_pixels=self.conf.max_image_pixels, min_side_px=max_side_px)
-        img.thumbnail((max_side_px, max_side_px), Image.Resampling.LANCZOS)
-        return np.asarray(img, dtype=np.uint8)
-
 
 class _MatchDrawer:
-    """Recomputes SIFT + RANSAC inliers between a query and a neighbour and draws them.
+    """Verifies a query and a neighbour as recognition did and draws the inlier matches.
 
-    Needs :mod:`landmarks.local_features`, :mod:`landmarks.verify` and :mod:`landmarks.viz`; when they
-    cannot be imported the drawer is disabled and ``unavailable`` says why.
+    The features come from the extractor the index recorded (:class:`landmarks.rerank.PairVerifier`:
+    the default SIFT one without an index or local features), extracted from the full images as the
+    index extracted them; only the drawing is downscaled. When that extractor cannot be built (the
+    index's model run is missing) the drawer is disabled and ``unavailable`` says why.
     """
 
-    def __init__(self, conf: ReportConfig, images: _Images):
+    def __init__(self, conf: ReportConfig, images: _Images, index_dir: Path | None = None):
+        from landmarks.rerank import PairVerifier
+
         self.conf = conf
         self.images = images
         self.unavailable: str | None = None
-        self._feats: dict[str, Any] = {}
-        self._arrays: dict[str, np.ndarray] = {}
+        self._feats: dict[str, tuple[np.ndarray, LocalFeatures]] = {}
         try:
-            from landmarks.local_features import SiftExtractor
-            from landmarks.verify import verify
-            from landmarks.viz import draw_matches
-        except ImportError as e:
+            self._verifier: PairVerifier | None = PairVerifier.for_index_dir(index_dir)
+        except LandmarksError as e:
+            self._verifier = None
             self.unavailable = f"match drawing unavailable ({e})"
-            return
-        extractor = SiftExtractor()
-        self._extract: Callable[[np.ndarray], Any] = extractor
-        self._threshold_px: float | None = extractor.ransac_threshold_px
-        self._verify: Callable[..., Any] = verify
-        self._draw: Callable[..., np.ndarray] = draw_matches
 
-    def _features(self, path: str) -> tuple[np.ndarray, Any]:
+    @property
+    def features(self) -> str:
+        """The name of the local features drawn (``rootsift``, ``delg``)."""
+        return self._verifier.extractor.name if self._verifier is not None else ""
+
+    def _features(self, path: str) -> tuple[np.ndarray, LocalFeatures]:
+        assert self._verifier is not None
         if path not in self._feats:
-            arr = self.images.array(path, self.conf.match_max_side_px)
-            self._arrays[path] = arr
-            self._feats[path] = self._extract(arr)
-        return self._arrays[path], self._feats[path]
+            arr = decode_image(self.images.resolve(path), max_pixels=self.conf.max_image_pixels)
+            self._feats[path] = (arr, self._verifier.extractor(arr))
+        return self._feats[path]
 
     def draw(self, query_path: str, neighbour_path: str) -> tuple[str, int]:
         """(JPEG data URI of the drawing, inliers found now). Raises on unreadable images."""
+        from landmarks.viz import draw_verification
+
+        assert self._verifier is not None
         img_a, fa = self._features(query_path)
         img_b, fb = self._features(neighbour_path)
-        v = self._verify(fa, fb, seed=0, threshold_px=self._threshold_px)
-        matches = np.asarray(v.matches, dtype=np.int64).reshape(-1, 2)
-        mask = np.asarray(v.inlier_mask, dtype=bool).reshape(-1)
-        inl = matches[mask] if len(mask) == len(matches) else matches[:0]
-        kpts_a = np.asarray(fa.keypoints, dtype=np.float32)[inl[:, 0]]
-        kpts_b = np.asarray(fb.keypoints, dtype=np.float32)[inl[:, 1]]
-        drawing = self._draw(img_a, img_b, kpts_a, kpts_b)
-        return array_to_data_uri(drawing, self.conf.match_drawing_px, self.conf.jpeg_quality), int(len(inl))
+        v = self._verifier.verify(fa, fb)
+        drawing = draw_verification(img_a, img_b, fa, fb, v, max_side_px=self.conf.match_max_side_px)
+        return array_to_data_uri(drawing, self.conf.match_drawing_px, self.conf.jpeg_quality), int(v.num_inliers)
 
 
 class _IndexPaths:
@@ -713,7 +706,7 @@ def _row_html(rank: int, r: QueryResult, nrow: dict[str, Any] | None, conf: Repo
             uri, n_now = drawer.draw(qpath, verified["path"])
             match_cell = (f'<figure class="match"><img src="{uri}" alt="inlier matches">'
                           f'<figcaption>neighbour {verified["rank"]} <span class="lm">{_e(verified.get("id"))}</span>: '
-                          f'{int(verified["inliers"])} inliers at recognition, {n_now} recomputed (SIFT)'
+                          f'{int(verified["inliers"])} inliers at recognition, {n_now} recomputed ({_e(drawer.features)})'
                           f'</figcaption></figure>')
         except ImageDecodeError as e:
             match_cell = f'<div class="ph" title="{_e(e.reason)}">matches not drawn: {_e(e.reason)}</div>'
@@ -808,7 +801,8 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
     shown = ranked[:conf.max_rows]
     omitted = len(ranked) - len(shown)
     images = _Images(conf, base_dirs)
-    drawer = _MatchDrawer(conf, images) if conf.max_match_drawings > 0 and nrows else None
+    drawer = (_MatchDrawer(conf, images, Path(index_dir) if index_dir is not None else None)
+              if conf.max_match_drawings > 0 and nrows else None)
     no_drawing = "drawing budget used (--max-match-drawings)" if conf.max_match_drawings else "not drawn"
     if drawer is not None and drawer.unavailable:
         notes.append(drawer.unavailable)
