@@ -42,7 +42,6 @@ import inspect
 import io
 import logging
 import math
-import os
 import signal
 import socket
 import threading
@@ -69,6 +68,7 @@ from landmarks import __version__
 from landmarks.data.collection import ImageRecord
 from landmarks.data.decode import decode_image, image_info, open_image
 from landmarks.errors import ImageDecodeError, ImageTooLargeError, LandmarksError
+from landmarks.utils.dist import cpu_count
 
 log = logging.getLogger("landmarks")
 
@@ -925,4 +925,4 @@ def serve(recognizer: RecognizerProtocol, conf: ServeConfig, sock: socket.socket
 
 def default_workers() -> int:
     """Worker threads by default: 2, or 1 on a single-core machine."""
-    return max(1, min(2, os.cpu_count() or 1))
+    return max(1, min(2, cpu_count()))
