@@ -82,6 +82,7 @@ class ReportConfig:
     max_match_drawings: int = 50  # rows (worst first) whose top verified neighbour gets its inliers drawn
     match_max_side_px: int = 512  # match drawings show the images downscaled to this longer side (features come from the full images, as at indexing)
     match_drawing_px: int = 480  # longer side of an embedded match drawing, pixels
+    retrieval_k: int = 100  # rank cut-off of the retrieval figures (mAP@k; GLDv2: 100)
     max_image_pixels: int = 100_000_000  # decoder pixel limit (decompression-bomb guard)
     title: str = "landmarks report"  # page title
 
@@ -95,6 +96,8 @@ class ReportConfig:
                 raise LandmarksError(f"report: {name} must be in 8..{hi} pixels, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 95:
             raise LandmarksError(f"report: jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+        if self.retrieval_k < 1:
+            raise LandmarksError(f"report: retrieval_k must be >= 1, got {self.retrieval_k}")
 
 
 # --- pure scoring pieces ----------------------------------------------------------------------------
@@ -686,6 +689,57 @@ def _row_view(rank: int, r: QueryResult, nrow: dict[str, Any] | None, conf: Repo
     return view, attempted
 
 
+@dataclass
+class _RetrievalView:
+    """The retrieval summary of the page (the template's ``retrieval``)."""
+
+    k: int  # rank cut-off of mAP@k
+    queries: int  # queries of the retrieval solution
+    map_at_k: float  # mAP@k over them (landmarks.metrics.mean_average_precision)
+    found: int  # queries with a correct image within the first k
+    median_first: str  # median 1-based position of the first correct image (k + 1 when none), formatted
+
+    @property
+    def map_text(self) -> str:
+        """mAP@k, 4 decimals."""
+        return f"{self.map_at_k:.4f}" if math.isfinite(self.map_at_k) else "n/a"
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures for the page's JSON data."""
+        return {"k": self.k, "queries": self.queries, "map": self.map_at_k, "found": self.found}
+
+
+def _retrieval_figures(retrieval_csv: str | Path | None, solution_csv: str | Path | None,
+                       k: int) -> tuple[_RetrievalView | None, dict[str, tuple[float, int | None]] | None]:
+    """The retrieval summary and ``{query: (AP@k, first correct position)}``, or ``(None, None)``.
+
+    Raises :class:`LandmarksError` when only one of the two files is given.
+    """
+    if retrieval_csv is None and solution_csv is None:
+        return None, None
+    if retrieval_csv is None or solution_csv is None:
+        raise LandmarksError("retrieval figures need both the retrieval predictions and the retrieval solution")
+    from landmarks.metrics import retrieval_per_query
+    from landmarks.submission import read_retrieval_predictions, read_retrieval_solution
+
+    solution = read_retrieval_solution(solution_csv)
+    per_query = retrieval_per_query(read_retrieval_predictions(retrieval_csv, solution), solution.truth, k)
+    firsts = [k + 1 if f is None else f for _, f in per_query.values()]
+    view = _RetrievalView(k=k, queries=len(per_query),
+                          map_at_k=float(np.mean([ap for ap, _ in per_query.values()])) if per_query else math.nan,
+                          found=sum(f is not None for _, f in per_query.values()),
+                          median_first=f"{np.median(firsts):g}" if firsts else "n/a")
+    return view, per_query
+
+
+def _retrieval_cell(figures: tuple[float, int | None] | None, k: int) -> str:
+    """A row's retrieval cell: its AP@k and first correct position."""
+    if figures is None:
+        return "not a retrieval query"
+    ap, first = figures
+    return f"AP@{k} {ap:.3f}, first correct at {first}" if first is not None else f"AP@{k} 0, none in the top {k}"
+
+
 def _template_text(name: str) -> str:
     """A file of ``landmarks/templates`` (package data)."""
     from importlib.resources import files
@@ -721,7 +775,8 @@ def _json_for_script(obj: Any) -> str:
 
 def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html: str | Path,
                  neighbours_jsonl: str | Path | None = None, index_dir: str | Path | None = None,
-                 conf: ReportConfig | None = None) -> Path:
+                 conf: ReportConfig | None = None, retrieval_csv: str | Path | None = None,
+                 retrieval_solution_csv: str | Path | None = None) -> Path:
     """Write the self-contained HTML report of a recognition run; returns ``out_html``.
 
     Args:
@@ -731,8 +786,12 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
         neighbours_jsonl: ``landmarks recognize --neighbours`` output; default
             ``<predictions stem>.neighbours.jsonl`` beside the predictions when it exists. Without it
             the rows show no images.
-        index_dir: an index folder, used only for image paths the JSONL lacks.
+        index_dir: an index folder: image paths the JSONL lacks, and the local-feature settings the
+            match drawings verify with (those it recorded).
         conf: :class:`ReportConfig`.
+        retrieval_csv, retrieval_solution_csv: retrieval predictions (``id,images``, ``landmarks
+            recognize --retrieval``) and their solution (``id,images[,Usage]``): given both, the page
+            shows mAP@``retrieval_k`` and each query's AP and first correct position.
     """
     conf = conf or ReportConfig()
     predictions_csv, solution_csv, out_html = Path(predictions_csv), Path(solution_csv), Path(out_html)
@@ -766,6 +825,7 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
             if sub:
                 metrics[part] = summarize(predictions, sub)
     results = score_queries(predictions, solution, usage)
+    retrieval, per_query = _retrieval_figures(retrieval_csv, retrieval_solution_csv, conf.retrieval_k)
     curves = {"all queries": precision_recall_curve(predictions, solution),
               "ignoring non-landmarks": precision_recall_curve(predictions, solution, ignore_non_landmarks=True)}
     pr_png = figure_png(pr_curve_figure(curves))
@@ -793,6 +853,8 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
                 missing_rows += 1
             active = drawer if drawings < conf.max_match_drawings else None
             row, attempted = _row_view(rank, r, nrow, conf, images, index_paths, active, no_drawing)
+            if per_query is not None:
+                row.retrieval = _retrieval_cell(per_query.get(r.id), conf.retrieval_k)
             drawings += int(attempted)
             rows.append(row)
             bar.update(1)
@@ -805,13 +867,13 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
 
     counts = {tag: sum(1 for r in shown if tag == "all" or tag in r.tags) for tag, _ in FILTERS}
     data = {"metrics": metrics, "rows_shown": len(shown), "rows_omitted": omitted, "queries": len(ranked),
-            "match_drawings": drawings, "inputs": {"predictions": str(predictions_csv), "solution": str(solution_csv),
+            "match_drawings": drawings, "retrieval": None if retrieval is None else retrieval.to_json(), "inputs": {"predictions": str(predictions_csv), "solution": str(solution_csv),
                                                    "neighbours": None if neighbours_jsonl is None else str(neighbours_jsonl)}}
     page = _render_page(
         title=conf.title, thumb_styles=Markup("\n".join(images.styles)), predictions_name=predictions_csv.name,
         solution_name=solution_csv.name, neighbours_name=None if neighbours_jsonl is None else Path(neighbours_jsonl).name,
         metric_columns=_METRIC_COLUMNS, metric_rows=_metric_rows(metrics), notes=notes, pr_uri=_png_uri(pr_png),
-        hist_uri=_png_uri(hist_png), retrieval=None, filters=[(tag, label, counts[tag]) for tag, label in FILTERS],
+        hist_uri=_png_uri(hist_png), retrieval=retrieval, filters=[(tag, label, counts[tag]) for tag, label in FILTERS],
         omitted=omitted, total=len(ranked), top_k=conf.top_k, rows=rows, data_json=Markup(_json_for_script(data)))
     with atomic_write(out_html) as f:
         f.write(page)
