@@ -612,16 +612,12 @@ def _check_rows(ids: list[str], landmarks: list[str | None], paths: list[str | N
         raise LandmarksError(f"images with an empty landmark id or one with whitespace: {', '.join(bad[:5])}")
 
 
-def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
-    """An empty FAISS index with id mapping (IVF-PQ trained on a seeded sample of ``xtrain``)."""
+def _factory_string(conf: IndexConfig, d: int, n: int) -> str:
+    """The ``faiss.index_factory`` description of an empty index of type ``conf.type`` for ``n`` rows of width ``d``."""
     if conf.type == "flat":
-        return faiss.IndexIDMap(faiss.IndexFlatIP(d))
+        return "IDMap,Flat"
     if conf.type == "hnsw":
-        inner = faiss.IndexHNSWFlat(d, conf.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efConstruction = conf.ef_construction
-        inner.hnsw.efSearch = conf.ef_search
-        return faiss.IndexIDMap(inner)
-    n = len(xtrain)
+        return f"IDMap,HNSW{conf.hnsw_m},Flat"
     nlist = conf.nlist or auto_nlist(n)
     m = conf.pq_m or auto_pq_m(d)
     if d % m:
@@ -631,14 +627,30 @@ def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
         raise LandmarksError(
             f"an IVF-PQ index needs at least {need} images to train ({nlist} lists); this one has {n}: "
             f"use the exact 'flat' index (best below ~100k images)")
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = conf.seed
-    index.pq.cp.seed = conf.seed
-    rng = np.random.default_rng(conf.seed)
-    sample = xtrain if n <= conf.max_train_points else xtrain[np.sort(rng.choice(n, conf.max_train_points, replace=False))]
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    index.nprobe = conf.nprobe
+    return f"IVF{nlist},PQ{m}x4fs"  # IndexIVFPQFastScan: m sub-quantizers of 4 bits
+
+
+def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
+    """An empty FAISS index with id mapping (IVF-PQ trained on a seeded sample of ``xtrain``).
+
+    Built by ``faiss.index_factory`` from :func:`_factory_string`; the type's own parameters are set
+    on the result (HNSW search depths, IVF-PQ k-means seeds and ``nprobe``).
+    """
+    # index_factory returns the concrete class (IndexIDMap, IndexIVFPQFastScan); this object owns it.
+    index: Any = faiss.index_factory(d, _factory_string(conf, d, len(xtrain)), faiss.METRIC_INNER_PRODUCT)
+    if conf.type == "hnsw":
+        inner = faiss.downcast_index(index.index)  # owned by the IDMap, which we return
+        inner.hnsw.efConstruction = conf.ef_construction
+        inner.hnsw.efSearch = conf.ef_search
+    elif conf.type == "ivfpq":
+        index.cp.seed = conf.seed
+        index.pq.cp.seed = conf.seed
+        n = len(xtrain)
+        rng = np.random.default_rng(conf.seed)
+        sample = xtrain if n <= conf.max_train_points else xtrain[np.sort(rng.choice(n, conf.max_train_points,
+                                                                                      replace=False))]
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.nprobe = conf.nprobe
     return index
 
 
