@@ -639,7 +639,7 @@ def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
     # index_factory returns the concrete class (IndexIDMap, IndexIVFPQFastScan); this object owns it.
     index: Any = faiss.index_factory(d, _factory_string(conf, d, len(xtrain)), faiss.METRIC_INNER_PRODUCT)
     if conf.type == "hnsw":
-        inner = faiss.downcast_index(index.index)  # owned by the IDMap, which we return
+        inner: Any = faiss.downcast_index(index.index)  # owned by the IDMap, which we return
         inner.hnsw.efConstruction = conf.ef_construction
         inner.hnsw.efSearch = conf.ef_search
     elif conf.type == "ivfpq":
