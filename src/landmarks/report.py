@@ -773,6 +773,57 @@ def _json_for_script(obj: Any) -> str:
     return json.dumps(_json_safe(obj), sort_keys=True, allow_nan=False).replace("</", "<\\/")
 
 
+def _neighbour_rows(predictions_csv: Path, neighbours_jsonl: str | Path | None, notes: list[str],
+                    ) -> tuple[Path | None, dict[str, dict[str, Any]], list[Path]]:
+    """``(neighbours file, its rows by query id, folders relative image paths resolve against)``.
+
+    The file defaults to ``<predictions stem>.neighbours.jsonl`` beside the predictions; without one a
+    note is added to ``notes``.
+    """
+    if neighbours_jsonl is None:
+        default = predictions_csv.with_name(predictions_csv.stem + ".neighbours.jsonl")
+        neighbours_jsonl = default if default.is_file() else None
+    base_dirs = [predictions_csv.parent]
+    if neighbours_jsonl is None:
+        notes.append("no neighbours file: rows show predictions only (pass --neighbours from "
+                     "`landmarks recognize --neighbours`)")
+        return None, {}, base_dirs
+    return Path(neighbours_jsonl), read_neighbours_jsonl(neighbours_jsonl), [Path(neighbours_jsonl).parent, *base_dirs]
+
+
+def _metrics_by_part(predictions: Mapping[str, Prediction | None], solution: Mapping[str, Sequence[str]],
+                     usage: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
+    """:func:`summarize` of all queries, and of the Public and Private ones when the solution has Usage."""
+    metrics: dict[str, dict[str, Any]] = {"all": summarize(predictions, solution)}
+    if usage is not None:
+        for part in ("Public", "Private"):
+            sub = {k: v for k, v in solution.items() if usage.get(k, "").lower() == part.lower()}
+            if sub:
+                metrics[part] = summarize(predictions, sub)
+    return metrics
+
+
+def _row_views(shown: Sequence[QueryResult], nrows: Mapping[str, dict[str, Any]], conf: ReportConfig,
+               images: _Images, index_paths: _IndexPaths, drawer: _MatchDrawer | None, no_drawing: str,
+               per_query: Mapping[str, tuple[float, int | None]] | None) -> tuple[list[_RowView], int, int]:
+    """``(rows, match drawings attempted, shown queries missing from the neighbours file)``."""
+    rows: list[_RowView] = []
+    drawings = missing_rows = 0
+    with Progress(len(shown), "report", "query") as bar:
+        for rank, r in enumerate(shown, 1):
+            nrow = nrows.get(r.id)
+            if nrows and nrow is None:
+                missing_rows += 1
+            active = drawer if drawings < conf.max_match_drawings else None
+            row, attempted = _row_view(rank, r, nrow, conf, images, index_paths, active, no_drawing)
+            if per_query is not None:
+                row.retrieval = _retrieval_cell(per_query.get(r.id), conf.retrieval_k)
+            drawings += int(attempted)
+            rows.append(row)
+            bar.update(1)
+    return rows, drawings, missing_rows
+
+
 def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html: str | Path,
                  neighbours_jsonl: str | Path | None = None, index_dir: str | Path | None = None,
                  conf: ReportConfig | None = None, retrieval_csv: str | Path | None = None,
@@ -800,17 +851,7 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
     if extra:
         notes.append(f"{len(extra)} prediction row(s) for ids not in the solution were ignored "
                      f"(e.g. {', '.join(extra[:3])})")
-    if neighbours_jsonl is None:
-        default = predictions_csv.with_name(predictions_csv.stem + ".neighbours.jsonl")
-        neighbours_jsonl = default if default.is_file() else None
-    nrows: dict[str, dict[str, Any]] = {}
-    base_dirs = [predictions_csv.parent]
-    if neighbours_jsonl is not None:
-        nrows = read_neighbours_jsonl(neighbours_jsonl)
-        base_dirs.insert(0, Path(neighbours_jsonl).parent)
-    else:
-        notes.append("no neighbours file: rows show predictions only (pass --neighbours from "
-                     "`landmarks recognize --neighbours`)")
+    neighbours_jsonl, nrows, base_dirs = _neighbour_rows(predictions_csv, neighbours_jsonl, notes)
     if index_dir is not None and not Path(index_dir).is_dir():
         notes.append(f"index {index_dir}: not a folder; ignored")
         logger.warning("report: index %s is not a folder; ignored", index_dir)
@@ -818,12 +859,7 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
     index_paths = _IndexPaths(Path(index_dir) if index_dir is not None else None)
 
     # Metrics.
-    metrics: dict[str, dict[str, Any]] = {"all": summarize(predictions, solution)}
-    if usage is not None:
-        for part in ("Public", "Private"):
-            sub = {k: v for k, v in solution.items() if usage.get(k, "").lower() == part.lower()}
-            if sub:
-                metrics[part] = summarize(predictions, sub)
+    metrics = _metrics_by_part(predictions, solution, usage)
     results = score_queries(predictions, solution, usage)
     retrieval, per_query = _retrieval_figures(retrieval_csv, retrieval_solution_csv, conf.retrieval_k)
     curves = {"all queries": precision_recall_curve(predictions, solution),
@@ -843,21 +879,7 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
         notes.append(drawer.unavailable)
         no_drawing = "match drawing unavailable"
         drawer = None
-    rows: list[_RowView] = []
-    drawings = 0
-    missing_rows = 0
-    with Progress(len(shown), "report", "query") as bar:
-        for rank, r in enumerate(shown, 1):
-            nrow = nrows.get(r.id)
-            if nrows and nrow is None:
-                missing_rows += 1
-            active = drawer if drawings < conf.max_match_drawings else None
-            row, attempted = _row_view(rank, r, nrow, conf, images, index_paths, active, no_drawing)
-            if per_query is not None:
-                row.retrieval = _retrieval_cell(per_query.get(r.id), conf.retrieval_k)
-            drawings += int(attempted)
-            rows.append(row)
-            bar.update(1)
+    rows, drawings, missing_rows = _row_views(shown, nrows, conf, images, index_paths, drawer, no_drawing, per_query)
     if missing_rows:
         notes.append(f"{missing_rows} shown quer{'y' if missing_rows == 1 else 'ies'} not in the neighbours file")
     if images.failures:
@@ -867,8 +889,9 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
 
     counts = {tag: sum(1 for r in shown if tag == "all" or tag in r.tags) for tag, _ in FILTERS}
     data = {"metrics": metrics, "rows_shown": len(shown), "rows_omitted": omitted, "queries": len(ranked),
-            "match_drawings": drawings, "retrieval": None if retrieval is None else retrieval.to_json(), "inputs": {"predictions": str(predictions_csv), "solution": str(solution_csv),
-                                                   "neighbours": None if neighbours_jsonl is None else str(neighbours_jsonl)}}
+            "match_drawings": drawings, "retrieval": None if retrieval is None else retrieval.to_json(),
+            "inputs": {"predictions": str(predictions_csv), "solution": str(solution_csv),
+                       "neighbours": None if neighbours_jsonl is None else str(neighbours_jsonl)}}
     page = _render_page(
         title=conf.title, thumb_styles=Markup("\n".join(images.styles)), predictions_name=predictions_csv.name,
         solution_name=solution_csv.name, neighbours_name=None if neighbours_jsonl is None else Path(neighbours_jsonl).name,
