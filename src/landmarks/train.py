@@ -542,7 +542,7 @@ class Trainer:
     def _set_train_mode(self) -> None:
         self.model.train()
         if self.conf.local_only:
-            for m in self.net.global_modules() + [self.net.head]:
+            for m in self.net.global_modules() + ([self.net.head] if self.net.head is not None else []):
                 m.eval()
         ft = self.conf.finetune
         if self._head_only:
