@@ -260,8 +260,10 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
             ``conf``, ``device``, ``model``, ``embedder`` are ignored).
 
     Returns:
-        ``{"queries", "recognized", "with_landmark", "unreadable", "ood_active", "rerank", "non_landmarks",
-        "seconds", "ms_per_query", "timings_ms"}`` (timings: recognition stages summed over the batch).
+        ``{"queries", "recognized", "with_landmark", "is_landmark", "is_landmark_threshold", "unreadable",
+        "ood_active", "rerank", "non_landmarks", "seconds", "ms_per_query", "timings_ms"}`` (timings:
+        recognition stages summed over the batch; ``is_landmark``: queries whose confidence reaches the
+        calibrated or configured threshold).
     """
     from landmarks import extract
     from landmarks.recognize import Recognizer, neighbours_row
@@ -312,6 +314,8 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
         "queries": len(records),
         "recognized": len(done),
         "with_landmark": sum(v is not None for v in predictions.values()),
+        "is_landmark": sum(bool(x.is_landmark) for x in recs),
+        "is_landmark_threshold": info.get("is_landmark_threshold"),
         "unreadable": len(res.skipped),
         "ood_active": bool(info.get("ood_active")),
         "non_landmarks": int(info.get("non_landmarks", 0)),
