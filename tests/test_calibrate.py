@@ -145,3 +145,41 @@ def test_index_calibrates_and_the_recognizer_says_no_to_a_photo_of_nothing_it_kn
     again = LandmarkIndex.load(out)
     assert again.meta["calibration"]["landmark_queries"] == 27
     assert rec.recognize([view(pattern(42), 5)])[0].landmark == "lm9"
+
+
+def test_index_cli_whitens_calibrates_and_reports(tmp_path: Path) -> None:
+    """`landmarks index --whiten 8 --non-landmarks`, then `recognize`: a real (random-init) run through the CLI."""
+    import contextlib
+    import io
+
+    import torch
+
+    from landmarks.checkpoint import save_model
+    from landmarks.cli import main
+    from landmarks.config import to_dict
+    from landmarks.data.transforms import Preprocess
+    from landmarks.models.net import LandmarkNet, ModelConfig
+
+    torch.manual_seed(0)
+    conf = ModelConfig(backbone="test_resnet", embedding_dim=32)
+    save_model(tmp_path / "run", LandmarkNet(conf, num_classes=4), {
+        "config": {"model": to_dict(conf)}, "classes": {}, "num_classes": 4, "preprocessing": Preprocess(64).to_dict()})
+    coll = make_collection(tmp_path / "coll", {f"lm{j}": j + 1 for j in range(4)}, per_landmark=4)
+    nl = _nonlandmark_images(tmp_path / "nl", 8)
+
+    def run(*argv: object) -> str:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main([str(a) for a in argv]) == 0
+        return out.getvalue()
+
+    text = run("index", "--model", tmp_path / "run", "--images", coll, "--out", tmp_path / "ix", "--non-landmarks", nl,
+               "--whiten", "8", "--precision", "0.8", "--workers", "0")
+    idx = LandmarkIndex.load(tmp_path / "ix")
+    cal = idx.meta["calibration"]
+    assert "whitened 32 -> 8" in text and f"confidence >= {cal['threshold']:.4f}" in text
+    assert idx.d == 8 and idx.meta["whitening"]["shrinkage"] == 0.1 and cal["precision_target"] == 0.8
+    text = run("recognize", "--index", tmp_path / "ix", nl, "--out", tmp_path / "p.csv", "--workers", "0")
+    assert "is_landmark for" in text and "calibrated" in text
+    with open(tmp_path / "p.csv", newline="") as f:
+        assert sum(1 for row in csv.DictReader(f) if row["landmarks"]) == 8  # GAP's CSV: every voted landmark
