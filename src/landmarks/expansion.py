@@ -67,12 +67,12 @@ def exact_search(xb: np.ndarray) -> SearchFn:
 
     def search(xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k_eff = min(k, index.ntotal)
-        D, I = index.search(np.ascontiguousarray(xq, dtype=np.float32), k_eff)
+        D, L = index.search(np.ascontiguousarray(xq, dtype=np.float32), k_eff)
         if k_eff < k:  # FAISS's own convention for missing results
             pad = k - k_eff
             D = np.concatenate([D, np.full((len(D), pad), -np.inf, np.float32)], axis=1)
-            I = np.concatenate([I, np.full((len(I), pad), -1, np.int64)], axis=1)
-        return D, I
+            L = np.concatenate([L, np.full((len(L), pad), -1, np.int64)], axis=1)
+        return D, L
 
     return search
 
@@ -119,25 +119,25 @@ def query_expansion(xq: np.ndarray, xb: np.ndarray, search: SearchFn, conf: Expa
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     if not conf.active or len(xq) == 0:
         return xq.copy()
-    D, I = search(xq, conf.n)
-    return weighted_sum(xq, D, I, xb, conf.alpha)
+    D, L = search(xq, conf.n)
+    return weighted_sum(xq, D, L, xb, conf.alpha)
 
 
-def dba_neighbours(D: np.ndarray, I: np.ndarray, self_rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def dba_neighbours(D: np.ndarray, L: np.ndarray, self_rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Drop each row itself from its ``n + 1`` nearest neighbours and keep ``n`` others.
 
     Args:
-        D, I: ``(m, n + 1)`` search results of rows ``self_rows`` ``(m,)`` against the database.
+        D, L: ``(m, n + 1)`` search results (similarities, rows) of rows ``self_rows`` ``(m,)`` against the database.
 
     Returns:
-        ``(D (m, n), I (m, n))``: the row's own entry removed (the last one when it is not among them:
+        ``(D (m, n), L (m, n))``: the row's own entry removed (the last one when it is not among them:
         an exact duplicate can outrank it; then it is still added once, as the vector itself).
     """
-    is_self = I == self_rows[:, None]
-    drop = np.where(is_self.any(axis=1), np.argmax(is_self, axis=1), I.shape[1] - 1)
-    keep = np.ones(I.shape, bool)
-    keep[np.arange(len(I)), drop] = False
-    return D[keep].reshape(len(I), -1)[:, :n], I[keep].reshape(len(I), -1)[:, :n]
+    is_self = L == self_rows[:, None]
+    drop = np.where(is_self.any(axis=1), np.argmax(is_self, axis=1), L.shape[1] - 1)
+    keep = np.ones(L.shape, bool)
+    keep[np.arange(len(L)), drop] = False
+    return D[keep].reshape(len(L), -1)[:, :n], L[keep].reshape(len(L), -1)[:, :n]
 
 
 def database_side_augmentation(xb: np.ndarray, conf: ExpansionConfig, search: SearchFn | None = None, *,
@@ -176,9 +176,9 @@ def database_side_augmentation(xb: np.ndarray, conf: ExpansionConfig, search: Se
         if c < start_chunk:
             continue
         x = np.ascontiguousarray(xb[s:s + chunk], dtype=np.float32)
-        D, I = search(x, conf.n + 1)
-        D, I = dba_neighbours(D, I, np.arange(s, s + len(x), dtype=np.int64), conf.n)
-        out[s:s + len(x)] = weighted_sum(x, D, I, xb, conf.alpha)
+        D, L = search(x, conf.n + 1)
+        D, L = dba_neighbours(D, L, np.arange(s, s + len(x), dtype=np.int64), conf.n)
+        out[s:s + len(x)] = weighted_sum(x, D, L, xb, conf.alpha)
         if on_chunk is not None:
             on_chunk(c, out)
     return out
@@ -238,7 +238,7 @@ def apply_dba(index: Any, conf: ExpansionConfig, *, work_dir: str | Path | None 
                 p.unlink(missing_ok=True)
             out = np.lib.format.open_memmap(arr_path, mode="w+", dtype=np.float32, shape=raw.shape)
             write_json(man_path, manifest)
-        memmap = out
+        memmap: Any = out
 
         def on_chunk(c: int, _: np.ndarray) -> None:
             memmap.flush()  # the rows first, then the note that they are there

@@ -113,7 +113,7 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                 non_landmarks: Source | Sequence[Source] | None = None, unlabelled: bool = False,
                 local: str | None = None, index_conf: Any = None, extract_conf: Any = None,
                 device: str = "cpu", overwrite: bool = False, image_dir: Source | None = None,
-                local_workers: int | None = None, show_progress: bool = True) -> Path:
+                local_workers: int | None = None, show_progress: bool = True, dba: Any = None) -> Path:
     """Embed a collection and write an index folder; returns ``out``.
 
     Args:
@@ -131,6 +131,8 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
         device: torch device (``auto``: CUDA when available).
         overwrite: replace an index already in ``out`` (else that is an error).
         local_workers: decoding/SIFT processes of the local-feature extraction (None: CPUs - 1).
+        dba: :class:`~landmarks.expansion.ExpansionConfig` of a database-side augmentation computed once
+            here and stored with the index (resumable in ``out/work/dba``; None or ``n == 0``: none).
 
     Unreadable images are skipped into ``out/skipped.csv``. Under ``torchrun`` every rank embeds its
     share and rank 0 extracts the local features and writes the index. Raises :class:`LandmarksError`.
@@ -195,6 +197,10 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                                 conf=conf, views=ext_conf.views(), non_landmarks=nl_emb, non_landmark_ids=nl_ids)
     if local_entry is not None:
         index.meta["local"] = local_entry
+    if dba is not None and dba.active:
+        from landmarks.expansion import apply_dba
+
+        apply_dba(index, dba, work_dir=out / "work" / "dba", show_progress=show_progress)
     index.save(out)
     shutil.rmtree(out / "work", ignore_errors=True)
     logger.info("indexed %d images of %d landmarks into %s; skipped %d", len(index),

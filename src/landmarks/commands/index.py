@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", choices=("sift", "model"), default=None,
                         help="also store every image's local features in OUT/local/ for `recognize --rerank local`: "
                              "sift (RootSIFT, weight-free) or model (the run's DELG-style local head)")
+    parser.add_argument("--dba", type=int, default=0, metavar="N",
+                        help="database-side augmentation: replace every index image's embedding by the "
+                             "similarity^alpha-weighted sum of itself and its N nearest index images, once, "
+                             "stored with the index (default 0: off)")
+    parser.add_argument("--dba-alpha", type=float, default=3.0, metavar="A", help="alpha of --dba (default 3)")
     parser.add_argument("--local-workers", type=int, default=None,
                         help="processes decoding (and running SIFT) for --local (default: CPUs - 1, at most 8)")
 
@@ -57,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Embed, build, save (:func:`landmarks.pipeline.build_index`); returns 0."""
     from landmarks import extract
+    from landmarks.expansion import ExpansionConfig
     from landmarks.index import IndexConfig, LandmarkIndex
     from landmarks.pipeline import build_index
 
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                       unlabelled=args.unlabelled, local=args.local,
                       index_conf=IndexConfig(type=args.type, dtype=args.dtype), extract_conf=ext_conf,
                       device=device, overwrite=args.overwrite, image_dir=args.image_dir,
-                      local_workers=args.local_workers)
+                      local_workers=args.local_workers, dba=ExpansionConfig(args.dba, args.dba_alpha))
     if rank != 0:
         return 0
     index = LandmarkIndex.load(out)
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"indexed {len(index)} images of {index.num_landmarks} landmarks into {out} "
           f"({index.conf.type}, {index.d}-d" + (f", {n_nl} non-landmarks" if n_nl else "")
           + (f", local features: {local['features']}" if local else "")
+          + (f", DBA n={index.dba['n']} alpha={index.dba['alpha']:g}" if index.dba else "")
           + f"); skipped {skipped}" + (f" (see {out / 'skipped.csv'})" if skipped else ""))
     return 0
 
