@@ -295,14 +295,15 @@ class Recognizer:
         if ids is not None and len(ids) != len(images):
             raise LandmarksError(f"{len(images)} images but {len(ids)} ids")
         t0 = time.perf_counter()
-        xq = self.embed(images) if len(images) else np.zeros((0, self.index.d), np.float32)
+        xq = self.embed(images) if len(images) else np.zeros((0, self.index.model_d), np.float32)
         t_embed = (time.perf_counter() - t0) * 1000.0
         return self.recognize_embeddings(xq, queries=list(images), extra_timings={"embed": t_embed}, t_start=t0)
 
     def recognize_embeddings(self, xq: np.ndarray, queries: Sequence[np.ndarray | str | Path] | None = None,
                              extra_timings: dict[str, float] | None = None,
                              t_start: float | None = None, retrieval_k: int = 0) -> list[Recognition]:
-        """Recognize from query embeddings ``xq (nq, D)`` float32 L2-normalised.
+        """Recognize from the model's query embeddings ``xq (nq, D)`` float32 L2-normalised (mapped to the
+        index's space, e.g. whitened, by :meth:`LandmarkIndex.project`).
 
         ``queries`` (images or paths) are handed to the re-ranker when one is configured. With
         ``retrieval_k`` each :class:`Recognition` also lists the ids of the ``retrieval_k`` nearest
@@ -322,6 +323,7 @@ class Recognizer:
         k_rerank = conf.rerank_candidates if (self.reranker is not None or self.local is not None) else 0
         k_search = max(conf.k, k_rerank, retrieval_k)
         t = time.perf_counter()
+        xq = self.index.project(xq, "query embeddings")
         xq_search = xq
         if conf.qe_n > 0:  # alpha-QE with the index's rows (augmented ones when the index has DBA)
             from landmarks.expansion import ExpansionConfig, query_expansion
@@ -389,8 +391,8 @@ class Recognizer:
         return best, conf, names
 
     def retrieve(self, xq: np.ndarray, k: int = 100) -> list[list[str]]:
-        """Ids of the ``k`` most similar index images of each query (cosine, no voting)."""
-        _, rows = self.index.search(xq, k)
+        """Ids of the ``k`` most similar index images of each query (model embeddings; cosine, no voting)."""
+        _, rows = self.index.search(self.index.project(xq, "query embeddings"), k)
         return [[self.index.ids[r] for r in row if r >= 0] for row in rows]
 
     def _neighbours(self, sims: np.ndarray, rows: np.ndarray, inliers: np.ndarray | None) -> list[Neighbour]:
