@@ -194,12 +194,32 @@ def _digest_rows(x: np.ndarray, chunk: int = 65_536) -> str:
     return h.hexdigest()
 
 
+def index_knn(index: Any) -> SearchFn:
+    """The kNN ``search`` of a :class:`~landmarks.index.LandmarkIndex` for a DBA pass (rows = positions).
+
+    IVF-PQ re-ranks ``k · refine_factor`` candidates exactly (the index's own re-ranking, without the
+    100-candidate floor meant for query-time lists: DBA asks for a handful of neighbours per row, and a
+    million rows times 100 candidates would dominate the pass); other types search as they are.
+    """
+    from landmarks.index import _labels_to_rows
+
+    if index.conf.type != "ivfpq" or index.conf.refine_factor <= 1:
+        return index.search  # type: ignore[no-any-return]
+
+    def search(xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        kk = min(len(index), k * index.conf.refine_factor)
+        _, found = index.faiss_index.search(np.ascontiguousarray(xq, dtype=np.float32), kk)
+        return index._refine(xq, _labels_to_rows(index.labels, found), k)  # type: ignore[no-any-return]
+
+    return search
+
+
 def apply_dba(index: Any, conf: ExpansionConfig, *, work_dir: str | Path | None = None,
               chunk: int = DBA_CHUNK, show_progress: bool = False) -> None:
     """Give a :class:`~landmarks.index.LandmarkIndex` database-side augmentation (in memory; save it after).
 
     The neighbours come from the index's own search over the raw rows (exact for ``flat``, approximate
-    for ``ivfpq``/``hnsw``: what makes millions of rows affordable). Afterwards ``index.embeddings`` and
+    for ``ivfpq``/``hnsw``: what makes millions of rows affordable; see :func:`index_knn`). Afterwards ``index.embeddings`` and
     FAISS hold the augmented rows, ``index.raw_embeddings`` the raw ones and ``index.meta["dba"]``
     ``{"n", "alpha"}``; an index that already has DBA is recomputed from its raw rows (after add/remove:
     every row, the simplest rule that is always correct). ``conf.n == 0`` removes DBA.
@@ -251,7 +271,7 @@ def apply_dba(index: Any, conf: ExpansionConfig, *, work_dir: str | Path | None 
 
     bar.update(start)
     try:
-        aug = database_side_augmentation(raw, conf, index.search, chunk=chunk, out=out, start_chunk=start,
+        aug = database_side_augmentation(raw, conf, index_knn(index), chunk=chunk, out=out, start_chunk=start,
                                          on_chunk=on_chunk)
     finally:
         bar.close()
