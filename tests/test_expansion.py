@@ -168,3 +168,32 @@ def test_recognizer_searches_with_the_expanded_query() -> None:
         assert [n.score for n in r.neighbours] == pytest.approx(list((xb @ expanded)[want[:5]]), abs=1e-5)
     plain = Recognizer(idx, emb, RecognizeConfig(k=5)).recognize_embeddings(xq, retrieval_k=20)
     assert any(a.retrieval != b.retrieval for a, b in zip(out, plain))
+
+
+def test_build_index_with_dba_stores_it_and_add_keeps_it_exact(tmp_path: Path) -> None:
+    from _index_support import TinyEmbedder, make_collection
+    from landmarks.data.collection import load_folder_collection
+    from landmarks.extract import ExtractConfig, extract_embeddings
+    from landmarks.pipeline import build_index
+    from landmarks.recognize import Recognizer
+
+    coll = make_collection(tmp_path / "c", {"a": 1, "b": 2, "c": 3}, per_landmark=5)
+    emb = TinyEmbedder()
+    conf = ExpansionConfig(n=2, alpha=3.0)
+    out = build_index(emb, coll, tmp_path / "ix", extract_conf=ExtractConfig(num_workers=0), show_progress=False,
+                      dba=conf)
+    idx = LandmarkIndex.load(out)
+    assert idx.dba == {"n": 2, "alpha": 3.0}
+    raw = extract_embeddings(emb, load_folder_collection(coll), tmp_path / "e", ExtractConfig(num_workers=0),
+                             show_progress=False).embeddings
+    np.testing.assert_allclose(np.asarray(idx.raw_embeddings), raw, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(idx.embeddings), database_side_augmentation(raw, conf), atol=1e-6)
+    assert not (out / "work").exists()
+    # `landmarks add` (Recognizer.add) keeps every row's DBA exact
+    more = make_collection(tmp_path / "m", {"d": 4}, per_landmark=3)
+    rec = Recognizer.load(out, embedder=emb)
+    assert rec.add(load_folder_collection(more), num_workers=0) == 3
+    again = LandmarkIndex.load(out)
+    raw2 = np.asarray(again.raw_embeddings)
+    assert len(raw2) == 18
+    np.testing.assert_allclose(np.asarray(again.embeddings), database_side_augmentation(raw2, conf), atol=1e-6)
