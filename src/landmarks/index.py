@@ -14,6 +14,9 @@ An index folder::
                             non-landmark set N (0 without N): the GLR-2020 index-side penalty
         nonlandmarks.npy    (M, D) float32 embeddings of N (absent without N)
         nonlandmarks.json   {"ids": [...]}
+        raw_embeddings.npy  (N, D) the embeddings before database-side augmentation (only with DBA:
+                            ``embeddings.npy`` and FAISS then hold the augmented rows; meta.json's
+                            ``dba`` = {"n", "alpha"}; see :mod:`landmarks.expansion`)
         whitening.safetensors  (with ``--whiten``) PCA-whitening learned on the index images at build
                             time (:mod:`landmarks.whiten`); its SHA-256 is in meta.json["whitening"]
       skipped.csv           images that could not be read
@@ -224,7 +227,8 @@ class LandmarkIndex:
     def __init__(self, *, ids: list[str], landmarks: list[str | None], paths: list[str | None], labels: np.ndarray,
                  embeddings: np.ndarray, faiss_index: faiss.Index, penalty: np.ndarray,
                  non_landmarks: np.ndarray | None, non_landmark_ids: list[str], meta: dict[str, Any],
-                 conf: IndexConfig, path: Path | None = None, whitening: Whitening | None = None):
+                 conf: IndexConfig, path: Path | None = None, whitening: Whitening | None = None,
+                 raw_embeddings: np.ndarray | None = None):
         self.ids = ids
         self.whitening = whitening
         self.landmarks = landmarks
@@ -238,6 +242,8 @@ class LandmarkIndex:
         self.meta = meta
         self.conf = conf
         self.path = path
+        # (N, D) embeddings before DBA (None: no DBA; then ``embeddings`` are the raw ones)
+        self.raw_embeddings = raw_embeddings
         self._row_of: dict[str, int] | None = None
         self._codes: tuple[np.ndarray, list[str]] | None = None
         self._nl_index: faiss.Index | None = None
@@ -527,6 +533,9 @@ class LandmarkIndex:
         self.landmarks.extend(landmarks)
         self.paths.extend(paths_list)
         self._row_of, self._codes = None, None
+        if self.raw_embeddings is not None:  # DBA: new rows change their neighbours' sums (see expansion)
+            self.raw_embeddings = np.concatenate([np.asarray(self.raw_embeddings), xb.astype(self.conf.dtype)])
+            self._refresh_dba()
         return len(xb)
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -563,7 +572,46 @@ class LandmarkIndex:
         self.paths = [x for x, k in zip(self.paths, keep_list) if k]
         self._row_of, self._codes = None, None
         self.set_search_params()
+        if self.raw_embeddings is not None:  # DBA: rows that had a removed neighbour change (see expansion)
+            self.raw_embeddings = np.asarray(self.raw_embeddings)[keep]
+            self._refresh_dba()
         return len(rows)
+
+    # -- database-side augmentation --------------------------------------------------------------------
+
+    @property
+    def dba(self) -> dict[str, Any] | None:
+        """``{"n", "alpha"}`` of the database-side augmentation the rows carry, or None."""
+        dba = self.meta.get("dba")
+        return dict(dba) if dba else None
+
+    def replace_vectors(self, xb: np.ndarray) -> None:
+        """Replace every row's vector (``(N, D)`` float32, L2-normalised; ids and order unchanged).
+
+        FAISS is refilled (IVF-PQ keeps its trained quantizer) and the out-of-domain penalties recomputed.
+        """
+        xb = as_xq(xb, self.d, "vectors")
+        if len(xb) != len(self):
+            raise LandmarksError(f"{len(xb)} vectors for an index of {len(self)} rows")
+        if self.conf.type == "ivfpq":
+            findex: Any = self.faiss_index
+            findex.reset()
+        else:
+            findex = _new_index(self.conf, self.d, xb)
+        for s in range(0, len(xb), 262_144):
+            findex.add_with_ids(xb[s:s + 262_144], self.labels[s:s + 262_144])
+        self.faiss_index = findex
+        self.embeddings = xb.astype(self.conf.dtype)
+        self.penalty = self._penalty_of(xb)
+        self.set_search_params()
+
+    def _refresh_dba(self) -> None:
+        """Recompute the DBA of every row from ``raw_embeddings`` (the simplest correct rule after add/remove)."""
+        from landmarks.expansion import ExpansionConfig, apply_dba
+
+        dba = self.dba
+        assert dba is not None and self.raw_embeddings is not None
+        apply_dba(self, ExpansionConfig(n=int(dba["n"]), alpha=float(dba["alpha"])))
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -588,6 +636,9 @@ class LandmarkIndex:
             write_json(tmp / "nonlandmarks.json", {"ids": self.non_landmark_ids})
         if self.whitening is not None:
             save_whitening(tmp / "whitening.safetensors", self.whitening)
+        if self.raw_embeddings is not None:
+            raw = self.raw_embeddings
+            atomic_save(tmp / "raw_embeddings.npy", lambda p: np.save(p, np.asarray(raw, dtype=self.conf.dtype)))
         os.replace(tmp, path / gen)
         self.meta.update({
             "generation": gen,
@@ -638,7 +689,9 @@ class LandmarkIndex:
                   labels=np.load(data / "labels.npy"), embeddings=emb,
                   faiss_index=faiss.read_index(str(data / "faiss.index")),
                   penalty=np.load(data / "penalty.npy"), non_landmarks=nl, non_landmark_ids=nl_ids,
-                  meta=meta, conf=conf, path=path, whitening=whitening)
+                  meta=meta, conf=conf, path=path, whitening=whitening,
+                  raw_embeddings=np.load(data / "raw_embeddings.npy", mmap_mode="r" if mmap else None)
+                  if meta.get("dba") and (data / "raw_embeddings.npy").exists() else None)
         if idx.faiss_index.ntotal != len(idx.ids) or emb.shape != (len(idx.ids), idx.d):
             raise IncompatibleArtifactError(f"{path}: the index files disagree in size; rebuild the index")
         if fingerprint is not None:

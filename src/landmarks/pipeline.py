@@ -114,7 +114,7 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                 local: str | None = None, index_conf: Any = None, extract_conf: Any = None,
                 device: str = "cpu", overwrite: bool = False, image_dir: Source | None = None,
                 local_workers: int | None = None, show_progress: bool = True, whiten: Any = None,
-                calibration: Any = None) -> Path:
+                calibration: Any = None, dba: Any = None) -> Path:
     """Embed a collection and write an index folder; returns ``out``.
 
     Args:
@@ -136,6 +136,8 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
             store it in the index (applied to index, non-landmark and query embeddings). None: none.
         calibration: :class:`~landmarks.calibrate.CalibrationConfig` of the ``is_landmark`` threshold
             (default: calibrate when there is a non-landmark set); stored in ``meta.json["calibration"]``.
+        dba: :class:`~landmarks.expansion.ExpansionConfig` of a database-side augmentation computed once
+            here and stored with the index (resumable in ``out/work/dba``; None or ``n == 0``: none).
 
     Unreadable images are skipped into ``out/skipped.csv``. Under ``torchrun`` every rank embeds its
     share and rank 0 extracts the local features and writes the index. Raises :class:`LandmarksError`.
@@ -201,6 +203,10 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                                 whiten=whiten)
     if local_entry is not None:
         index.meta["local"] = local_entry
+    if dba is not None and dba.active:
+        from landmarks.expansion import apply_dba
+
+        apply_dba(index, dba, work_dir=out / "work" / "dba", show_progress=show_progress)
     _calibrate(index, calibration)
     index.save(out)
     shutil.rmtree(out / "work", ignore_errors=True)

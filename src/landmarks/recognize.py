@@ -85,6 +85,10 @@ class RecognizeConfig:
     seed: int = 0
     # images per forward pass when embedding queries
     batch_size: int = 32
+    # alpha-QE: nearest index rows added to each query before the search (0: off; landmarks.expansion)
+    qe_n: int = 0
+    # alpha-QE: exponent of the similarity weight (0: plain average)
+    qe_alpha: float = 3.0
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -99,6 +103,9 @@ class RecognizeConfig:
             raise ConfigError("rerank_candidates, rerank_c and rerank_max_iters must be positive")
         if self.rerank_model not in ("fundamental", "homography", "affine"):
             raise ConfigError(f"unknown rerank_model {self.rerank_model!r} (fundamental, homography or affine)")
+        from landmarks.expansion import ExpansionConfig
+
+        ExpansionConfig(self.qe_n, self.qe_alpha)  # validates
 
 
 @dataclass
@@ -342,7 +349,13 @@ class Recognizer:
         k_search = max(conf.k, k_rerank, retrieval_k)
         t = time.perf_counter()
         xq = self.index.project(xq, "query embeddings")
-        sims, rows = self.index.search(xq, k_search)
+        xq_search = xq
+        if conf.qe_n > 0:  # alpha-QE with the index's rows (augmented ones when the index has DBA)
+            from landmarks.expansion import ExpansionConfig, query_expansion
+
+            xq_search = query_expansion(xq, self.index.embeddings, self.index.search,
+                                        ExpansionConfig(conf.qe_n, conf.qe_alpha))
+        sims, rows = self.index.search(xq_search, k_search)
         timings["search"] = (time.perf_counter() - t) * 1000.0
 
         t = time.perf_counter()
