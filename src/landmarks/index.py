@@ -63,7 +63,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -198,6 +198,31 @@ def index_memory_bytes(index: faiss.Index) -> int:
 
 # --- the index --------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class IndexInfo:
+    """What :meth:`LandmarkIndex.info` reports (JSON-ready with :meth:`to_dict`)."""
+
+    path: str | None  # the index folder (None: not saved yet)
+    size: int  # indexed images
+    landmarks: int  # distinct landmark ids (unlabelled images not counted)
+    non_landmarks: int  # images of the non-landmark set (0: no out-of-domain penalties)
+    type: str  # FAISS index type: flat, ivfpq or hnsw
+    embedding_dim: int  # D
+    dtype: str  # storage type of embeddings.npy
+    index_bytes: int  # estimated RAM of the FAISS index
+    model_fingerprint: str  # fingerprint of the model the index was built with
+    model_name: str | None  # its name (e.g. the backbone), when recorded
+    views: dict[str, Any]  # extraction views ({"scales", "flip"})
+    created: str | None  # ISO time of the build
+    updated: str | None  # ISO time of the last save
+    generation: int  # committed generation (increases with every add/remove)
+    local_features: str | None  # "sift" or "model" when the index stores local features, else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
 class LandmarkIndex:
     """Labelled embeddings with a FAISS index and the out-of-domain penalties.
 
@@ -321,24 +346,22 @@ class LandmarkIndex:
         """Distinct landmark ids among the rows (unlabelled rows not counted)."""
         return len(self.landmark_codes()[1])
 
-    def info(self) -> dict[str, Any]:
-        """Size, landmarks, non-landmarks, type, memory, the model's fingerprint and name."""
+    @property
+    def generation(self) -> int:
+        """The generation of this index on disk (its ``data-NNNNNN`` number; 0 before the first save)."""
+        m = _GEN_RE.match(str(self.meta.get("generation", "")))
+        return int(m.group(1)) if m else 0
+
+    def info(self) -> IndexInfo:
+        """Size, landmarks, non-landmarks, type, memory, the model's fingerprint and name, generation."""
         model = self.meta["model"]
-        return {
-            "path": str(self.path) if self.path else None,
-            "size": len(self),
-            "landmarks": self.num_landmarks,
-            "non_landmarks": 0 if self.non_landmarks is None else len(self.non_landmarks),
-            "type": self.conf.type,
-            "embedding_dim": self.d,
-            "dtype": self.conf.dtype,
-            "index_bytes": self.memory_bytes(),
-            "model_fingerprint": model["fingerprint"],
-            "model_name": model.get("name"),
-            "views": self.views,
-            "created": self.meta.get("created"),
-            "updated": self.meta.get("updated"),
-        }
+        return IndexInfo(
+            path=str(self.path) if self.path else None, size=len(self), landmarks=self.num_landmarks,
+            non_landmarks=0 if self.non_landmarks is None else len(self.non_landmarks), type=self.conf.type,
+            embedding_dim=self.d, dtype=self.conf.dtype, index_bytes=self.memory_bytes(),
+            model_fingerprint=str(model["fingerprint"]), model_name=model.get("name"), views=self.views,
+            created=self.meta.get("created"), updated=self.meta.get("updated"), generation=self.generation,
+            local_features=(self.meta.get("local") or {}).get("features"))
 
     def memory_bytes(self) -> int:
         """An estimate of the FAISS index's RAM (codes, vectors, links, ids; not the memory-mapped embeddings)."""

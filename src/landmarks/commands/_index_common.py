@@ -17,6 +17,13 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
                              "so decoding and the forward pass do not fight over cores)")
 
 
+def add_wait_argument(parser: argparse.ArgumentParser) -> None:
+    """``--wait SECONDS``: how long a writer waits for another writer of the same index."""
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="when another process is writing the index, wait up to this long for it "
+                             "(default 0: refuse at once)")
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when available, else ``cpu``."""
     import torch

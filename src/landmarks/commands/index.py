@@ -17,6 +17,7 @@ from pathlib import Path
 
 from landmarks.commands._index_common import (
     add_extraction_arguments,
+    add_wait_argument,
     rank_world,
     resolve_device,
     setup_threads,
@@ -52,12 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sift (RootSIFT, weight-free) or model (the run's DELG-style local head)")
     parser.add_argument("--local-workers", type=int, default=None,
                         help="processes decoding (and running SIFT) for --local (default: CPUs - 1, at most 8)")
+    add_wait_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Embed, build, save (:func:`landmarks.pipeline.build_index`); returns 0."""
     from landmarks import extract
     from landmarks.index import IndexConfig, LandmarkIndex
+    from landmarks.maintenance import command_line
     from landmarks.pipeline import build_index
 
     rank, _ = rank_world()
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                       unlabelled=args.unlabelled, local=args.local,
                       index_conf=IndexConfig(type=args.type, dtype=args.dtype), extract_conf=ext_conf,
                       device=device, overwrite=args.overwrite, image_dir=args.image_dir,
-                      local_workers=args.local_workers)
+                      local_workers=args.local_workers, wait_s=args.wait, command=command_line())
     if rank != 0:
         return 0
     index = LandmarkIndex.load(out)
