@@ -139,18 +139,28 @@ def test_worker_pool_is_bounded() -> None:
 def test_read_write_lock_excludes_writer() -> None:
     lock = ReadWriteLock()
     events: list[str] = []
+    reader_in = threading.Event()
 
     def writer() -> None:
         with lock.write():
             events.append("w")
 
+    def late_reader() -> None:
+        with lock.read():
+            events.append("r2")
+        reader_in.set()
+
     with lock.read():
         t = threading.Thread(target=writer)
         t.start()
-        time.sleep(0.1)
-        assert events == []  # the writer waits for the reader
-    t.join(5)
-    assert events == ["w"]
+        assert lock.wait_for_writers(1, timeout_s=10)  # the writer is blocked inside write(), waiting
+        assert events == []  # ... for the reader
+        r = threading.Thread(target=late_reader)
+        r.start()  # a new reader queues behind the waiting writer (no writer starvation)
+        assert not reader_in.is_set() and events == []
+    t.join(10)
+    r.join(10)
+    assert events == ["w", "r2"]
 
 
 def test_recognition_to_json_is_strict_json() -> None:
@@ -386,7 +396,8 @@ def test_index_info(server: RunningServer) -> None:
     assert r.status_code == 200
     body = r.json()
     assert body["size"] >= 3 and body["landmarks"] >= 3 and body["model"] == "fake-colour"
-    assert body["adding_enabled"] is True and body["details"]["fingerprint"] == "0" * 16
+    assert body["adding_enabled"] is True and body["details"]["model_fingerprint"] == "0" * 16
+    assert body["generation"] == body["details"]["generation"] >= 1
 
 
 def test_thumbnails_only_for_index_ids(server: RunningServer) -> None:
@@ -507,14 +518,13 @@ def test_cli_refuses_a_missing_index(tmp_path: Path) -> None:
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
     pytest.importorskip("landmarks.recognize", reason="the recognition module is not available")
     pytest.importorskip("landmarks.checkpoint", reason="the checkpoint module is not available")
-    from serve_fake import build_tiny_index, free_port, run_server
+    from serve_fake import build_tiny_index, run_server
 
     root = tmp_path_factory.mktemp("serve-real")
     index_dir = build_tiny_index(root)
-    port = free_port()
-    cmd = [sys.executable, "-m", "landmarks", "serve", "--index", str(index_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "landmarks", "serve", "--index", str(index_dir), "--port", "0",
            "--workers", "2", "--token", TOKEN, "--timeout-s", "60"]
-    with run_server(cmd, root / "server.log", port, timeout_s=120) as s:
+    with run_server(cmd, root / "server.log", timeout_s=120) as s:
         yield s, root
 
 
