@@ -68,6 +68,20 @@ def make_image(colour: Sequence[int], size: tuple[int, int] = (48, 40)) -> np.nd
     return np.clip(np.asarray(colour, np.int16)[None, None] + rng.integers(-8, 9, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+def scan_bomb(width: int, height: int, repeats: int) -> bytes:
+    """A progressive JPEG of a flat image whose last scan is repeated ``repeats`` times (tiny, slow to decode:
+    2000 x 2000 with 2,000 repeats is 52 KB and decodes in ~8 s; 6000 x 6000 in ~65 s)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    last = data[data.rfind(b"\xff\xda"):-2]
+    return data[:-2] + last * repeats + b"\xff\xd9"
+
+
 class FakeRecognizer:
     """Implements ``landmarks.serve.RecognizerProtocol`` deterministically (see the module docstring)."""
 
