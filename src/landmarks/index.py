@@ -597,29 +597,55 @@ class LandmarkIndex:
             if (path / "work").exists():
                 raise LandmarksError(f"{path}: the index was not finished (run `landmarks index` again to resume)")
             raise LandmarksError(f"{path}: not an index folder (no meta.json)")
-        meta = read_json(meta_path)
-        if meta.get("format") != INDEX_FORMAT:
-            raise IncompatibleArtifactError(f"{path}: meta.json is not a landmarks index")
-        if int(meta.get("version", 0)) > INDEX_VERSION:
+        meta = _read(meta_path, read_json)
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            raise IncompatibleArtifactError(f"{meta_path}: not a landmarks index")
+        try:
+            version = int(meta.get("version", 0))
+            conf = from_dict(IndexConfig, meta["index"])
+            data = path / str(meta["generation"])
+            str(meta["model"]["fingerprint"])
+            int(meta["embedding_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise IncompatibleArtifactError(f"{meta_path}: incomplete or invalid index metadata ({type(e).__name__}: "
+                                            f"{e}); rebuild the index") from None
+        if version > INDEX_VERSION:
             raise IncompatibleArtifactError(
-                f"{path}: index format version {meta.get('version')} is newer than this software's "
+                f"{path}: index format version {version} is newer than this software's "
                 f"({INDEX_VERSION}); upgrade landmarks")
-        conf = from_dict(IndexConfig, meta["index"])
-        data = path / meta["generation"]
-        images = read_json(data / "images.json")
-        emb = np.load(data / "embeddings.npy", mmap_mode="r" if mmap else None)
-        nl = np.load(data / "nonlandmarks.npy") if (data / "nonlandmarks.npy").exists() else None
-        nl_ids = read_json(data / "nonlandmarks.json")["ids"] if nl is not None else []
-        idx = cls(ids=list(images["ids"]), landmarks=list(images["landmarks"]), paths=list(images["paths"]),
-                  labels=np.load(data / "labels.npy"), embeddings=emb,
-                  faiss_index=faiss.read_index(str(data / "faiss.index")),
-                  penalty=np.load(data / "penalty.npy"), non_landmarks=nl, non_landmark_ids=nl_ids,
-                  meta=meta, conf=conf, path=path)
-        if idx.faiss_index.ntotal != len(idx.ids) or emb.shape != (len(idx.ids), idx.d):
-            raise IncompatibleArtifactError(f"{path}: the index files disagree in size; rebuild the index")
+        images = _read(data / "images.json", read_json)
+        try:
+            ids, landmarks, paths = list(images["ids"]), list(images["landmarks"]), list(images["paths"])
+        except (KeyError, TypeError) as e:
+            raise IncompatibleArtifactError(f"{data / 'images.json'}: missing or invalid {e}; rebuild the index") from None
+        emb = _read(data / "embeddings.npy", lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+        has_nl = (data / "nonlandmarks.npy").exists()
+        nl = _read(data / "nonlandmarks.npy", lambda p: np.load(p, allow_pickle=False)) if has_nl else None
+        nl_ids = list(_read(data / "nonlandmarks.json", read_json)["ids"]) if nl is not None else []
+        labels = _read(data / "labels.npy", lambda p: np.load(p, allow_pickle=False))
+        findex = _read(data / "faiss.index", lambda p: faiss.read_index(str(p)))
+        penalty = _read(data / "penalty.npy", lambda p: np.load(p, allow_pickle=False))
+        n = len(ids)
+        if not (len(landmarks) == len(paths) == n and labels.shape == (n,) and penalty.shape == (n,)
+                and emb.ndim == 2 and emb.shape == (n, int(meta["embedding_dim"])) and findex.ntotal == n
+                and (nl is None or (nl.ndim == 2 and nl.shape[1] == emb.shape[1] and len(nl_ids) == len(nl)))):
+            raise IncompatibleArtifactError(f"{data}: the index files disagree in size; rebuild the index")
+        idx = cls(ids=ids, landmarks=landmarks, paths=paths, labels=labels, embeddings=emb, faiss_index=findex,
+                  penalty=penalty, non_landmarks=nl, non_landmark_ids=nl_ids, meta=meta, conf=conf, path=path)
         if fingerprint is not None:
             idx.check_model(fingerprint, model_name)
         return idx
+
+
+def _read(path: Path, reader: Any) -> Any:
+    """``reader(path)``, turning a missing, truncated or foreign file into one error naming it."""
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise IncompatibleArtifactError(f"{path}: missing from the index folder; rebuild the index") from None
+    except (OSError, ValueError, EOFError, RuntimeError, TypeError, KeyError) as e:  # RuntimeError: FAISS
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise IncompatibleArtifactError(f"{path}: unreadable or corrupt ({reason}); rebuild the index") from None
 
 
 def _check_rows(ids: list[str], landmarks: list[str | None], paths: list[str | None], n: int) -> None:
