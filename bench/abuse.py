@@ -245,7 +245,7 @@ def probe_bomb(root: Path, seconds: float) -> dict[str, object]:
             base, base_codes = _latencies(url, body, seconds)
             bomb_codes: list[int] = []
 
-            def send_bomb() -> None:
+            def send_bomb(bomb_codes: list[int] = bomb_codes, url: str = url) -> None:
                 try:
                     bomb_codes.append(httpx.post(url + "/v1/recognize", content=bomb,
                                                  headers={"content-type": "image/jpeg"}, timeout=120).status_code)

@@ -274,3 +274,22 @@ def test_remove_then_readd_same_id_with_another_image_replaces_its_local_feature
     # the removal's old store folder goes at the next write, not while a reader may still use it
     dirs = sorted(p.name for p in tiny_index.iterdir() if p.name.startswith("local"))
     assert dirs == [reloaded.meta["local"]["dir"]]
+
+
+def test_a_reader_with_local_reranking_follows_a_removal_on_disk(tiny_index: Path) -> None:
+    """A long-lived recognizer (a server) swaps in the newer generation and its compacted local store."""
+    from landmarks.maintenance import remove_from_index
+
+    conf = RecognizeConfig(rerank="local", rerank_workers=0, rerank_candidates=10)
+    with Recognizer.load(tiny_index, conf, embedder=TinyEmbedder()) as rec:
+        query = warp(scene(LANDMARKS["castle"]), 31337)
+        before = rec.recognize([query])[0]
+        assert before.landmark == "castle" and before.neighbours[0].inliers is not None
+        gone = [i for i, lm in zip(rec.index.ids, rec.index.landmarks) if lm == "castle"]
+        remove_from_index(tiny_index, gone)
+        newer = rec.load_newer()
+        assert newer is not None and rec.replace_index(newer)
+        assert rec.local is not None and rec.local.store_root.name == newer.meta["local"]["dir"] != "local"
+        after = rec.recognize([query])[0]
+        assert after.landmark != "castle" and not {n.id for n in after.neighbours} & set(gone)
+        assert all(n.inliers is not None and n.inliers < 10 for n in after.neighbours)

@@ -38,6 +38,7 @@ from landmarks.errors import ConfigError, LandmarksError
 if TYPE_CHECKING:
     from landmarks.index import IndexInfo
     from landmarks.maintenance import AddResult
+    from landmarks.rerank import LocalReranker
 
 logger = logging.getLogger("landmarks")
 
@@ -251,7 +252,7 @@ class Recognizer:
             raise ConfigError(f"unknown rerank {self.conf.rerank!r} (known: {', '.join(RERANK_CHOICES)})")
         index.check_model(embedder.fingerprint, embedder.describe().get("name"))
         # local-feature verification of the top candidates (landmarks.rerank), when asked and no hook is given
-        self.local: Any = None
+        self.local: LocalReranker | None = None
         if self.conf.rerank == "local" and reranker is None:
             from landmarks.rerank import LocalReranker
 
@@ -469,6 +470,7 @@ class Recognizer:
         sims, rows = sims[:, :kk].copy(), rows[:, :kk].copy()
         cand_ids = [[self.index.ids[r] for r in row[:K] if r >= 0] for row in rows]
         inl = np.full(rows.shape, -1, np.int64)
+        assert self.local is not None
         for q, counts in enumerate(self.local.inliers(queries, cand_ids)):
             inl[q, :len(counts)] = counts
         codes, _ = self.index.landmark_codes()

@@ -20,16 +20,29 @@ Endpoints (OpenAPI at ``/openapi.json``, interactive docs at ``/docs``):
 
 Errors are JSON ``{"detail": reason, "status": code}``: 413 upload too large (enforced while the body is
 read, and before reading when Content-Length says so), 415 not an image / unsupported Content-Type,
-400 corrupt, truncated, empty or too many pixels, 503 all workers and queue slots busy (with
-``Retry-After``), 504 the request took longer than ``timeout_s``. Bad input never answers 500; an
-unexpected exception is logged with its traceback and answered as a JSON 500.
+400 corrupt, truncated, empty, too many pixels or too many JPEG scans, 408 body not received within
+``body_timeout_s``, 409 an add would relabel an indexed image, 503 all workers and queue slots busy, too
+many upload bytes in flight or another process writing the index (with ``Retry-After``), 504 the request
+took longer than ``timeout_s``. Bad input never answers 500; an unexpected exception is logged with its
+traceback and answered as a JSON 500. A client that disconnects mid-upload is one 499 log line.
 
 Thread model: decoding and recognition run in a ``ThreadPoolExecutor`` of ``workers`` threads with at
 most ``queue_size`` more requests waiting; the event loop only reads bodies and writes answers, so
-``/healthz`` stays responsive while every worker is busy. A request that times out gets its 504 at
-once; if its work had already started it finishes in the background and holds its worker until then
-(Python threads cannot be interrupted), which the pool's capacity accounts for. Recognition calls share
-a read lock and ``add`` takes the write lock, so the index never changes under a search.
+``/healthz`` stays responsive while every worker is busy. Uploads are decoded in ``decode_processes``
+child processes (:class:`~landmarks.data.decode_pool.DecoderPool`): a decode still running at the
+request's deadline is killed, so a request that timed out frees its worker (recognition itself is
+bounded by the model's input size). Recognition calls share a read lock; swapping in a newer index
+takes the write lock, so a request sees one index, never a mix.
+
+The index on disk is the truth: before answering or writing, the service checks the index's generation
+(one ``stat`` of meta.json) and swaps in a newer one written by another process (``landmarks add``,
+``remove``). An HTTP add runs :func:`landmarks.maintenance.add_to_index` under the folder's writer lock,
+from the committed index, then swaps the result in.
+
+Connections (uvicorn + :func:`guarded_h11`): request headers must arrive within ``header_timeout_s``,
+bodies within ``body_timeout_s``, idle keep-alive connections close after ``keep_alive_s``, at most
+``max_connections`` are open and ``max_inflight_upload_mb`` of bodies are held at once. Log lines escape
+control characters (a ``%0a`` in a path cannot forge a line).
 """
 
 from __future__ import annotations
@@ -74,6 +87,7 @@ from landmarks.maintenance import IndexBusyError, IndexConflictError
 
 if TYPE_CHECKING:
     from landmarks.recognize import RecognizerInfo
+    from landmarks.rerank import LocalReranker
 
 log = logging.getLogger("landmarks")
 
@@ -134,8 +148,8 @@ class AddResultLike(Protocol):
 class RecognizerProtocol(Protocol):
     """The methods of ``landmarks.recognize.Recognizer`` the service calls; tests pass a fake."""
 
-    #: the local-feature re-ranker (``landmarks.rerank.LocalReranker``) or None: match drawings reuse it
-    local: Any
+    #: the local-feature re-ranker or None: match drawings reuse its features and RANSAC settings
+    local: LocalReranker | None
 
     def recognize(self, images: Sequence[np.ndarray], ids: Sequence[str] | None = None) -> Sequence[RecognitionLike]:
         """Recognize ``(H, W, 3)`` uint8 RGB images; one answer per image, in order."""
@@ -266,6 +280,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
     for code, text in [
         (400, "corrupt, truncated, empty or too large image; malformed request"),
+        (408, "the request body did not arrive in time"),
         (413, "upload larger than the limit"),
         (415, "not an image, or unsupported Content-Type"),
         (503, "all workers busy and the queue full; retry later"),
@@ -965,7 +980,8 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
 
     @app.post("/v1/index/images", response_model=AddOut, openapi_extra=_ADD_BODY, tags=["index"],
               responses={**_ERRORS, 401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
-                         403: {"model": ErrorOut, "description": "adding is off (no token at start-up)"}})
+                         403: {"model": ErrorOut, "description": "adding is off (no token at start-up)"},
+                         409: {"model": ErrorOut, "description": "an image is already indexed under another landmark"}})
     async def add_images(request: Request) -> dict[str, Any]:
         """Add labelled images to the index (``Authorization: Bearer <token>``; multipart ``files`` + ``landmark``)."""
         if not conf.token:
