@@ -17,6 +17,7 @@ from pathlib import Path
 
 from landmarks.commands._index_common import (
     add_extraction_arguments,
+    add_wait_argument,
     rank_world,
     resolve_device,
     setup_threads,
@@ -69,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dba-alpha", type=float, default=3.0, metavar="A", help="alpha of --dba (default 3)")
     parser.add_argument("--local-workers", type=int, default=None,
                         help="processes decoding (and running SIFT) for --local (default: CPUs - 1, at most 8)")
+    add_wait_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from landmarks.calibrate import CalibrationConfig
     from landmarks.expansion import ExpansionConfig
     from landmarks.index import IndexConfig, LandmarkIndex
+    from landmarks.maintenance import command_line
     from landmarks.pipeline import build_index
     from landmarks.whiten import WhitenConfig
 
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                       index_conf=IndexConfig(type=args.type, dtype=args.dtype), extract_conf=ext_conf,
                       device=device, overwrite=args.overwrite, image_dir=args.image_dir,
                       local_workers=args.local_workers, whiten=whiten, calibration=calibration,
-                      dba=ExpansionConfig(args.dba, args.dba_alpha))
+                      dba=ExpansionConfig(args.dba, args.dba_alpha),
+                      wait_s=args.wait, command=command_line())
     if rank != 0:
         return 0
     index = LandmarkIndex.load(out)
