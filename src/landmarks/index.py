@@ -14,8 +14,19 @@ An index folder::
                             non-landmark set N (0 without N): the GLR-2020 index-side penalty
         nonlandmarks.npy    (M, D) float32 embeddings of N (absent without N)
         nonlandmarks.json   {"ids": [...]}
+        raw_embeddings.npy  (N, D) the embeddings before database-side augmentation (only with DBA:
+                            ``embeddings.npy`` and FAISS then hold the augmented rows; meta.json's
+                            ``dba`` = {"n", "alpha"}; see :mod:`landmarks.expansion`)
+        whitening.safetensors  (with ``--whiten``) PCA-whitening learned on the index images at build
+                            time (:mod:`landmarks.whiten`); its SHA-256 is in meta.json["whitening"]
       skipped.csv           images that could not be read
       work/                 extraction chunks while ``landmarks index`` runs (removed when done)
+
+Embeddings enter an index in the model's space and :meth:`LandmarkIndex.project` maps them to the
+index's space (identity, or the index's PCA-whitening): :meth:`~LandmarkIndex.build`,
+:meth:`~LandmarkIndex.add` and :meth:`~LandmarkIndex.set_non_landmarks` call it on what they store,
+and the :class:`~landmarks.recognize.Recognizer` on every query batch; :meth:`~LandmarkIndex.search`
+and :meth:`~LandmarkIndex.query_ood` take index-space queries (width :attr:`~LandmarkIndex.d`).
 
 Saving writes a new ``data-NNNNNN`` folder, then replaces ``meta.json`` atomically, then deletes the
 old folder: a reader or a killed writer always sees one complete, consistent index. Loading with a model
@@ -63,7 +74,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +85,14 @@ from landmarks import __version__
 from landmarks.config import from_dict, to_dict
 from landmarks.errors import IncompatibleArtifactError, LandmarksError
 from landmarks.utils.io import atomic_save, read_json, write_json
+from landmarks.whiten import (
+    WhitenConfig,
+    Whitening,
+    apply_whitening,
+    learn_whitening,
+    load_whitening,
+    save_whitening,
+)
 
 logger = logging.getLogger("landmarks")
 
@@ -198,6 +217,32 @@ def index_memory_bytes(index: faiss.Index) -> int:
 
 # --- the index --------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class IndexInfo:
+    """What :meth:`LandmarkIndex.info` reports (JSON-ready with :meth:`to_dict`)."""
+
+    path: str | None  # the index folder (None: not saved yet)
+    size: int  # indexed images
+    landmarks: int  # distinct landmark ids (unlabelled images not counted)
+    non_landmarks: int  # images of the non-landmark set (0: no out-of-domain penalties)
+    type: str  # FAISS index type: flat, ivfpq or hnsw
+    embedding_dim: int  # D
+    dtype: str  # storage type of embeddings.npy
+    index_bytes: int  # estimated RAM of the FAISS index
+    model_fingerprint: str  # fingerprint of the model the index was built with
+    model_name: str | None  # its name (e.g. the backbone), when recorded
+    views: dict[str, Any]  # extraction views ({"scales", "flip"})
+    created: str | None  # ISO time of the build
+    updated: str | None  # ISO time of the last save
+    generation: int  # committed generation (increases with every add/remove)
+    local_features: str | None  # "sift" or "model" when the index stores local features, else None
+    whitening: dict[str, Any] | None = None  # the PCA-whitening learned on the index images (meta.json entry)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
 class LandmarkIndex:
     """Labelled embeddings with a FAISS index and the out-of-domain penalties.
 
@@ -208,8 +253,10 @@ class LandmarkIndex:
     def __init__(self, *, ids: list[str], landmarks: list[str | None], paths: list[str | None], labels: np.ndarray,
                  embeddings: np.ndarray, faiss_index: faiss.Index, penalty: np.ndarray,
                  non_landmarks: np.ndarray | None, non_landmark_ids: list[str], meta: dict[str, Any],
-                 conf: IndexConfig, path: Path | None = None):
+                 conf: IndexConfig, path: Path | None = None, whitening: Whitening | None = None,
+                 raw_embeddings: np.ndarray | None = None):
         self.ids = ids
+        self.whitening = whitening
         self.landmarks = landmarks
         self.paths = paths
         self.labels = labels
@@ -221,6 +268,8 @@ class LandmarkIndex:
         self.meta = meta
         self.conf = conf
         self.path = path
+        # (N, D) embeddings before DBA (None: no DBA; then ``embeddings`` are the raw ones)
+        self.raw_embeddings = raw_embeddings
         self._row_of: dict[str, int] | None = None
         self._codes: tuple[np.ndarray, list[str]] | None = None
         self._nl_index: faiss.Index | None = None
@@ -233,7 +282,7 @@ class LandmarkIndex:
               model: dict[str, Any], paths: Sequence[str | Path | None] | None = None,
               conf: IndexConfig | None = None, views: dict[str, Any] | None = None,
               non_landmarks: np.ndarray | None = None, non_landmark_ids: Sequence[str] | None = None,
-              ) -> LandmarkIndex:
+              whiten: WhitenConfig | None = None) -> LandmarkIndex:
         """Build an index.
 
         Args:
@@ -243,6 +292,8 @@ class LandmarkIndex:
             model: the embedder's ``describe()`` (must hold ``fingerprint``).
             conf: index type and parameters. views: extraction views (``{"scales", "flip"}``).
             non_landmarks: ``(M, D)`` float32 embeddings of the non-landmark set N (None: no penalties).
+            whiten: learn PCA-whitening on ``embeddings`` (unlabelled) and store everything whitened
+                (``(N, dim)``); queries are whitened by :meth:`project`. None: no whitening.
         """
         conf = conf or IndexConfig()
         if "fingerprint" not in model:
@@ -255,6 +306,11 @@ class LandmarkIndex:
         paths_list: list[str | None] = [None if p is None else str(p) for p in paths] if paths is not None \
             else [None] * len(ids)
         _check_rows(ids, landmarks, paths_list, len(xb))
+        whitening = None
+        if whiten is not None:
+            whitening = learn_whitening(xb, whiten.dim, whiten.shrinkage)
+            xb = apply_whitening(xb, whitening)
+            d = whitening.dim
         labels = np.arange(len(xb), dtype=np.int64)
         findex = _new_index(conf, d, xb)
         if len(xb):
@@ -268,10 +324,12 @@ class LandmarkIndex:
             "index": to_dict(conf),
             "created": _now(),
         }
+        if whitening is not None:
+            meta["whitening"] = whitening.describe()
         idx = cls(ids=ids, landmarks=landmarks, paths=paths_list, labels=labels,
                   embeddings=np.asarray(xb, dtype=conf.dtype), faiss_index=findex,
                   penalty=np.zeros(len(xb), np.float32), non_landmarks=None, non_landmark_ids=[],
-                  meta=meta, conf=conf)
+                  meta=meta, conf=conf, whitening=whitening)
         if non_landmarks is not None:
             idx.set_non_landmarks(non_landmarks, non_landmark_ids)
         return idx
@@ -283,8 +341,22 @@ class LandmarkIndex:
 
     @property
     def d(self) -> int:
-        """Embedding width D."""
+        """Width of the stored (index-space) embeddings: the model's D, or the whitening's dim."""
         return int(self.meta["embedding_dim"])
+
+    @property
+    def model_d(self) -> int:
+        """Width of the model's embeddings, which :meth:`project` takes."""
+        return self.whitening.in_dim if self.whitening is not None else self.d
+
+    def project(self, x: np.ndarray, name: str = "embeddings") -> np.ndarray:
+        """Model-space embeddings ``(n, model_d)`` -> index space ``(n, d)`` float32, L2-normalised.
+
+        The one place where the index's whitening (if any) is applied: to what is stored (index images,
+        non-landmarks) and to every query batch.
+        """
+        x = as_xq(x, self.model_d, name)
+        return x if self.whitening is None else apply_whitening(x, self.whitening)
 
     @property
     def fingerprint(self) -> str:
@@ -321,24 +393,23 @@ class LandmarkIndex:
         """Distinct landmark ids among the rows (unlabelled rows not counted)."""
         return len(self.landmark_codes()[1])
 
-    def info(self) -> dict[str, Any]:
-        """Size, landmarks, non-landmarks, type, memory, the model's fingerprint and name."""
+    @property
+    def generation(self) -> int:
+        """The generation of this index on disk (its ``data-NNNNNN`` number; 0 before the first save)."""
+        m = _GEN_RE.match(str(self.meta.get("generation", "")))
+        return int(m.group(1)) if m else 0
+
+    def info(self) -> IndexInfo:
+        """Size, landmarks, non-landmarks, type, memory, the model's fingerprint and name, generation."""
         model = self.meta["model"]
-        return {
-            "path": str(self.path) if self.path else None,
-            "size": len(self),
-            "landmarks": self.num_landmarks,
-            "non_landmarks": 0 if self.non_landmarks is None else len(self.non_landmarks),
-            "type": self.conf.type,
-            "embedding_dim": self.d,
-            "dtype": self.conf.dtype,
-            "index_bytes": self.memory_bytes(),
-            "model_fingerprint": model["fingerprint"],
-            "model_name": model.get("name"),
-            "views": self.views,
-            "created": self.meta.get("created"),
-            "updated": self.meta.get("updated"),
-        }
+        return IndexInfo(
+            path=str(self.path) if self.path else None, size=len(self), landmarks=self.num_landmarks,
+            non_landmarks=0 if self.non_landmarks is None else len(self.non_landmarks), type=self.conf.type,
+            embedding_dim=self.d, dtype=self.conf.dtype, index_bytes=self.memory_bytes(),
+            model_fingerprint=str(model["fingerprint"]), model_name=model.get("name"), views=self.views,
+            created=self.meta.get("created"), updated=self.meta.get("updated"), generation=self.generation,
+            local_features=(self.meta.get("local") or {}).get("features"),
+            whitening=self.meta.get("whitening"))
 
     def memory_bytes(self) -> int:
         """An estimate of the FAISS index's RAM (codes, vectors, links, ids; not the memory-mapped embeddings)."""
@@ -436,13 +507,14 @@ class LandmarkIndex:
     # -- changes -----------------------------------------------------------------------------------
 
     def set_non_landmarks(self, embeddings: np.ndarray | None, ids: Sequence[str] | None = None) -> None:
-        """Store the non-landmark set N (``(M, D)`` float32) and recompute every index image's penalty."""
+        """Store the non-landmark set N (``(M, model_d)`` float32 model embeddings, projected here) and
+        recompute every index image's penalty."""
         self._nl_index = None
         if embeddings is None or len(embeddings) == 0:
             self.non_landmarks, self.non_landmark_ids = None, []
             self.penalty = np.zeros(len(self), np.float32)
             return
-        xn = as_xq(embeddings, self.d, "non-landmark embeddings")
+        xn = self.project(embeddings, "non-landmark embeddings")
         self.non_landmarks = xn
         self.non_landmark_ids = list(ids) if ids is not None else [str(i) for i in range(len(xn))]
         if len(self.non_landmark_ids) != len(xn):
@@ -460,12 +532,12 @@ class LandmarkIndex:
         """Append images (new images of known landmarks or whole new landmarks); no retraining.
 
         Args:
-            embeddings: ``(n, D)`` float32, L2-normalised, from the index's model.
+            embeddings: ``(n, model_d)`` float32, L2-normalised, from the index's model (projected here).
 
         Returns:
             The number of rows added. Raises on ids already in the index.
         """
-        xb = as_xq(embeddings, self.d, "embeddings")
+        xb = self.project(embeddings)
         ids, landmarks = list(ids), list(landmarks)
         paths_list: list[str | None] = [None if p is None else str(p) for p in paths] if paths is not None \
             else [None] * len(ids)
@@ -485,6 +557,9 @@ class LandmarkIndex:
         self.landmarks.extend(landmarks)
         self.paths.extend(paths_list)
         self._row_of, self._codes = None, None
+        if self.raw_embeddings is not None:  # DBA: new rows change their neighbours' sums (see expansion)
+            self.raw_embeddings = np.concatenate([np.asarray(self.raw_embeddings), xb.astype(self.conf.dtype)])
+            self._refresh_dba()
         return len(xb)
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -521,7 +596,46 @@ class LandmarkIndex:
         self.paths = [x for x, k in zip(self.paths, keep_list) if k]
         self._row_of, self._codes = None, None
         self.set_search_params()
+        if self.raw_embeddings is not None:  # DBA: rows that had a removed neighbour change (see expansion)
+            self.raw_embeddings = np.asarray(self.raw_embeddings)[keep]
+            self._refresh_dba()
         return len(rows)
+
+    # -- database-side augmentation --------------------------------------------------------------------
+
+    @property
+    def dba(self) -> dict[str, Any] | None:
+        """``{"n", "alpha"}`` of the database-side augmentation the rows carry, or None."""
+        dba = self.meta.get("dba")
+        return dict(dba) if dba else None
+
+    def replace_vectors(self, xb: np.ndarray) -> None:
+        """Replace every row's vector (``(N, D)`` float32, L2-normalised; ids and order unchanged).
+
+        FAISS is refilled (IVF-PQ keeps its trained quantizer) and the out-of-domain penalties recomputed.
+        """
+        xb = as_xq(xb, self.d, "vectors")
+        if len(xb) != len(self):
+            raise LandmarksError(f"{len(xb)} vectors for an index of {len(self)} rows")
+        if self.conf.type == "ivfpq":
+            findex: Any = self.faiss_index
+            findex.reset()
+        else:
+            findex = _new_index(self.conf, self.d, xb)
+        for s in range(0, len(xb), 262_144):
+            findex.add_with_ids(xb[s:s + 262_144], self.labels[s:s + 262_144])
+        self.faiss_index = findex
+        self.embeddings = xb.astype(self.conf.dtype)
+        self.penalty = self._penalty_of(xb)
+        self.set_search_params()
+
+    def _refresh_dba(self) -> None:
+        """Recompute the DBA of every row from ``raw_embeddings`` (the simplest correct rule after add/remove)."""
+        from landmarks.expansion import ExpansionConfig, apply_dba
+
+        dba = self.dba
+        assert dba is not None and self.raw_embeddings is not None
+        apply_dba(self, ExpansionConfig(n=int(dba["n"]), alpha=float(dba["alpha"])))
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -544,6 +658,11 @@ class LandmarkIndex:
             nl = self.non_landmarks
             atomic_save(tmp / "nonlandmarks.npy", lambda p: np.save(p, nl))
             write_json(tmp / "nonlandmarks.json", {"ids": self.non_landmark_ids})
+        if self.whitening is not None:
+            save_whitening(tmp / "whitening.safetensors", self.whitening)
+        if self.raw_embeddings is not None:
+            raw = self.raw_embeddings
+            atomic_save(tmp / "raw_embeddings.npy", lambda p: np.save(p, np.asarray(raw, dtype=self.conf.dtype)))
         os.replace(tmp, path / gen)
         self.meta.update({
             "generation": gen,
@@ -574,29 +693,67 @@ class LandmarkIndex:
             if (path / "work").exists():
                 raise LandmarksError(f"{path}: the index was not finished (run `landmarks index` again to resume)")
             raise LandmarksError(f"{path}: not an index folder (no meta.json)")
-        meta = read_json(meta_path)
-        if meta.get("format") != INDEX_FORMAT:
-            raise IncompatibleArtifactError(f"{path}: meta.json is not a landmarks index")
-        if int(meta.get("version", 0)) > INDEX_VERSION:
+        meta = _read(meta_path, read_json)
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            raise IncompatibleArtifactError(f"{meta_path}: not a landmarks index")
+        try:
+            version = int(meta.get("version", 0))
+            conf = from_dict(IndexConfig, meta["index"])
+            data = path / str(meta["generation"])
+            str(meta["model"]["fingerprint"])
+            int(meta["embedding_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise IncompatibleArtifactError(f"{meta_path}: incomplete or invalid index metadata ({type(e).__name__}: "
+                                            f"{e}); rebuild the index") from None
+        if version > INDEX_VERSION:
             raise IncompatibleArtifactError(
-                f"{path}: index format version {meta.get('version')} is newer than this software's "
+                f"{path}: index format version {version} is newer than this software's "
                 f"({INDEX_VERSION}); upgrade landmarks")
-        conf = from_dict(IndexConfig, meta["index"])
-        data = path / meta["generation"]
-        images = read_json(data / "images.json")
-        emb = np.load(data / "embeddings.npy", mmap_mode="r" if mmap else None)
-        nl = np.load(data / "nonlandmarks.npy") if (data / "nonlandmarks.npy").exists() else None
-        nl_ids = read_json(data / "nonlandmarks.json")["ids"] if nl is not None else []
-        idx = cls(ids=list(images["ids"]), landmarks=list(images["landmarks"]), paths=list(images["paths"]),
-                  labels=np.load(data / "labels.npy"), embeddings=emb,
-                  faiss_index=faiss.read_index(str(data / "faiss.index")),
-                  penalty=np.load(data / "penalty.npy"), non_landmarks=nl, non_landmark_ids=nl_ids,
-                  meta=meta, conf=conf, path=path)
-        if idx.faiss_index.ntotal != len(idx.ids) or emb.shape != (len(idx.ids), idx.d):
-            raise IncompatibleArtifactError(f"{path}: the index files disagree in size; rebuild the index")
+        images = _read(data / "images.json", read_json)
+        try:
+            ids, landmarks, paths = list(images["ids"]), list(images["landmarks"]), list(images["paths"])
+        except (KeyError, TypeError) as e:
+            raise IncompatibleArtifactError(f"{data / 'images.json'}: missing or invalid {e}; rebuild the index") from None
+        emb = _read(data / "embeddings.npy", lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+        has_nl = (data / "nonlandmarks.npy").exists()
+        nl = _read(data / "nonlandmarks.npy", lambda p: np.load(p, allow_pickle=False)) if has_nl else None
+        nl_ids = list(_read(data / "nonlandmarks.json", read_json)["ids"]) if nl is not None else []
+        labels = _read(data / "labels.npy", lambda p: np.load(p, allow_pickle=False))
+        findex = _read(data / "faiss.index", lambda p: faiss.read_index(str(p)))
+        penalty = _read(data / "penalty.npy", lambda p: np.load(p, allow_pickle=False))
+        n = len(ids)
+        if not (len(landmarks) == len(paths) == n and labels.shape == (n,) and penalty.shape == (n,)
+                and emb.ndim == 2 and emb.shape == (n, int(meta["embedding_dim"])) and findex.ntotal == n
+                and (nl is None or (nl.ndim == 2 and nl.shape[1] == emb.shape[1] and len(nl_ids) == len(nl)))):
+            raise IncompatibleArtifactError(f"{data}: the index files disagree in size; rebuild the index")
+        whitening = None
+        if meta.get("whitening"):
+            whitening = _read(data / "whitening.safetensors",
+                              lambda p: load_whitening(p, expect_sha256=meta["whitening"].get("sha256")))
+        raw = None
+        if meta.get("dba") and (data / "raw_embeddings.npy").exists():
+            raw = _read(data / "raw_embeddings.npy",
+                        lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+            if raw.shape != emb.shape:
+                raise IncompatibleArtifactError(f"{data}: raw_embeddings.npy disagrees with embeddings.npy; "
+                                                "rebuild the index")
+        idx = cls(ids=ids, landmarks=landmarks, paths=paths, labels=labels, embeddings=emb, faiss_index=findex,
+                  penalty=penalty, non_landmarks=nl, non_landmark_ids=nl_ids, meta=meta, conf=conf, path=path,
+                  whitening=whitening, raw_embeddings=raw)
         if fingerprint is not None:
             idx.check_model(fingerprint, model_name)
         return idx
+
+
+def _read(path: Path, reader: Any) -> Any:
+    """``reader(path)``, turning a missing, truncated or foreign file into one error naming it."""
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise IncompatibleArtifactError(f"{path}: missing from the index folder; rebuild the index") from None
+    except (OSError, ValueError, EOFError, RuntimeError, TypeError, KeyError) as e:  # RuntimeError: FAISS
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise IncompatibleArtifactError(f"{path}: unreadable or corrupt ({reason}); rebuild the index") from None
 
 
 def _check_rows(ids: list[str], landmarks: list[str | None], paths: list[str | None], n: int) -> None:
