@@ -33,6 +33,7 @@ from typing import Any
 from landmarks.data.collection import ImageRecord
 from landmarks.errors import LandmarksError
 from landmarks.utils.dist import dist_env, resolve_device
+from landmarks.utils.io import remove_entries
 
 logger = logging.getLogger("landmarks")
 
@@ -59,12 +60,7 @@ def _as_sources(src: Source | Sequence[Source]) -> list[str | Path]:
 
 def _clear_index(out: Path) -> None:
     """Remove what an earlier index left in ``out`` (only the index's own files)."""
-    for name in _INDEX_FILES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    remove_entries(out, _INDEX_FILES)
     if out.is_dir():
         for p in out.iterdir():
             if p.is_dir() and (p.name.startswith(("data-", ".data-")) or re.match(r"^local-\d{6}$", p.name)):
