@@ -284,3 +284,29 @@ def test_cli_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert "tinyox+R1M" in text
     easy = next(line for line in text.splitlines() if line.startswith("Easy"))
     assert f"{100 * EXPECTED_R1M['easy']:.2f}" in easy
+
+
+def test_cli_with_an_index_uses_its_model_and_whitening(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from landmarks.index import LandmarkIndex
+    from landmarks.whiten import WhitenConfig
+
+    root = write_dataset(tmp_path / "tinyox")
+    rng = np.random.default_rng(0)
+    rows = TABLE[rng.integers(0, len(TABLE), 40)] + 0.05 * rng.normal(size=(40, 4)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    desc = {**ColourEmbedder().describe(), "source": str(tmp_path)}
+    LandmarkIndex.build(rows, [f"i{j}" for j in range(40)], ["a"] * 40, model=desc,
+                        whiten=WhitenConfig()).save(tmp_path / "ix")
+    index = LandmarkIndex.load(tmp_path / "ix")
+    assert index.whitening is not None
+    monkeypatch.setattr(landmarks.extract, "load_embedder", lambda *a, **k: ColourEmbedder())
+    assert main(["evaluate", "revisited", "--data", str(root), "--dataset", "tinyox", "--index", str(tmp_path / "ix"),
+                 "--workers", "0", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["results"]
+    want = evaluate_revisited(ColourEmbedder(), find_dataset(root, "tinyox"), tmp_path / "w",
+                              extract_conf=ExtractConfig(num_workers=0), show_progress=False, project=index.project)
+    assert got == want.to_json()["results"]
+    xb = index.project(TABLE[1:7])
+    xq = index.project(TABLE[[9, 10]])
+    assert want.results == revisited_map(rank_database(xq, xb, 100), GND)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,7 @@ def evaluate_revisited(embedder: Any, dataset: RevisitedDataset, work_dir: str |
                        extract_conf: Any = None, qe: ExpansionConfig | None = None,
                        dba: ExpansionConfig | None = None, distractors: str | Path | Sequence[str | Path] | None = None,
                        distractor_features: str | Path | None = None, depth: int = DEFAULT_DEPTH,
+                       project: Callable[[np.ndarray], np.ndarray] | None = None,
                        show_progress: bool = True) -> RevisitedResult:
     """Run the Revisited protocol on ``dataset`` with ``embedder`` (see the module docstring).
 
@@ -163,6 +164,9 @@ def evaluate_revisited(embedder: Any, dataset: RevisitedDataset, work_dir: str |
         distractors: image folders / list files of the ``+R1M`` distractors; or
         distractor_features: their extracted features, an ``(M, D)`` ``.npy``.
         depth: ranks kept per query when the database is larger.
+        project: maps model embeddings ``(n, D)`` to the space searched (e.g. an index's
+            :meth:`~landmarks.index.LandmarkIndex.project`, its PCA-whitening), applied to the queries,
+            the database and the distractors (features given as a file are model embeddings too).
 
     Returns:
         :class:`RevisitedResult` (figures as fractions).
@@ -204,6 +208,12 @@ def evaluate_revisited(embedder: Any, dataset: RevisitedDataset, work_dir: str |
     elif distractor_features is not None:
         xd = load_features(distractor_features, xb.shape[1])
     seconds["embed_distractors"] = time.perf_counter() - t
+    if project is not None:
+        bad = ~np.any(xb != 0, axis=1)  # unreadable images stay zero vectors
+        xq, xb = project(xq), project(xb)
+        xb[bad] = 0.0
+        if len(xd):
+            xd = project(xd)
     x_all = np.concatenate([xb, xd]) if len(xd) else xb
     t = time.perf_counter()
     if dba.active:

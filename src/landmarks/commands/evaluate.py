@@ -224,6 +224,7 @@ def run_revisited(args: argparse.Namespace) -> int:
     setup_threads(device, args.threads, args.workers)
     scales: tuple[float, ...] = extract.MULTISCALE if args.multiscale else (1.0,)
     flip = False
+    project = None
     if args.index is not None:
         from landmarks.index import LandmarkIndex
 
@@ -235,6 +236,8 @@ def run_revisited(args: argparse.Namespace) -> int:
         embedder = extract.load_embedder(source, device=device)
         index.check_model(embedder.fingerprint)
         scales, flip = tuple(index.views.get("scales", [1.0])), bool(index.views.get("flip"))
+        if index.whitening is not None:
+            project = index.project
     else:
         embedder = extract.load_embedder(args.model, device=device)
     conf = extract.ExtractConfig(batch_size=args.batch_size, num_workers=args.workers, scales=scales, flip=flip)
@@ -242,7 +245,7 @@ def run_revisited(args: argparse.Namespace) -> int:
     res = evaluate_revisited(embedder, dataset, work, extract_conf=conf,
                              qe=ExpansionConfig(args.qe, args.qe_alpha), dba=ExpansionConfig(args.dba, args.dba_alpha),
                              distractors=args.distractors, distractor_features=args.distractor_features,
-                             depth=args.depth)
+                             depth=args.depth, project=project)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
         return 0
