@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"backbone": "tf_efficientnet_lite0", "pretrained": "pypi:lite0", "embedding_dim": 512,
                   "head": {"kind": "arcface", "scale": 30.0, "margin_rad": 0.2}},
         "data": {"image_size": 224},
-        "finetune": {"frozen_levels": 4, "head_only_fraction": 0.1, "freeze_bn": True},
+        "finetune": {"frozen_levels": 4, "freeze_bn": True, "head_warmup_epochs": 30},
         "batch_size": 32, "epochs": 10, "amp": "auto",
         "optim": {"name": "adamw", "lr": 3e-4, "head_lr_mult": 10.0, "weight_decay": 1e-4,
                   "warmup_fraction": 0.05},
