@@ -71,6 +71,8 @@ class RecognizeConfig:
     rerank_candidates: int = 20
     # c: the inlier bonus min(inliers, c) / c saturates at c inliers
     rerank_c: float = 70.0
+    # the saturated bonus in units of the global score: score = s + weight * min(inliers, c) / c
+    rerank_weight: float = 1.0
     # fewer inliers earn no bonus: a fundamental matrix always fits a few matches of unrelated images
     # (RootSIFT on the synthetic set: 2% of unrelated pairs reach 10, max 12; tuned there, see landmarks.rerank)
     rerank_min_inliers: int = 10
@@ -97,6 +99,8 @@ class RecognizeConfig:
             raise ConfigError(f"unknown rerank {self.rerank!r} (known: {', '.join(RERANK_CHOICES)})")
         if self.rerank_candidates < 1 or self.rerank_c <= 0 or self.rerank_max_iters < 1:
             raise ConfigError("rerank_candidates, rerank_c and rerank_max_iters must be positive")
+        if self.rerank_weight < 0:
+            raise ConfigError(f"rerank_weight must be >= 0, got {self.rerank_weight}")
         if self.rerank_model not in ("fundamental", "homography", "affine"):
             raise ConfigError(f"unknown rerank_model {self.rerank_model!r} (fundamental, homography or affine)")
 
@@ -439,7 +443,8 @@ class Recognizer:
         codes, _ = self.index.landmark_codes()
         use_ood = conf.ood and self.index.has_non_landmarks
         pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(codes) else None
-        scores = local_scores(neighbour_scores(sims, pen), inl, conf.rerank_c, conf.rerank_min_inliers)
+        scores = local_scores(neighbour_scores(sims, pen), inl, conf.rerank_c, conf.rerank_min_inliers,
+                              conf.rerank_weight)
         if retrieval is not None:  # verified candidates first by inliers, then the rest in global order
             for q, ids in enumerate(cand_ids):
                 first = retrieval_order(sims[q, :len(ids)], inl[q, :len(ids)], conf.rerank_min_inliers)

@@ -54,26 +54,31 @@ DELG_DEFAULTS: dict[str, Any] = {}
 
 # --- pure scoring -----------------------------------------------------------------------------------
 
-def local_scores(base: np.ndarray, inliers: np.ndarray, c: float = 70.0, min_inliers: int = 0) -> np.ndarray:
-    """Re-ranked candidate scores ``base + min(inliers, c) / c``; counts below ``min_inliers`` count as 0.
+def local_scores(base: np.ndarray, inliers: np.ndarray, c: float = 70.0, min_inliers: int = 0,
+                 weight: float = 1.0) -> np.ndarray:
+    """Re-ranked candidate scores ``base + weight * min(inliers, c) / c``; counts below ``min_inliers`` count as 0.
 
     Args:
         base: ``(nq, K)`` float32 global scores of the candidates (``-inf`` = no candidate).
         inliers: ``(nq, K)`` int inlier counts (negative = not verified, no bonus).
-        c: inlier count at which the bonus saturates at 1.
+        c: inlier count at which the bonus saturates.
         min_inliers: smaller counts earn nothing (unrelated pairs always fit a few matches).
+        weight: the saturated bonus, in units of the global score (1: a verified candidate outranks any
+            unverified one; smaller: the global similarity keeps a say, for strong global descriptors).
 
     Returns:
         ``(nq, K)`` float32; ``-inf`` stays ``-inf``.
     """
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
     base = np.asarray(base, dtype=np.float32)
     n = np.asarray(inliers, dtype=np.float64)
     if n.shape != base.shape:
         raise ValueError(f"scores {base.shape} and inliers {n.shape} differ in shape")
     n = np.where(n >= max(min_inliers, 0), np.maximum(n, 0.0), 0.0)
-    return (base + (np.minimum(n, c) / c)).astype(np.float32)
+    return (base + weight * (np.minimum(n, c) / c)).astype(np.float32)
 
 
 def rerank_order(scores: np.ndarray) -> np.ndarray:
