@@ -573,17 +573,25 @@ def main(argv: list[str] | None = None) -> int:
     record = run_record(run)
     log(f"run: {json.dumps(record)}")
 
-    # 3. index
+    # 3. index: with local features (SIFT / the model's) only when a re-ranking variant needs them; the global
+    # variants use a local-feature index when one was built, else a global-only one (cheaper on a loaded CPU)
     suffix = f"{tag}{'-whiten' if args.whiten else ''}"
-    indexes = {"sift": work / f"index-sift-{suffix}", "model": work / f"index-model-{suffix}"}
-    for kind, out in indexes.items():
-        if not any(v.index == kind for v in variants):
+    indexes = {"sift": work / f"index-sift-{suffix}", "model": work / f"index-model-{suffix}",
+               "global": work / f"index-global-{suffix}"}
+    needed = {v.index for v in variants if v.rerank}
+    if any(not v.rerank for v in variants) and not needed and not (indexes["sift"] / "meta.json").exists():
+        needed.add("global")
+    for kind in ("sift", "model", "global"):
+        if kind not in needed:
             continue
+        out = indexes[kind]
         if kind == "model" and not record.get("local_head"):
             notes["global+ood+delg"] = "the model has no local head"
             continue
         argv = ["index", "--model", str(run), "--images", str(work / "index"), "--out", str(out),
-                "--non-landmarks", str(work / "nonlandmarks"), "--device", args.device, "--local", kind]
+                "--non-landmarks", str(work / "nonlandmarks"), "--device", args.device]
+        if kind != "global":
+            argv += ["--local", kind]
         if args.whiten:
             argv.append("--whiten")
         stage(f"index {kind}", (out / "meta.json").exists(), lambda argv=argv: cli(*argv))
@@ -597,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = args.recognize_args.split()
     for v in variants:
         index = indexes[v.index]
+        if not v.rerank and not (index / "meta.json").exists():
+            index = indexes["global"]
         if not (index / "meta.json").exists():
             continue
         csv_path, ret_path = pred_dir / f"{v.name}.csv", pred_dir / f"{v.name}.retrieval.csv"

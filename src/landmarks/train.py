@@ -635,6 +635,7 @@ class Trainer:
         """Train the neck, the margin head (and the local head) for ``finetune.head_warmup_epochs`` epochs on
         backbone features computed once (inference preprocessing, no augmentation), before step 0.
 
+        With a time budget the warm-up steps stop at a quarter of it (measured after 3 steps).
         One forward pass of the training images buys hundreds of cheap steps, so a short CPU budget never
         leaves a random neck in front of pretrained features (which scores below no training at all). The
         backbone and GeM's exponent are untouched; the local head learns on the cached stride-16 maps (it
@@ -680,7 +681,15 @@ class Trainer:
         for m in modules:
             m.train()
         loss_sum = acc_sum = 0.0
-        for step in range(total):
+        step, t_steps = 0, time.perf_counter()
+        while step < total:
+            if step == 3 and self.budget_s is not None:
+                # A time budget caps the warm-up at a quarter of the budget (a loaded CPU may be 20x slower).
+                step_s = (time.perf_counter() - t_steps) / 3
+                left = 0.25 * self.budget_s - (time.perf_counter() - self.t_start)
+                total = max(step, min(total, int(left / max(step_s, 1e-6))))
+                if step >= total:
+                    break
             if step % per_epoch == 0:
                 perm = torch.randperm(len(xs), generator=gen).to(self.device)
                 loss_sum = acc_sum = 0.0
@@ -697,8 +706,9 @@ class Trainer:
             opt.step()
             loss_sum += float(loss.detach())
             acc_sum += float((logits.detach().argmax(1) == ys[i]).float().mean())
-        n = total - (total - 1) // per_epoch * per_epoch
-        out = {"epochs": epochs, "steps": total, "loss": round(loss_sum / n, 4), "acc": round(acc_sum / n, 3),
+            step += 1
+        n = max(1, total - (total - 1) // per_epoch * per_epoch)
+        out = {"epochs": round(total / per_epoch, 2), "steps": total, "loss": round(loss_sum / n, 4), "acc": round(acc_sum / n, 3),
                "seconds": round(time.perf_counter() - t0, 1)}
         if self.dist.is_main:
             logger.info("head warm-up on cached features of %d images: %s", len(xs), out)
