@@ -522,17 +522,9 @@ class Recognizer:
                                    skipped_csv=self.index_dir / "skipped.csv", num_workers=num_workers)
         n = self.index.add(res.embeddings, [r.id for r in recs], [str(r.landmark) for r in recs],
                            [str(Path(r.path).absolute()) for r in recs])
-        if self.index.meta.get("calibration"):  # new images and landmarks: calibrate again with the same targets
-            from landmarks.calibrate import CalibrationConfig, calibrate_index
+        from landmarks.calibrate import recalibrate
 
-            old = self.index.meta.pop("calibration")
-            v = old.get("voting", {})
-            entry = calibrate_index(self.index, CalibrationConfig(precision=old["precision_target"],
-                                                                  ood_share=old["ood_share"]),
-                                    k=v.get("k", 3), ood=v.get("ood", True), ood_weight=v.get("ood_weight", 1.0),
-                                    ood_query_k=v.get("ood_query_k", 10))
-            if entry is not None:
-                self.index.meta["calibration"] = entry
+        recalibrate(self.index)  # new images and landmarks: the is_landmark threshold is derived again
         self.index.save(self.index_dir)
         self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         import shutil
