@@ -89,7 +89,6 @@ class FakeRecognizer:
         from PIL import Image
 
         self.slow_s = slow_s
-        self.local = None
         self.generation = 1
         self.db: list[tuple[str, str, np.ndarray, Path]] = []  # id, landmark, mean colour, path
         self._lock = threading.Lock()
@@ -145,6 +144,13 @@ class FakeRecognizer:
 
     def replace_index(self, index: object) -> bool:
         return False
+
+    def pair_verification(self, query: np.ndarray, image_id: str, image: np.ndarray) -> tuple:
+        from landmarks.rerank import PairVerifier
+
+        v = PairVerifier.for_index(None)  # an index without local features: default SIFT
+        fa, fb = v.features(query), v.features(image)
+        return fa, fb, v.verify(fa, fb)
 
     def info(self) -> RecognizerInfo:
         from landmarks.index import IndexInfo

@@ -7,8 +7,6 @@ import io
 import json
 import logging
 import re
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,25 +189,7 @@ def test_no_external_urls(page: str) -> None:
     assert "Content-Security-Policy" in page
 
 
-@pytest.fixture
-def viz(monkeypatch: pytest.MonkeyPatch) -> bool:
-    """True when the real ``landmarks.viz`` is there; otherwise installs a side-by-side stand-in."""
-    try:
-        import landmarks.viz  # noqa: F401
-        return True
-    except ImportError:
-        def draw_matches(img_a: np.ndarray, img_b: np.ndarray, kpts_a: np.ndarray, kpts_b: np.ndarray) -> np.ndarray:
-            h = max(img_a.shape[0], img_b.shape[0])
-            out = np.zeros((h, img_a.shape[1] + img_b.shape[1], 3), dtype=np.uint8)
-            out[:img_a.shape[0], :img_a.shape[1]] = img_a
-            out[:img_b.shape[0], img_a.shape[1]:] = img_b
-            return out
-
-        monkeypatch.setitem(sys.modules, "landmarks.viz", types.SimpleNamespace(draw_matches=draw_matches))
-        return False
-
-
-def test_verified_neighbour_matches_drawn(case: Case, tmp_path: Path, viz: bool) -> None:
+def test_verified_neighbour_matches_drawn(case: Case, tmp_path: Path) -> None:
     page = write_report(case.predictions, case.solution, tmp_path / "r.html").read_text(encoding="utf-8")
     row = re.search(r'<tr[^>]*id="q-q_right_hi".*?</tr>', page, re.S)
     assert row
@@ -222,7 +202,7 @@ def test_verified_neighbour_matches_drawn(case: Case, tmp_path: Path, viz: bool)
     assert page.count('alt="inlier matches"') == 4
 
 
-def test_max_rows_and_match_budget(case: Case, tmp_path: Path, viz: bool) -> None:
+def test_max_rows_and_match_budget(case: Case, tmp_path: Path) -> None:
     out = write_report(case.predictions, case.solution, tmp_path / "r.html",
                        conf=ReportConfig(max_rows=3, max_match_drawings=1))
     page = out.read_text(encoding="utf-8")
@@ -232,13 +212,28 @@ def test_max_rows_and_match_budget(case: Case, tmp_path: Path, viz: bool) -> Non
     assert "drawing budget used" in page
 
 
-def test_page_without_viz_says_so(page: str) -> None:
-    try:
-        import landmarks.viz  # noqa: F401
-    except ImportError:
-        assert "match drawing unavailable" in page
-    else:
-        assert page.count('alt="inlier matches"') == 4
+def test_match_drawings_verify_with_the_index_extractor(case: Case, tmp_path: Path) -> None:
+    """The report recomputes the inliers with the extractor the index recorded, and re-ranking's RANSAC."""
+    from landmarks.data.decode import decode_image
+    from landmarks.local_features import SiftExtractor
+    from landmarks.rerank import PairVerifier
+
+    recorded = SiftExtractor(max_features=60, contrast_threshold=0.01)
+    index_dir = tmp_path / "ix"
+    index_dir.mkdir()
+    (index_dir / "meta.json").write_text(json.dumps(
+        {"local": {"features": "sift", "dir": "local", "extractor": recorded.to_info()}}))
+    counts = {}
+    for name, ix in (("default", None), ("index", index_dir)):
+        page = write_report(case.predictions, case.solution, tmp_path / f"{name}.html",
+                            index_dir=ix).read_text(encoding="utf-8")
+        row = re.search(r'<tr[^>]*id="q-q_right_hi".*?</tr>', page, re.S)
+        assert row and "recomputed (rootsift)" in row.group(0)
+        counts[name] = int(re.search(r"(\d+) recomputed", row.group(0)).group(1))  # type: ignore[union-attr]
+    for name, ext in (("default", SiftExtractor()), ("index", recorded)):  # the oracle: verify() by hand
+        fa, fb = (ext(decode_image(case.root / "images" / f)) for f in ("a_query.jpg", "a_idx.jpg"))
+        assert counts[name] == PairVerifier(ext).verify(fa, fb).num_inliers, name
+    assert counts["index"] != counts["default"]  # so the test tells the two settings apart
 
 
 def test_without_neighbours_file(case: Case, tmp_path: Path) -> None:
@@ -345,3 +340,25 @@ def test_config_bounds() -> None:
         ReportConfig(thumb_px=4096)
     with pytest.raises(LandmarksError, match="max_rows"):
         ReportConfig(max_rows=-1)
+
+
+def test_retrieval_figures_per_query_and_overall(case: Case, tmp_path: Path) -> None:
+    """mAP@k and each query's first correct position, by hand: q_fp finds b1 at 2, q_wrong has none in its list."""
+    ret = tmp_path / "ret.csv"
+    ret.write_text("id,images\nq_fp,x1 b1 b2\nq_wrong,x1 x2\nq_right_hi,a1 a2\n")
+    sol = tmp_path / "ret_solution.csv"
+    sol.write_text("id,images\nq_fp,b1 b2\nq_wrong,a1\nq_right_hi,a1\nq_other,z\n")
+    page = write_report(case.predictions, case.solution, tmp_path / "r.html", retrieval_csv=ret,
+                        retrieval_solution_csv=sol).read_text(encoding="utf-8")
+    ap_fp = (1 / 2 + 2 / 3) / 2  # b1 at 2, b2 at 3
+    want_map = (ap_fp + 0.0 + 1.0 + 0.0) / 4
+    assert f'<td data-metric="map_at_k">{want_map:.4f}</td>' in page
+    assert '<td data-metric="found">2</td>' in page and '<td data-metric="median_first">51.5</td>' in page  # median of 2, 101, 1, 101
+    cells = dict(re.findall(r'id="q-([^"]+)".*?<td class="ret">([^<]*)</td>', page, re.S))
+    assert cells["q_fp"] == f"AP@100 {ap_fp:.3f}, first correct at 2"
+    assert cells["q_wrong"] == "AP@100 0, none in the top 100"
+    assert cells["q_right_hi"] == "AP@100 1.000, first correct at 1"
+    assert cells["q_abst"] == "not a retrieval query"
+    assert _data(page)["retrieval"]["map"] == pytest.approx(want_map)
+    with pytest.raises(LandmarksError, match="both"):
+        write_report(case.predictions, case.solution, tmp_path / "x.html", retrieval_csv=ret)

@@ -14,8 +14,19 @@ An index folder::
                             non-landmark set N (0 without N): the GLR-2020 index-side penalty
         nonlandmarks.npy    (M, D) float32 embeddings of N (absent without N)
         nonlandmarks.json   {"ids": [...]}
+        raw_embeddings.npy  (N, D) the embeddings before database-side augmentation (only with DBA:
+                            ``embeddings.npy`` and FAISS then hold the augmented rows; meta.json's
+                            ``dba`` = {"n", "alpha"}; see :mod:`landmarks.expansion`)
+        whitening.safetensors  (with ``--whiten``) PCA-whitening learned on the index images at build
+                            time (:mod:`landmarks.whiten`); its SHA-256 is in meta.json["whitening"]
       skipped.csv           images that could not be read
       work/                 extraction chunks while ``landmarks index`` runs (removed when done)
+
+Embeddings enter an index in the model's space and :meth:`LandmarkIndex.project` maps them to the
+index's space (identity, or the index's PCA-whitening): :meth:`~LandmarkIndex.build`,
+:meth:`~LandmarkIndex.add` and :meth:`~LandmarkIndex.set_non_landmarks` call it on what they store,
+and the :class:`~landmarks.recognize.Recognizer` on every query batch; :meth:`~LandmarkIndex.search`
+and :meth:`~LandmarkIndex.query_ood` take index-space queries (width :attr:`~LandmarkIndex.d`).
 
 Saving writes a new ``data-NNNNNN`` folder, then replaces ``meta.json`` atomically, then deletes the
 old folder: a reader or a killed writer always sees one complete, consistent index. Loading with a model
@@ -74,6 +85,14 @@ from landmarks import __version__
 from landmarks.config import from_dict, to_dict
 from landmarks.errors import IncompatibleArtifactError, LandmarksError
 from landmarks.utils.io import atomic_save, read_json, write_json
+from landmarks.whiten import (
+    WhitenConfig,
+    Whitening,
+    apply_whitening,
+    learn_whitening,
+    load_whitening,
+    save_whitening,
+)
 
 logger = logging.getLogger("landmarks")
 
@@ -217,6 +236,7 @@ class IndexInfo:
     updated: str | None  # ISO time of the last save
     generation: int  # committed generation (increases with every add/remove)
     local_features: str | None  # "sift" or "model" when the index stores local features, else None
+    whitening: dict[str, Any] | None = None  # the PCA-whitening learned on the index images (meta.json entry)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -233,8 +253,10 @@ class LandmarkIndex:
     def __init__(self, *, ids: list[str], landmarks: list[str | None], paths: list[str | None], labels: np.ndarray,
                  embeddings: np.ndarray, faiss_index: faiss.Index, penalty: np.ndarray,
                  non_landmarks: np.ndarray | None, non_landmark_ids: list[str], meta: dict[str, Any],
-                 conf: IndexConfig, path: Path | None = None):
+                 conf: IndexConfig, path: Path | None = None, whitening: Whitening | None = None,
+                 raw_embeddings: np.ndarray | None = None):
         self.ids = ids
+        self.whitening = whitening
         self.landmarks = landmarks
         self.paths = paths
         self.labels = labels
@@ -246,6 +268,8 @@ class LandmarkIndex:
         self.meta = meta
         self.conf = conf
         self.path = path
+        # (N, D) embeddings before DBA (None: no DBA; then ``embeddings`` are the raw ones)
+        self.raw_embeddings = raw_embeddings
         self._row_of: dict[str, int] | None = None
         self._codes: tuple[np.ndarray, list[str]] | None = None
         self._nl_index: faiss.Index | None = None
@@ -258,7 +282,7 @@ class LandmarkIndex:
               model: dict[str, Any], paths: Sequence[str | Path | None] | None = None,
               conf: IndexConfig | None = None, views: dict[str, Any] | None = None,
               non_landmarks: np.ndarray | None = None, non_landmark_ids: Sequence[str] | None = None,
-              ) -> LandmarkIndex:
+              whiten: WhitenConfig | None = None) -> LandmarkIndex:
         """Build an index.
 
         Args:
@@ -268,6 +292,9 @@ class LandmarkIndex:
             model: the embedder's ``describe()`` (must hold ``fingerprint``).
             conf: index type and parameters. views: extraction views (``{"scales", "flip"}``).
             non_landmarks: ``(M, D)`` float32 embeddings of the non-landmark set N (None: no penalties).
+            whiten: learn PCA-whitening on ``embeddings`` (and ``non_landmarks``, unless
+                ``whiten.with_non_landmarks`` is off; no labels used) and store everything whitened
+                (``(N, dim)``); queries are whitened by :meth:`project`. None: no whitening.
         """
         conf = conf or IndexConfig()
         if "fingerprint" not in model:
@@ -280,6 +307,14 @@ class LandmarkIndex:
         paths_list: list[str | None] = [None if p is None else str(p) for p in paths] if paths is not None \
             else [None] * len(ids)
         _check_rows(ids, landmarks, paths_list, len(xb))
+        whitening = None
+        if whiten is not None:
+            train = xb
+            if whiten.with_non_landmarks and non_landmarks is not None and len(non_landmarks):
+                train = np.concatenate([xb, as_xq(non_landmarks, d, "non-landmark embeddings")])
+            whitening = learn_whitening(train, whiten.dim, whiten.shrinkage)
+            xb = apply_whitening(xb, whitening)
+            d = whitening.dim
         labels = np.arange(len(xb), dtype=np.int64)
         findex = _new_index(conf, d, xb)
         if len(xb):
@@ -293,10 +328,12 @@ class LandmarkIndex:
             "index": to_dict(conf),
             "created": _now(),
         }
+        if whitening is not None:
+            meta["whitening"] = whitening.describe()
         idx = cls(ids=ids, landmarks=landmarks, paths=paths_list, labels=labels,
                   embeddings=np.asarray(xb, dtype=conf.dtype), faiss_index=findex,
                   penalty=np.zeros(len(xb), np.float32), non_landmarks=None, non_landmark_ids=[],
-                  meta=meta, conf=conf)
+                  meta=meta, conf=conf, whitening=whitening)
         if non_landmarks is not None:
             idx.set_non_landmarks(non_landmarks, non_landmark_ids)
         return idx
@@ -308,8 +345,22 @@ class LandmarkIndex:
 
     @property
     def d(self) -> int:
-        """Embedding width D."""
+        """Width of the stored (index-space) embeddings: the model's D, or the whitening's dim."""
         return int(self.meta["embedding_dim"])
+
+    @property
+    def model_d(self) -> int:
+        """Width of the model's embeddings, which :meth:`project` takes."""
+        return self.whitening.in_dim if self.whitening is not None else self.d
+
+    def project(self, x: np.ndarray, name: str = "embeddings") -> np.ndarray:
+        """Model-space embeddings ``(n, model_d)`` -> index space ``(n, d)`` float32, L2-normalised.
+
+        The one place where the index's whitening (if any) is applied: to what is stored (index images,
+        non-landmarks) and to every query batch.
+        """
+        x = as_xq(x, self.model_d, name)
+        return x if self.whitening is None else apply_whitening(x, self.whitening)
 
     @property
     def fingerprint(self) -> str:
@@ -361,7 +412,8 @@ class LandmarkIndex:
             embedding_dim=self.d, dtype=self.conf.dtype, index_bytes=self.memory_bytes(),
             model_fingerprint=str(model["fingerprint"]), model_name=model.get("name"), views=self.views,
             created=self.meta.get("created"), updated=self.meta.get("updated"), generation=self.generation,
-            local_features=(self.meta.get("local") or {}).get("features"))
+            local_features=(self.meta.get("local") or {}).get("features"),
+            whitening=self.meta.get("whitening"))
 
     def memory_bytes(self) -> int:
         """An estimate of the FAISS index's RAM (codes, vectors, links, ids; not the memory-mapped embeddings)."""
@@ -459,13 +511,14 @@ class LandmarkIndex:
     # -- changes -----------------------------------------------------------------------------------
 
     def set_non_landmarks(self, embeddings: np.ndarray | None, ids: Sequence[str] | None = None) -> None:
-        """Store the non-landmark set N (``(M, D)`` float32) and recompute every index image's penalty."""
+        """Store the non-landmark set N (``(M, model_d)`` float32 model embeddings, projected here) and
+        recompute every index image's penalty."""
         self._nl_index = None
         if embeddings is None or len(embeddings) == 0:
             self.non_landmarks, self.non_landmark_ids = None, []
             self.penalty = np.zeros(len(self), np.float32)
             return
-        xn = as_xq(embeddings, self.d, "non-landmark embeddings")
+        xn = self.project(embeddings, "non-landmark embeddings")
         self.non_landmarks = xn
         self.non_landmark_ids = list(ids) if ids is not None else [str(i) for i in range(len(xn))]
         if len(self.non_landmark_ids) != len(xn):
@@ -483,12 +536,12 @@ class LandmarkIndex:
         """Append images (new images of known landmarks or whole new landmarks); no retraining.
 
         Args:
-            embeddings: ``(n, D)`` float32, L2-normalised, from the index's model.
+            embeddings: ``(n, model_d)`` float32, L2-normalised, from the index's model (projected here).
 
         Returns:
             The number of rows added. Raises on ids already in the index.
         """
-        xb = as_xq(embeddings, self.d, "embeddings")
+        xb = self.project(embeddings)
         ids, landmarks = list(ids), list(landmarks)
         paths_list: list[str | None] = [None if p is None else str(p) for p in paths] if paths is not None \
             else [None] * len(ids)
@@ -508,6 +561,9 @@ class LandmarkIndex:
         self.landmarks.extend(landmarks)
         self.paths.extend(paths_list)
         self._row_of, self._codes = None, None
+        if self.raw_embeddings is not None:  # DBA: new rows change their neighbours' sums (see expansion)
+            self.raw_embeddings = np.concatenate([np.asarray(self.raw_embeddings), xb.astype(self.conf.dtype)])
+            self._refresh_dba()
         return len(xb)
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -544,7 +600,46 @@ class LandmarkIndex:
         self.paths = [x for x, k in zip(self.paths, keep_list) if k]
         self._row_of, self._codes = None, None
         self.set_search_params()
+        if self.raw_embeddings is not None:  # DBA: rows that had a removed neighbour change (see expansion)
+            self.raw_embeddings = np.asarray(self.raw_embeddings)[keep]
+            self._refresh_dba()
         return len(rows)
+
+    # -- database-side augmentation --------------------------------------------------------------------
+
+    @property
+    def dba(self) -> dict[str, Any] | None:
+        """``{"n", "alpha"}`` of the database-side augmentation the rows carry, or None."""
+        dba = self.meta.get("dba")
+        return dict(dba) if dba else None
+
+    def replace_vectors(self, xb: np.ndarray) -> None:
+        """Replace every row's vector (``(N, D)`` float32, L2-normalised; ids and order unchanged).
+
+        FAISS is refilled (IVF-PQ keeps its trained quantizer) and the out-of-domain penalties recomputed.
+        """
+        xb = as_xq(xb, self.d, "vectors")
+        if len(xb) != len(self):
+            raise LandmarksError(f"{len(xb)} vectors for an index of {len(self)} rows")
+        if self.conf.type == "ivfpq":
+            findex: Any = self.faiss_index
+            findex.reset()
+        else:
+            findex = _new_index(self.conf, self.d, xb)
+        for s in range(0, len(xb), 262_144):
+            findex.add_with_ids(xb[s:s + 262_144], self.labels[s:s + 262_144])
+        self.faiss_index = findex
+        self.embeddings = xb.astype(self.conf.dtype)
+        self.penalty = self._penalty_of(xb)
+        self.set_search_params()
+
+    def _refresh_dba(self) -> None:
+        """Recompute the DBA of every row from ``raw_embeddings`` (the simplest correct rule after add/remove)."""
+        from landmarks.expansion import ExpansionConfig, apply_dba
+
+        dba = self.dba
+        assert dba is not None and self.raw_embeddings is not None
+        apply_dba(self, ExpansionConfig(n=int(dba["n"]), alpha=float(dba["alpha"])))
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -567,6 +662,11 @@ class LandmarkIndex:
             nl = self.non_landmarks
             atomic_save(tmp / "nonlandmarks.npy", lambda p: np.save(p, nl))
             write_json(tmp / "nonlandmarks.json", {"ids": self.non_landmark_ids})
+        if self.whitening is not None:
+            save_whitening(tmp / "whitening.safetensors", self.whitening)
+        if self.raw_embeddings is not None:
+            raw = self.raw_embeddings
+            atomic_save(tmp / "raw_embeddings.npy", lambda p: np.save(p, np.asarray(raw, dtype=self.conf.dtype)))
         os.replace(tmp, path / gen)
         self.meta.update({
             "generation": gen,
@@ -630,8 +730,20 @@ class LandmarkIndex:
                 and emb.ndim == 2 and emb.shape == (n, int(meta["embedding_dim"])) and findex.ntotal == n
                 and (nl is None or (nl.ndim == 2 and nl.shape[1] == emb.shape[1] and len(nl_ids) == len(nl)))):
             raise IncompatibleArtifactError(f"{data}: the index files disagree in size; rebuild the index")
+        whitening = None
+        if meta.get("whitening"):
+            whitening = _read(data / "whitening.safetensors",
+                              lambda p: load_whitening(p, expect_sha256=meta["whitening"].get("sha256")))
+        raw = None
+        if meta.get("dba") and (data / "raw_embeddings.npy").exists():
+            raw = _read(data / "raw_embeddings.npy",
+                        lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+            if raw.shape != emb.shape:
+                raise IncompatibleArtifactError(f"{data}: raw_embeddings.npy disagrees with embeddings.npy; "
+                                                "rebuild the index")
         idx = cls(ids=ids, landmarks=landmarks, paths=paths, labels=labels, embeddings=emb, faiss_index=findex,
-                  penalty=penalty, non_landmarks=nl, non_landmark_ids=nl_ids, meta=meta, conf=conf, path=path)
+                  penalty=penalty, non_landmarks=nl, non_landmark_ids=nl_ids, meta=meta, conf=conf, path=path,
+                  whitening=whitening, raw_embeddings=raw)
         if fingerprint is not None:
             idx.check_model(fingerprint, model_name)
         return idx
@@ -661,16 +773,12 @@ def _check_rows(ids: list[str], landmarks: list[str | None], paths: list[str | N
         raise LandmarksError(f"images with an empty landmark id or one with whitespace: {', '.join(bad[:5])}")
 
 
-def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
-    """An empty FAISS index with id mapping (IVF-PQ trained on a seeded sample of ``xtrain``)."""
+def _factory_string(conf: IndexConfig, d: int, n: int) -> str:
+    """The ``faiss.index_factory`` description of an empty index of type ``conf.type`` for ``n`` rows of width ``d``."""
     if conf.type == "flat":
-        return faiss.IndexIDMap(faiss.IndexFlatIP(d))
+        return "IDMap,Flat"
     if conf.type == "hnsw":
-        inner = faiss.IndexHNSWFlat(d, conf.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efConstruction = conf.ef_construction
-        inner.hnsw.efSearch = conf.ef_search
-        return faiss.IndexIDMap(inner)
-    n = len(xtrain)
+        return f"IDMap,HNSW{conf.hnsw_m},Flat"
     nlist = conf.nlist or auto_nlist(n)
     m = conf.pq_m or auto_pq_m(d)
     if d % m:
@@ -680,14 +788,30 @@ def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
         raise LandmarksError(
             f"an IVF-PQ index needs at least {need} images to train ({nlist} lists); this one has {n}: "
             f"use the exact 'flat' index (best below ~100k images)")
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = conf.seed
-    index.pq.cp.seed = conf.seed
-    rng = np.random.default_rng(conf.seed)
-    sample = xtrain if n <= conf.max_train_points else xtrain[np.sort(rng.choice(n, conf.max_train_points, replace=False))]
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    index.nprobe = conf.nprobe
+    return f"IVF{nlist},PQ{m}x4fs"  # IndexIVFPQFastScan: m sub-quantizers of 4 bits
+
+
+def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
+    """An empty FAISS index with id mapping (IVF-PQ trained on a seeded sample of ``xtrain``).
+
+    Built by ``faiss.index_factory`` from :func:`_factory_string`; the type's own parameters are set
+    on the result (HNSW search depths, IVF-PQ k-means seeds and ``nprobe``).
+    """
+    # index_factory returns the concrete class (IndexIDMap, IndexIVFPQFastScan); this object owns it.
+    index: Any = faiss.index_factory(d, _factory_string(conf, d, len(xtrain)), faiss.METRIC_INNER_PRODUCT)
+    if conf.type == "hnsw":
+        inner: Any = faiss.downcast_index(index.index)  # owned by the IDMap, which we return
+        inner.hnsw.efConstruction = conf.ef_construction
+        inner.hnsw.efSearch = conf.ef_search
+    elif conf.type == "ivfpq":
+        index.cp.seed = conf.seed
+        index.pq.cp.seed = conf.seed
+        n = len(xtrain)
+        rng = np.random.default_rng(conf.seed)
+        sample = xtrain if n <= conf.max_train_points else xtrain[np.sort(rng.choice(n, conf.max_train_points,
+                                                                                      replace=False))]
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.nprobe = conf.nprobe
     return index
 
 

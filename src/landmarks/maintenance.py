@@ -226,15 +226,15 @@ def _add_local_features(index_dir: Path, meta: dict[str, Any], embedder: Any, re
     from landmarks.rerank import extract_local_features, extractor_from_meta
 
     extractor = extractor_from_meta(meta["local"], embedder)
-    key = _records_key(records, extractor.info())
+    key = _records_key(records, extractor.to_info())
     key_file = stage / "records.sha1"
     if stage.exists() and (not key_file.exists() or key_file.read_text().strip() != key):
         shutil.rmtree(stage)  # a killed add of other images: start over
-    staged = LocalFeatureStore.create(stage, extractor.dim, extractor.info())
+    staged = LocalFeatureStore.create(stage, extractor.dim, extractor.to_info())
     key_file.write_text(key + "\n")
     extract_local_features(extractor, records, staged, skipped_csv=index_dir / "skipped.csv",
                            num_workers=num_workers, show_progress=show_progress)
-    store = LocalFeatureStore.create(_store_dir(index_dir, meta), extractor.dim, extractor.info())
+    store = LocalFeatureStore.create(_store_dir(index_dir, meta), extractor.dim, extractor.to_info())
     copy_local_features(staged, store, [r.id for r in records])
 
 
@@ -281,6 +281,7 @@ def add_to_index(index_dir: str | Path, records: Sequence[ImageRecord], embedder
     Returns:
         :class:`AddResult` with the committed :class:`~landmarks.index.LandmarkIndex`.
     """
+    from landmarks.calibrate import recalibrate
     from landmarks.extract import ExtractConfig, extract_resumable
     from landmarks.index import LandmarkIndex
 
@@ -315,6 +316,7 @@ def add_to_index(index_dir: str | Path, records: Sequence[ImageRecord], embedder
         before = index.num_landmarks
         index.add(res.embeddings, [r.id for r in recs], [str(r.landmark) for r in recs],
                   [str(Path(r.path).absolute()) for r in recs])
+        recalibrate(index)  # new images and landmarks: the is_landmark threshold again, same targets
         index.save(index_dir)
         for p in (work / "add", work / "add-local"):
             shutil.rmtree(p, ignore_errors=True)
@@ -342,6 +344,7 @@ def remove_from_index(index_dir: str | Path, wanted: Sequence[str], *, landmarks
     features to the remaining images and commits. Requested ids not in the index raise unless
     ``missing_ok``.
     """
+    from landmarks.calibrate import recalibrate
     from landmarks.index import LandmarkIndex
 
     index_dir = Path(index_dir)
@@ -358,6 +361,7 @@ def remove_from_index(index_dir: str | Path, wanted: Sequence[str], *, landmarks
         index.remove(ids)
         if index.meta.get("local"):
             index.meta["local"] = {**index.meta["local"], "dir": compact_local_features(index_dir, index.meta, index.ids)}
+        recalibrate(index)
         index.save(index_dir)
         return RemoveResult(ids, missing, index, index.generation)
 

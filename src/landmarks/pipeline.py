@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -33,6 +32,8 @@ from typing import Any
 
 from landmarks.data.collection import ImageRecord
 from landmarks.errors import LandmarksError
+from landmarks.utils.dist import dist_env, resolve_device
+from landmarks.utils.io import remove_entries
 
 logger = logging.getLogger("landmarks")
 
@@ -42,23 +43,12 @@ _INDEX_FILES = ("meta.json", "skipped.csv", "work", "local")
 Source = str | Path
 
 
-def _resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when available, else ``cpu``."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
 def _embedder(model: Any, device: str) -> Any:
     """A run folder / checkpoint -> its embedder; an embedder object is used as it is."""
     from landmarks import extract
 
     if isinstance(model, (str, Path)):
-        return extract.load_embedder(Path(model), device=_resolve_device(device))
+        return extract.load_embedder(Path(model), device=resolve_device(device))
     return model
 
 
@@ -70,12 +60,7 @@ def _as_sources(src: Source | Sequence[Source]) -> list[str | Path]:
 
 def _clear_index(out: Path) -> None:
     """Remove what an earlier index left in ``out`` (only the index's own files)."""
-    for name in _INDEX_FILES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    remove_entries(out, _INDEX_FILES)
     if out.is_dir():
         for p in out.iterdir():
             if p.is_dir() and (p.name.startswith(("data-", ".data-")) or re.match(r"^local-\d{6}$", p.name)):
@@ -115,7 +100,8 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                 non_landmarks: Source | Sequence[Source] | None = None, unlabelled: bool = False,
                 local: str | None = None, index_conf: Any = None, extract_conf: Any = None,
                 device: str = "cpu", overwrite: bool = False, image_dir: Source | None = None,
-                local_workers: int | None = None, show_progress: bool = True, wait_s: float = 0.0,
+                local_workers: int | None = None, show_progress: bool = True, whiten: Any = None,
+                calibration: Any = None, dba: Any = None, wait_s: float = 0.0,
                 command: str = "index") -> Path:
     """Embed a collection and write an index folder; returns ``out``.
 
@@ -134,6 +120,12 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
         device: torch device (``auto``: CUDA when available).
         overwrite: replace an index already in ``out`` (else that is an error).
         local_workers: decoding/SIFT processes of the local-feature extraction (None: CPUs - 1).
+        whiten: :class:`~landmarks.whiten.WhitenConfig`: learn PCA-whitening on the index images and
+            store it in the index (applied to index, non-landmark and query embeddings). None: none.
+        calibration: :class:`~landmarks.calibrate.CalibrationConfig` of the ``is_landmark`` threshold
+            (default: calibrate when there is a non-landmark set); stored in ``meta.json["calibration"]``.
+        dba: :class:`~landmarks.expansion.ExpansionConfig` of a database-side augmentation computed once
+            here and stored with the index (resumable in ``out/work/dba``; None or ``n == 0``: none).
         wait_s: how long to wait when another process is writing ``out`` (0: refuse at once).
         command: what the writer lock says is writing (:func:`landmarks.maintenance.index_writer`).
 
@@ -143,25 +135,26 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
     """
     from landmarks.maintenance import index_writer
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = dist_env().rank
     lock = index_writer(out, command, wait_s) if rank == 0 else contextlib.nullcontext()
     with lock:
         return _build_index(model, images, Path(out), non_landmarks=non_landmarks, unlabelled=unlabelled,
                             local=local, index_conf=index_conf, extract_conf=extract_conf, device=device,
                             overwrite=overwrite, image_dir=image_dir, local_workers=local_workers,
-                            show_progress=show_progress)
+                            show_progress=show_progress, whiten=whiten, calibration=calibration, dba=dba)
 
 
 def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, *,
                  non_landmarks: Source | Sequence[Source] | None, unlabelled: bool, local: str | None,
                  index_conf: Any, extract_conf: Any, device: str, overwrite: bool, image_dir: Source | None,
-                 local_workers: int | None, show_progress: bool) -> Path:
+                 local_workers: int | None, show_progress: bool, whiten: Any, calibration: Any,
+                 dba: Any) -> Path:
     from landmarks import extract
     from landmarks.data.collection import load_images
     from landmarks.index import IndexConfig, LandmarkIndex
 
     out = Path(out)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = dist_env().rank
     if local is not None and local not in ("sift", "model"):
         raise LandmarksError(f"unknown local features {local!r} (sift or model)")
     if rank == 0:
@@ -178,9 +171,9 @@ def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, 
     embedder = _embedder(model, device)
     extractor = None
     if local is not None:  # fail before the long extraction when the run has no local head
-        from landmarks.rerank import make_local_extractor
+        from landmarks.rerank import index_extractor
 
-        extractor = make_local_extractor(local, embedder)
+        extractor = index_extractor(local, embedder)
     logger.info("indexing %d images of %d landmarks with model %s (%s)", len(records),
                 len({r.landmark for r in records if r.landmark}), embedder.describe().get("name"),
                 embedder.fingerprint[:12])
@@ -208,19 +201,41 @@ def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, 
         store = open_or_create_store(out, extractor)
         lres = extract_local_features(extractor, kept, store, skipped_csv=out / "skipped.csv",
                                       num_workers=local_workers, show_progress=show_progress)
-        local_entry = local_meta(str(local), extractor)
+        local_entry = local_meta(extractor)
         logger.info("local features (%s) of %d images in %s (%.1f MB); %d unreadable", extractor.name,
                     len(store), store.root, store.nbytes() / 1e6, len(lres.skipped))
     index = LandmarkIndex.build(res.embeddings, res.ids, [r.landmark for r in kept],
                                 paths=[str(Path(r.path).absolute()) for r in kept], model=embedder.describe(),
-                                conf=conf, views=ext_conf.views(), non_landmarks=nl_emb, non_landmark_ids=nl_ids)
+                                conf=conf, views=ext_conf.views(), non_landmarks=nl_emb, non_landmark_ids=nl_ids,
+                                whiten=whiten)
     if local_entry is not None:
         index.meta["local"] = local_entry
+    if dba is not None and dba.active:
+        from landmarks.expansion import apply_dba
+
+        apply_dba(index, dba, work_dir=out / "work" / "dba", show_progress=show_progress)
+    _calibrate(index, calibration)
     index.save(out)
     shutil.rmtree(out / "work", ignore_errors=True)
     logger.info("indexed %d images of %d landmarks into %s; skipped %d", len(index),
                 len({lm for lm in index.landmarks if lm}), out, len(res.skipped))
     return out
+
+
+def _calibrate(index: Any, calibration: Any) -> None:
+    """Store the calibrated ``is_landmark`` threshold in ``index.meta`` (default voting settings)."""
+    from landmarks.calibrate import CalibrationConfig, calibrate_index
+    from landmarks.recognize import RecognizeConfig
+
+    r = RecognizeConfig()
+    entry = calibrate_index(index, calibration or CalibrationConfig(), k=r.k, ood=r.ood, ood_weight=r.ood_weight,
+                            ood_query_k=r.ood_query_k)
+    index.meta.pop("calibration", None)
+    if entry is not None:
+        index.meta["calibration"] = entry
+        logger.info("is_landmark threshold %.4f: precision %.3f (target %.2f), %.1f%% of landmark queries "
+                    "recognised above it, %.1f%% of non-landmarks above it", entry["threshold"], entry["precision"],
+                    entry["precision_target"], 100 * entry["landmark_recall"], 100 * entry["nonlandmark_yes"])
 
 
 def _query_records(queries: Source | Sequence[Source] | Sequence[ImageRecord],
@@ -258,8 +273,10 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
             ``conf``, ``device``, ``model``, ``embedder`` are ignored).
 
     Returns:
-        ``{"queries", "recognized", "with_landmark", "unreadable", "ood_active", "rerank", "non_landmarks",
-        "seconds", "ms_per_query", "timings_ms"}`` (timings: recognition stages summed over the batch).
+        ``{"queries", "recognized", "with_landmark", "is_landmark", "is_landmark_threshold", "unreadable",
+        "ood_active", "rerank", "non_landmarks", "seconds", "ms_per_query", "timings_ms"}`` (timings:
+        recognition stages summed over the batch; ``is_landmark``: queries whose confidence reaches the
+        calibrated or configured threshold).
     """
     from landmarks import extract
     from landmarks.recognize import Recognizer, neighbours_row
@@ -271,7 +288,7 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
     if not records:
         raise LandmarksError(f"no query images found in {queries}")
     own = recognizer is None
-    rec = recognizer or Recognizer.load(index_dir, conf, device=_resolve_device(device), model=model,
+    rec = recognizer or Recognizer.load(index_dir, conf, device=resolve_device(device), model=model,
                                         embedder=embedder)
     try:
         out = Path(out_csv)
@@ -283,8 +300,12 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
         done = [records[i] for i in res.rows]
         k_ret = retrieval_k if retrieval_csv else 0
         recs = rec.recognize_embeddings(res.embeddings, queries=[r.path for r in done], retrieval_k=k_ret)
+        # GAP ranks every voted landmark by confidence: only an explicit threshold drops predictions (the
+        # calibrated is_landmark answers the yes/no question of the service and the neighbours file)
+        explicit = rec.conf.threshold
         predictions: dict[str, tuple[str, float] | None] = {
-            r.id: ((str(x.landmark), x.confidence) if x.is_landmark and x.landmark else None)
+            r.id: ((str(x.landmark), x.confidence) if x.landmark and (explicit is None or x.confidence >= explicit)
+                   else None)
             for r, x in zip(done, recs)}
         write_recognition_csv(out, predictions, ids=[r.id for r in records])
         if neighbours_jsonl:
@@ -306,6 +327,8 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
         "queries": len(records),
         "recognized": len(done),
         "with_landmark": sum(v is not None for v in predictions.values()),
+        "is_landmark": sum(bool(x.is_landmark) for x in recs),
+        "is_landmark_threshold": info.is_landmark_threshold,
         "unreadable": len(res.skipped),
         "ood_active": info.ood_active,
         "non_landmarks": info.index.non_landmarks,

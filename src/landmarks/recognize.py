@@ -28,23 +28,36 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from landmarks.data.collection import ImageRecord
 from landmarks.errors import ConfigError, LandmarksError
+from landmarks.local_features import LocalFeatures
+from landmarks.rerank import (
+    RERANK_MAX_ITERS,
+    RERANK_MODEL,
+    Candidates,
+    LocalReranker,
+    PairVerifier,
+    Reranker,
+    rerank_order,
+)
+from landmarks.verify import Verification
 
 if TYPE_CHECKING:
     from landmarks.index import IndexInfo
     from landmarks.maintenance import AddResult
-    from landmarks.rerank import LocalReranker
 
 logger = logging.getLogger("landmarks")
 
 #: Values accepted by ``RecognizeConfig.rerank``: "local" verifies the top candidates with the index's local
-#: features (:mod:`landmarks.rerank`); any other re-ranking is plugged in via ``Reranker``.
+#: features (:class:`~landmarks.rerank.LocalReranker`); any other :class:`~landmarks.rerank.Reranker`
+#: is passed to :class:`Recognizer`.
 RERANK_CHOICES = ("none", "local")
+__all__ = ["RERANK_CHOICES", "Neighbour", "RecognizeConfig", "Recognition", "Recognizer", "Reranker", "demote",
+           "neighbour_scores", "neighbours_row", "query_confidence", "vote"]
 
 
 @dataclass
@@ -63,8 +76,12 @@ class RecognizeConfig:
     demote_above: int | None = None
     # taken off the confidence of each demoted prediction
     demote_penalty: float = 1.0
-    # below this confidence a query gets no landmark (None: always predict the best landmark)
+    # below this confidence a query gets no landmark (None: always predict the best landmark; is_landmark
+    # then follows the index's calibrated threshold, see `calibrated`)
     threshold: float | None = None
+    # without `threshold`: is_landmark = confidence >= the threshold calibrated at index time
+    # (landmarks.calibrate; only when the index has one made with the same k / ood settings)
+    calibrated: bool = True
     # re-ranking of the top candidates: "none", or "local" (local features + RANSAC; the index needs
     # local features: `landmarks index --local`); a custom Reranker can be passed to Recognizer
     rerank: str = "none"
@@ -72,20 +89,25 @@ class RecognizeConfig:
     rerank_candidates: int = 20
     # c: the inlier bonus min(inliers, c) / c saturates at c inliers
     rerank_c: float = 70.0
+    # the saturated bonus in units of the global score: score = s + weight * min(inliers, c) / c
+    rerank_weight: float = 1.0
     # fewer inliers earn no bonus: a fundamental matrix always fits a few matches of unrelated images
     # (RootSIFT on the synthetic set: 2% of unrelated pairs reach 10, max 12; tuned there, see landmarks.rerank)
     rerank_min_inliers: int = 10
     # geometric model of the verification: "fundamental" (3-D scenes), "homography" or "affine"
-    rerank_model: str = "fundamental"
-    # RANSAC iterations at most per pair (most candidates are unrelated and run to the limit; 2,000 vs
-    # 10,000 changed no inlier count on 400 synthetic pairs and costs 0.56 instead of 0.81 ms per pair)
-    rerank_max_iters: int = 2000
+    rerank_model: str = RERANK_MODEL
+    # RANSAC iterations at most per pair (landmarks.rerank.RERANK_MAX_ITERS: why 2,000)
+    rerank_max_iters: int = RERANK_MAX_ITERS
     # verification worker processes (None: CPUs - 1, at most 8; 0: in the calling process)
     rerank_workers: int | None = None
     # seed of the re-ranker's RANSAC (results are deterministic given it)
     seed: int = 0
     # images per forward pass when embedding queries
     batch_size: int = 32
+    # alpha-QE: nearest index rows added to each query before the search (0: off; landmarks.expansion)
+    qe_n: int = 0
+    # alpha-QE: exponent of the similarity weight (0: plain average)
+    qe_alpha: float = 3.0
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -98,8 +120,13 @@ class RecognizeConfig:
             raise ConfigError(f"unknown rerank {self.rerank!r} (known: {', '.join(RERANK_CHOICES)})")
         if self.rerank_candidates < 1 or self.rerank_c <= 0 or self.rerank_max_iters < 1:
             raise ConfigError("rerank_candidates, rerank_c and rerank_max_iters must be positive")
+        if self.rerank_weight < 0:
+            raise ConfigError(f"rerank_weight must be >= 0, got {self.rerank_weight}")
         if self.rerank_model not in ("fundamental", "homography", "affine"):
             raise ConfigError(f"unknown rerank_model {self.rerank_model!r} (fundamental, homography or affine)")
+        from landmarks.expansion import ExpansionConfig
+
+        ExpansionConfig(self.qe_n, self.qe_alpha)  # validates
 
 
 @dataclass
@@ -141,18 +168,15 @@ class RecognizerInfo:
     index: IndexInfo  # the index being searched
     recognize: dict[str, Any]  # the RecognizeConfig in use
     ood_active: bool  # the out-of-domain handling is on and the index has a non-landmark set
+    #: is_landmark means confidence >= ``value``: {"value", "source": "configured" | "calibrated" | "none",
+    #: "calibration": the index's calibration entry when calibrated}
+    is_landmark_threshold: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the index's fields at the top level, plus ``recognize`` and ``ood_active``."""
-        return {**self.index.to_dict(), "recognize": dict(self.recognize), "ood_active": self.ood_active}
-
-
-class Reranker(Protocol):
-    """Hook for local-feature re-ranking (geometric verification of the top candidates)."""
-
-    def __call__(self, query: np.ndarray | str | Path, neighbours: list[Neighbour]) -> list[Neighbour]:
-        """Return the candidates re-scored (``score``, ``inliers`` filled), in their new order."""
-        ...
+        """JSON-ready: the index's fields at the top level, plus ``recognize``, ``ood_active`` and
+        ``is_landmark_threshold``."""
+        return {**self.index.to_dict(), "recognize": dict(self.recognize), "ood_active": self.ood_active,
+                "is_landmark_threshold": dict(self.is_landmark_threshold)}
 
 
 # --- pure scoring -----------------------------------------------------------------------------------
@@ -251,17 +275,23 @@ class Recognizer:
         if self.conf.rerank not in RERANK_CHOICES and reranker is None:
             raise ConfigError(f"unknown rerank {self.conf.rerank!r} (known: {', '.join(RERANK_CHOICES)})")
         index.check_model(embedder.fingerprint, embedder.describe().get("name"))
-        # local-feature verification of the top candidates (landmarks.rerank), when asked and no hook is given
-        self.local: LocalReranker | None = None
+        self._verifier: PairVerifier | None = None  # pair_verification without a LocalReranker
+        # local-feature verification of the top candidates (landmarks.rerank), when asked and no re-ranker is given
         if self.conf.rerank == "local" and reranker is None:
-            from landmarks.rerank import LocalReranker
-
-            self.local = LocalReranker.for_index(
+            self.reranker = LocalReranker.for_index(
                 index, embedder, self.index_dir or "this index", workers=self.conf.rerank_workers,
-                seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters)
+                seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters,
+                c=self.conf.rerank_c, min_inliers=self.conf.rerank_min_inliers, weight=self.conf.rerank_weight)
+        #: is_landmark means confidence >= this (None: a landmark was voted); and where it comes from
+        self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         views = index.views
         self.extract_conf = ExtractConfig(batch_size=self.conf.batch_size,
                                           scales=tuple(views.get("scales", [1.0])), flip=bool(views.get("flip")))
+
+    @property
+    def local(self) -> LocalReranker | None:
+        """The re-ranker when it verifies with the index's local features (its store, its extractor)."""
+        return self.reranker if isinstance(self.reranker, LocalReranker) else None
 
     @classmethod
     def load(cls, index_dir: str | Path, conf: RecognizeConfig | None = None, device: str = "cpu", *,
@@ -284,10 +314,28 @@ class Recognizer:
             embedder = extract.load_embedder(source, device=device)
         return cls(index, embedder, conf, reranker=reranker, index_dir=index_dir)
 
+    def _is_landmark_threshold(self) -> tuple[float | None, str]:
+        from landmarks.calibrate import voting_matches
+
+        c = self.conf
+        if c.threshold is not None:
+            return float(c.threshold), "configured"
+        entry = (getattr(self.index, "meta", None) or {}).get("calibration")
+        if not c.calibrated or not entry:
+            return None, "none"
+        if not voting_matches(entry, c.k, c.ood and self.index.has_non_landmarks, c.ood_weight, c.ood_query_k):
+            logger.warning("the index's is_landmark calibration was made with other voting settings (%s); "
+                           "is_landmark is not thresholded", entry.get("voting"))
+            return None, "none"
+        return float(entry["threshold"]), "calibrated"
+
     def info(self) -> RecognizerInfo:
         """The index's :class:`~landmarks.index.IndexInfo`, the recognition settings, OOD availability."""
+        thr: dict[str, Any] = {"value": self.is_landmark_threshold, "source": self.threshold_source}
+        if self.threshold_source == "calibrated":
+            thr["calibration"] = self.index.meta["calibration"]
         return RecognizerInfo(index=self.index.info(), recognize=asdict(self.conf),
-                              ood_active=bool(self.conf.ood and self.index.has_non_landmarks))
+                              ood_active=bool(self.conf.ood and self.index.has_non_landmarks), is_landmark_threshold=thr)
 
     # -- following the index on disk ------------------------------------------------------------------
 
@@ -333,6 +381,7 @@ class Recognizer:
         self.index = index
         if self.local is not None:
             self.local.follow(index.meta.get("local") or {})
+        self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         return True
 
     # -- embedding + recognition --------------------------------------------------------------------
@@ -351,14 +400,15 @@ class Recognizer:
         if ids is not None and len(ids) != len(images):
             raise LandmarksError(f"{len(images)} images but {len(ids)} ids")
         t0 = time.perf_counter()
-        xq = self.embed(images) if len(images) else np.zeros((0, self.index.d), np.float32)
+        xq = self.embed(images) if len(images) else np.zeros((0, self.index.model_d), np.float32)
         t_embed = (time.perf_counter() - t0) * 1000.0
         return self.recognize_embeddings(xq, queries=list(images), extra_timings={"embed": t_embed}, t_start=t0)
 
     def recognize_embeddings(self, xq: np.ndarray, queries: Sequence[np.ndarray | str | Path] | None = None,
                              extra_timings: dict[str, float] | None = None,
                              t_start: float | None = None, retrieval_k: int = 0) -> list[Recognition]:
-        """Recognize from query embeddings ``xq (nq, D)`` float32 L2-normalised.
+        """Recognize from the model's query embeddings ``xq (nq, D)`` float32 L2-normalised (mapped to the
+        index's space, e.g. whitened, by :meth:`LandmarkIndex.project`).
 
         ``queries`` (images or paths) are handed to the re-ranker when one is configured. With
         ``retrieval_k`` each :class:`Recognition` also lists the ids of the ``retrieval_k`` nearest
@@ -375,10 +425,17 @@ class Recognizer:
         timings = dict(extra_timings or {})
         conf = self.conf
         nq = len(xq)
-        k_rerank = conf.rerank_candidates if (self.reranker is not None or self.local is not None) else 0
+        k_rerank = conf.rerank_candidates if self.reranker is not None else 0
         k_search = max(conf.k, k_rerank, retrieval_k)
         t = time.perf_counter()
-        sims, rows = self.index.search(xq, k_search)
+        xq = self.index.project(xq, "query embeddings")
+        xq_search = xq
+        if conf.qe_n > 0:  # alpha-QE with the index's rows (augmented ones when the index has DBA)
+            from landmarks.expansion import ExpansionConfig, query_expansion
+
+            xq_search = query_expansion(xq, self.index.embeddings, self.index.search,
+                                        ExpansionConfig(conf.qe_n, conf.qe_alpha))
+        sims, rows = self.index.search(xq_search, k_search)
         timings["search"] = (time.perf_counter() - t) * 1000.0
 
         t = time.perf_counter()
@@ -389,17 +446,11 @@ class Recognizer:
         t = time.perf_counter()
         scores = None
         retrieval = [[self.index.ids[r] for r in row[:retrieval_k] if r >= 0] for row in rows] if retrieval_k else None
-        if self.reranker is not None or self.local is not None:
+        inliers = None
+        if self.reranker is not None:
             if queries is None or len(queries) != nq:
                 raise LandmarksError("re-ranking needs the query images or paths")
-        if self.reranker is not None:
-            assert queries is not None
-            sims, rows, inliers = self._rerank(queries, sims, rows)
-        elif self.local is not None:
-            assert queries is not None
-            sims, rows, inliers, scores, retrieval = self._rerank_local(queries, sims, rows, retrieval)
-        else:
-            inliers = None
+            sims, rows, inliers, scores, retrieval = self._rerank(queries, sims, rows, retrieval)
         timings["rerank"] = (time.perf_counter() - t) * 1000.0
 
         t = time.perf_counter()
@@ -414,7 +465,7 @@ class Recognizer:
             nbrs = self._neighbours(shown[q, :conf.k], rows[q, :conf.k], None if inliers is None else inliers[q, :conf.k])
             lm = names[best[q]] if best[q] >= 0 else None
             c = float(confidence[q]) if np.isfinite(confidence[q]) else 0.0
-            is_lm = lm is not None and (conf.threshold is None or c >= conf.threshold)
+            is_lm = lm is not None and (self.is_landmark_threshold is None or c >= self.is_landmark_threshold)
             out.append(Recognition(landmark=lm, confidence=c, is_landmark=is_lm, neighbours=nbrs,
                                    timings_ms=dict(timings), retrieval=None if retrieval is None else retrieval[q]))
         return out
@@ -431,16 +482,15 @@ class Recognizer:
         labels = np.where(rows >= 0, codes[np.maximum(rows, 0)] if len(codes) else -1, -1)
         use_ood = self.conf.ood and self.index.has_non_landmarks
         if scores is None:
-            pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(codes) else None
-            scores = neighbour_scores(sims, pen)
+            scores = self._neighbour_scores(sims, rows)
         best, conf = vote(scores, labels)
         conf = query_confidence(conf, query_ood if use_ood else None, self.conf.ood_weight)
         conf = demote(best, conf, self.conf.demote_above, self.conf.demote_penalty)
         return best, conf, names
 
     def retrieve(self, xq: np.ndarray, k: int = 100) -> list[list[str]]:
-        """Ids of the ``k`` most similar index images of each query (cosine, no voting)."""
-        _, rows = self.index.search(xq, k)
+        """Ids of the ``k`` most similar index images of each query (model embeddings; cosine, no voting)."""
+        _, rows = self.index.search(self.index.project(xq, "query embeddings"), k)
         return [[self.index.ids[r] for r in row if r >= 0] for row in rows]
 
     def _neighbours(self, sims: np.ndarray, rows: np.ndarray, inliers: np.ndarray | None) -> list[Neighbour]:
@@ -453,62 +503,67 @@ class Recognizer:
                                  inliers=n_in, path=self.index.paths[r]))
         return out
 
-    def _rerank_local(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray, rows: np.ndarray,
-                      retrieval: list[list[str]] | None,
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]] | None]:
-        """Verify the top-K candidates, re-score and re-order them (see :meth:`recognize_embeddings`).
+    def _neighbour_scores(self, sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``(nq, k)`` voting scores of search results (:func:`neighbour_scores`, penalised with the
+        non-landmark set when it is used)."""
+        use_ood = self.conf.ood and self.index.has_non_landmarks
+        pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(self.index.ids) else None
+        return neighbour_scores(sims, pen)
+
+    def _rerank(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray, rows: np.ndarray,
+                retrieval: list[list[str]] | None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]] | None]:
+        """Re-rank the top-K candidates with :attr:`reranker` (see :meth:`recognize_embeddings`).
 
         Returns ``(sims, rows, inliers, scores, retrieval)``, the first four ``(nq, K')`` with
-        ``K' = max(k, K)`` columns in the new order (``inliers`` ``-1`` where not verified).
+        ``K' = max(k, K)`` columns sorted by the new scores (``inliers`` ``-1`` where not verified);
+        in ``retrieval`` the candidates come first, in the re-ranker's retrieval order.
         """
-        from landmarks.rerank import local_scores, rerank_order
-        from landmarks.verify import retrieval_order
-
+        assert self.reranker is not None
         conf = self.conf
         kk = min(sims.shape[1], max(conf.k, conf.rerank_candidates))
         K = min(kk, conf.rerank_candidates)
         sims, rows = sims[:, :kk].copy(), rows[:, :kk].copy()
-        cand_ids = [[self.index.ids[r] for r in row[:K] if r >= 0] for row in rows]
+        scores = self._neighbour_scores(sims, rows)
+        cands = Candidates.select(sims, rows, self.index.ids, scores, K)
+        res = self.reranker.rerank(queries, cands)
+        if res.scores.shape != cands.scores.shape or res.inliers.shape != cands.scores.shape:
+            raise LandmarksError(f"the re-ranker returned scores {res.scores.shape} and inliers {res.inliers.shape} "
+                                 f"for candidates {cands.scores.shape}")
+        scores[:, :K] = res.scores
         inl = np.full(rows.shape, -1, np.int64)
-        assert self.local is not None
-        for q, counts in enumerate(self.local.inliers(queries, cand_ids)):
-            inl[q, :len(counts)] = counts
-        codes, _ = self.index.landmark_codes()
-        use_ood = conf.ood and self.index.has_non_landmarks
-        pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(codes) else None
-        scores = local_scores(neighbour_scores(sims, pen), inl, conf.rerank_c, conf.rerank_min_inliers)
-        if retrieval is not None:  # verified candidates first by inliers, then the rest in global order
-            for q, ids in enumerate(cand_ids):
-                first = retrieval_order(sims[q, :len(ids)], inl[q, :len(ids)], conf.rerank_min_inliers)
-                head = [ids[i] for i in first]
+        inl[:, :K] = res.inliers
+        if retrieval is not None:  # the candidates in the re-ranker's order, then the rest in global order
+            for q, ids in enumerate(cands.ids):
+                head = [ids[i] for i in res.retrieval[q]]
                 seen = set(head)
                 retrieval[q] = (head + [x for x in retrieval[q] if x not in seen])[:len(retrieval[q])]
         order = rerank_order(scores)
         sims, rows, inl, scores = (np.take_along_axis(x, order, axis=1) for x in (sims, rows, inl, scores))
         return sims, rows, inl, scores, retrieval
 
-    def _rerank(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray,
-                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        assert self.reranker is not None
-        n = self.conf.rerank_candidates
-        out_s = np.full_like(sims, -np.inf)
-        out_r = np.full_like(rows, -1)
-        out_i = np.full(rows.shape, -1, np.int64)
-        for q, query in enumerate(queries):
-            cands = self._neighbours(sims[q, :n], rows[q, :n], None)
-            new = self.reranker(query, cands)
-            for j, nb in enumerate(new[: rows.shape[1]]):
-                r = self.index.row_of(nb.id)
-                if r is None:
-                    raise LandmarksError(f"re-ranker returned an unknown image id {nb.id!r}")
-                out_s[q, j], out_r[q, j] = nb.score, r
-                out_i[q, j] = -1 if nb.inliers is None else nb.inliers
-        return out_s, out_r, out_i
+    def pair_verification(self, query: np.ndarray, image_id: str,
+                          image: np.ndarray | str | Path) -> tuple[LocalFeatures, LocalFeatures, Verification]:
+        """``(query features, image features, Verification)`` of a query and index image ``image_id``.
+
+        The verification re-ranking runs: the stored features and the re-ranker's settings when it
+        verifies with them, else the index's recorded extractor (default SIFT) on ``image`` (an
+        ``(H, W, 3)`` uint8 array or a path) with the configured RANSAC settings.
+        """
+        local = self.local
+        got = local.verification(query, image_id) if local is not None else None
+        if got is not None:
+            return got
+        if self._verifier is None:
+            self._verifier = PairVerifier.for_index(self.index.meta, self.embedder, model=self.conf.rerank_model,
+                                                    seed=self.conf.seed, max_iters=self.conf.rerank_max_iters)
+        fa, fb = self._verifier.features(query), self._verifier.features(image)
+        return fa, fb, self._verifier.verify(fa, fb)
 
     def close(self) -> None:
         """End the re-ranking worker processes (if any); the recognizer stays usable (they restart)."""
-        if self.local is not None:
-            self.local.close()
+        if self.reranker is not None:
+            self.reranker.close()
 
     def __enter__(self) -> Recognizer:
         return self

@@ -85,10 +85,10 @@ from landmarks.data.decode import decode_image, image_info, open_image
 from landmarks.data.decode_pool import DecoderPool, DecodeTimeoutError
 from landmarks.errors import ImageDecodeError, ImageTooLargeError, LandmarksError
 from landmarks.maintenance import IndexBusyError, IndexConflictError
+from landmarks.utils.dist import cpu_count
 
 if TYPE_CHECKING:
     from landmarks.recognize import RecognizerInfo
-    from landmarks.rerank import LocalReranker
 
 log = logging.getLogger("landmarks")
 
@@ -149,9 +149,6 @@ class AddResultLike(Protocol):
 class RecognizerProtocol(Protocol):
     """The methods of ``landmarks.recognize.Recognizer`` the service calls; tests pass a fake."""
 
-    #: the local-feature re-ranker or None: match drawings reuse its features and RANSAC settings
-    local: LocalReranker | None
-
     def recognize(self, images: Sequence[np.ndarray], ids: Sequence[str] | None = None) -> Sequence[RecognitionLike]:
         """Recognize ``(H, W, 3)`` uint8 RGB images; one answer per image, in order."""
         ...
@@ -162,6 +159,11 @@ class RecognizerProtocol(Protocol):
 
         Raises ``IndexConflictError`` (an id indexed under another landmark) or ``IndexBusyError``.
         """
+        ...
+
+    def pair_verification(self, query: np.ndarray, image_id: str, image: np.ndarray) -> tuple[Any, Any, Any]:
+        """``(query features, image features, Verification)`` of a query and index image ``image_id``
+        (decoded: ``image``), as re-ranking verifies them."""
         ...
 
     def load_newer(self) -> Any:
@@ -772,9 +774,7 @@ class _Service:
         if path is None:
             raise ApiError(404, f"unknown neighbour id {neighbour!r} (only ids returned by this index)")
         try:
-            from landmarks.local_features import SiftExtractor
-            from landmarks.verify import verify
-            from landmarks.viz import draw_matches
+            from landmarks.viz import draw_verification
         except ImportError as e:
             raise ApiError(501, f"match drawing is not available in this build: {e}") from None
         query = self.decode(data, name, deadline)
@@ -783,28 +783,9 @@ class _Service:
         except ImageDecodeError as e:
             raise ApiError(404, f"index image {neighbour!r} cannot be read: {e.reason}") from None
         self.refresh()
-        with self.lock.read():
-            local = self.recognizer.local  # the re-ranker: the index's own local features
-            stored = local.store.get(neighbour) if local is not None and local.store.has(neighbour) else None
-        if local is not None and stored is not None:
-            # the verification the re-ranker ran (same features, same RANSAC seed), drawn on shrunk images
-            fa, fb = local.query_features(query), stored
-            ver = verify(fa, fb, **local.verify_kwargs)
-            sa = _shrink(query, self.conf.match_side_px).shape[1] / max(1, query.shape[1])
-            sb = _shrink(ref, self.conf.match_side_px).shape[1] / max(1, ref.shape[1])
-            query, ref = _shrink(query, self.conf.match_side_px), _shrink(ref, self.conf.match_side_px)
-        else:
-            query, ref = _shrink(query, self.conf.match_side_px), _shrink(ref, self.conf.match_side_px)
-            extract = SiftExtractor()
-            fa, fb = extract(query), extract(ref)
-            ver = verify(fa, fb, seed=0, threshold_px=extract.ransac_threshold_px)
-            sa = sb = 1.0
-        matches = np.asarray(ver.matches).reshape(-1, 2)
-        mask = np.asarray(ver.inlier_mask, dtype=bool).reshape(-1)
-        inl = matches[mask] if len(mask) == len(matches) else matches[:0]
-        kpa = (np.asarray(fa.keypoints)[inl[:, 0]] + 0.5) * sa - 0.5
-        kpb = (np.asarray(fb.keypoints)[inl[:, 1]] + 0.5) * sb - 0.5
-        canvas = draw_matches(query, ref, kpa, kpb)
+        with self.lock.read():  # the verification re-ranking runs, on the index generation being served
+            fa, fb, ver = self.recognizer.pair_verification(query, neighbour, ref)
+        canvas = draw_verification(query, ref, fa, fb, ver, max_side_px=self.conf.match_side_px)
         return _png(canvas), int(ver.num_inliers)
 
     def add_job(self, files: list[tuple[str, bytes]], landmark: str, deadline: float) -> dict[str, Any]:
@@ -879,18 +860,6 @@ class _Service:
             raise ApiError(decode_error_status(e), f"{e.source}: {e.reason}") from None
         except LandmarksError as e:  # the recognizer refusing this input
             raise ApiError(400, str(e)) from None
-
-
-def _shrink(img: np.ndarray, max_side_px: int) -> np.ndarray:
-    """``img`` resized (area-averaged) so that its longer side is at most ``max_side_px``."""
-    h, w = img.shape[:2]
-    if max(h, w) <= max_side_px:
-        return img
-    from PIL import Image
-
-    s = max_side_px / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX), dtype=np.uint8)
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -1187,4 +1156,4 @@ def guarded_h11(conf: ServeConfig) -> type[Any]:
 
 def default_workers() -> int:
     """Worker threads by default: 2, or 1 on a single-core machine."""
-    return max(1, min(2, os.cpu_count() or 1))
+    return max(1, min(2, cpu_count()))

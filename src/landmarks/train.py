@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +46,7 @@ from landmarks.errors import ConfigError, IncompatibleArtifactError, LandmarksEr
 from landmarks.models.heads import class_weights, margin_cross_entropy
 from landmarks.models.net import LandmarkNet, ModelConfig
 from landmarks.models.presets import preset
+from landmarks.utils.dist import cpu_count, dist_env, resolve_device
 from landmarks.utils.io import SkippedLog, atomic_write, read_json, write_json
 from landmarks.utils.progress import Progress
 from landmarks.utils.workers import worker_context
@@ -87,6 +87,16 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained backbone (the defaults train every parameter from the first step)."""
+
+    frozen_levels: int = 0  # backbone feature levels (timm feature_info, stem first) frozen for the whole run
+    head_only_fraction: float = 0.0  # share of the optimizer steps at the start with the whole backbone frozen
+    freeze_bn: bool = False  # keep the backbone's BatchNorm layers in eval mode (pretrained statistics)
+    head_warmup_epochs: int = 0  # epochs of neck + heads on backbone features computed once, before step 0
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved resolved as ``RUN/config.json``."""
 
@@ -94,6 +104,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the network
     data: DataConfig = field(default_factory=DataConfig)  # data, split, augmentations
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # frozen parts of a pretrained backbone
     epochs: int = 10  # passes over the training split
     steps: int = 0  # total optimizer steps (0: epochs x steps per epoch); --time-budget sets it
     batch_size: int = 32  # global micro-batch (split over torchrun processes)
@@ -150,7 +161,7 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 def knn_predict(xq: np.ndarray, xb: np.ndarray, yb: np.ndarray, k: int = 3,
                 chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """kNN voting by summed cosine similarity.
+    """kNN voting by summed cosine similarity: exact search, then recognition's :func:`landmarks.recognize.vote`.
 
     Args:
         xq: ``(nq, d)`` float32 L2-normalised queries.
@@ -160,22 +171,20 @@ def knn_predict(xq: np.ndarray, xb: np.ndarray, yb: np.ndarray, k: int = 3,
 
     Returns:
         ``(labels (nq,) int64, scores (nq,) float32)``: the label with the largest sum of similarities
-        among the ``k`` nearest neighbours (ties: the label of the nearer neighbour) and that sum / k.
+        among the ``k`` nearest neighbours (ties: the label of the nearer neighbour) and that sum: the
+        confidence recognition reports (without the out-of-domain terms).
     """
+    from landmarks.recognize import vote
+
     k = max(1, min(k, len(xb)))
     labels = np.empty(len(xq), dtype=np.int64)
     scores = np.empty(len(xq), dtype=np.float32)
     tb = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))
+    yb = np.asarray(yb, dtype=np.int64)
     for s in range(0, len(xq), chunk):
         sims = torch.from_numpy(np.ascontiguousarray(xq[s:s + chunk], dtype=np.float32)) @ tb.T
         top_s, top_i = sims.topk(k, dim=1)
-        top_y = torch.from_numpy(yb)[top_i]
-        # votes[q, j] = sum of sims of the neighbours that share neighbour j's label.
-        same = top_y.unsqueeze(2) == top_y.unsqueeze(1)
-        votes = (same.float() * top_s.unsqueeze(1)).sum(dim=2)
-        best = votes.argmax(dim=1)  # first max = nearest neighbour of the winning label
-        labels[s:s + chunk] = top_y.gather(1, best.unsqueeze(1)).squeeze(1).numpy()
-        scores[s:s + chunk] = (votes.gather(1, best.unsqueeze(1)).squeeze(1) / k).numpy()
+        labels[s:s + chunk], scores[s:s + chunk] = vote(top_s.numpy(), yb[top_i.numpy()])
     return labels, scores
 
 
@@ -221,7 +230,11 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def param_groups(model: LandmarkNet, conf: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW/SGD parameter groups: backbone, neck+pool, head, local; no decay on 1-d parameters."""
+    """AdamW/SGD parameter groups: backbone, neck+pool, head, local; no decay on 1-d parameters.
+
+    Everything but the backbone (neck, pooling, margin head, local head: the parts that start from random
+    weights) learns at ``lr * head_lr_mult``; the backbone at ``lr``.
+    """
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -231,7 +244,7 @@ def param_groups(model: LandmarkNet, conf: OptimConfig) -> list[dict[str, Any]]:
         groups.setdefault((part, decay), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):
-        mult = conf.head_lr_mult if part in ("head", "neck", "pool") else 1.0
+        mult = conf.head_lr_mult if part in ("head", "neck", "pool", "local") else 1.0
         out.append({"params": params, "name": f"{part}{'' if decay else '_no_decay'}", "lr_mult": mult,
                     "weight_decay": conf.weight_decay if decay else 0.0, "lr": conf.lr * mult})
     return out
@@ -272,13 +285,9 @@ class Dist:
     @classmethod
     def from_env(cls, device: str | None = None) -> Dist:
         """Read torchrun's environment; initialise the process group (NCCL on GPUs, gloo on CPU)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        else:
-            dev = torch.device(device)
+        env = dist_env()
+        world, rank, local = env.world_size, env.rank, env.local_rank
+        dev = torch.device(resolve_device(device))  # None or "auto": the local GPU, else the CPU
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         here = False
@@ -320,8 +329,7 @@ class Dist:
 def _auto_workers(conf: int, world_size: int) -> int:
     if conf >= 0:
         return conf
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, n // world_size - 1))
+    return max(0, min(8, cpu_count() // world_size - 1))
 
 
 def _subsample(items: list[ImageRecord], n: int, seed: int) -> list[ImageRecord]:
@@ -418,6 +426,18 @@ class Trainer:
         if c.local_only:
             for name, p in net.named_parameters():
                 p.requires_grad = name.startswith("local.")
+        ft = c.finetune
+        if not 0.0 <= ft.head_only_fraction <= 1.0:
+            raise ConfigError(f"finetune.head_only_fraction must lie in [0, 1], got {ft.head_only_fraction}")
+        if (ft.head_only_fraction > 0 or ft.head_warmup_epochs > 0) and self.dist.world_size > 1:
+            raise ConfigError("finetune.head_only_fraction and head_warmup_epochs are not supported under torchrun "
+                              "(DDP cannot change the trainable parameters mid-run); use finetune.frozen_levels")
+        #: Backbone parameters frozen for the whole run (names in ``net``), and the modules holding them.
+        self.frozen_names = {f"backbone.model.{n}" for n in net.backbone.frozen_parameter_names(ft.frozen_levels)}
+        for name, p in net.named_parameters():
+            if name in self.frozen_names:
+                p.requires_grad = False
+        self._head_only: bool | None = None  # the head-only phase in force (None: not applied yet)
         self.amp_dtype = resolve_amp(c.amp, self.device)
         net.to(self.device)
         if c.channels_last:
@@ -516,8 +536,31 @@ class Trainer:
     def _set_train_mode(self) -> None:
         self.model.train()
         if self.conf.local_only:
-            for m in self.net.global_modules() + [self.net.head]:
+            for m in self.net.global_modules() + ([self.net.head] if self.net.head is not None else []):
                 m.eval()
+        ft = self.conf.finetune
+        if self._head_only:
+            self.net.backbone.eval()
+        elif ft.freeze_bn or self.frozen_names:
+            for name, m in self.net.backbone.model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+                        ft.freeze_bn or any(f"backbone.model.{name}.{p}" in self.frozen_names
+                                            for p, _ in m.named_parameters(recurse=False))):
+                    m.eval()
+
+    def _apply_head_only(self, on: bool) -> None:
+        """Enter (``on``) or leave the head-only phase: the whole backbone frozen and in eval mode."""
+        if self._head_only == on:
+            return
+        self._head_only = on
+        if not self.conf.local_only:
+            for name, p in self.net.backbone.named_parameters():
+                p.requires_grad = not on and f"backbone.{name}" not in self.frozen_names
+        self._set_train_mode()
+
+    def _phase_for(self, step: int) -> bool:
+        """Whether optimizer step ``step`` belongs to the head-only phase."""
+        return step < round(self.conf.finetune.head_only_fraction * self.total)
 
     def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         x = normalize_batch(batch["image"], self.mean, self.std, self.device)
@@ -561,6 +604,8 @@ class Trainer:
         step at the scheduled learning rate. Returns the batch statistics and whether a step was made."""
         acc_n = self.conf.optim.accumulate
         sync = (micro + 1) % acc_n == 0
+        if micro % acc_n == 0 and self.conf.finetune.head_only_fraction > 0:
+            self._apply_head_only(self._phase_for(self.step))
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         ctx = self.model.no_sync() if (ddp and not sync) else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:
@@ -578,6 +623,89 @@ class Trainer:
             if batch["skipped"]:
                 skipped.extend(batch["skipped"])
             yield batch
+
+    def head_warmup(self) -> dict[str, float]:
+        """Train the neck, the margin head (and the local head) for ``finetune.head_warmup_epochs`` epochs on
+        backbone features computed once (inference preprocessing, no augmentation), before step 0.
+
+        With a time budget the warm-up steps stop at a quarter of it (measured after 3 steps).
+        One forward pass of the training images buys hundreds of cheap steps, so a short CPU budget never
+        leaves a random neck in front of pretrained features (which scores below no training at all). The
+        backbone and GeM's exponent are untouched; the local head learns on the cached stride-16 maps (it
+        sees them detached anyway). A separate AdamW at ``lr * head_lr_mult`` with cosine decay; seeded.
+        Returns ``{"epochs", "steps", "loss", "acc", "seconds"}`` (empty when off).
+        """
+        c = self.conf
+        epochs = c.finetune.head_warmup_epochs
+        if epochs <= 0 or c.local_only:
+            return {}
+        t0 = time.perf_counter()
+        net = self.net
+        net.eval()
+        pooled, maps, labels = [], [], []
+        with torch.no_grad():
+            for batch in self._eval_loader(self.train_records):
+                keep = batch["ok"].bool()
+                x = normalize_batch(batch["image"], self.mean, self.std, self.device)
+                with self._autocast():
+                    if net.local is not None:
+                        fmap, fmap16 = net.backbone.forward_with_local(x)
+                        maps.append(fmap16.float()[keep.to(x.device)])
+                    else:
+                        fmap = net.backbone(x)
+                    pooled.append(net.pool(fmap).float()[keep.to(x.device)])
+                labels.append(torch.as_tensor([self.labels[int(i)] for i in batch["index"]])[keep])
+        xs, ys = torch.cat(pooled), torch.cat(labels).to(self.device)
+        ms = torch.cat(maps) if maps else None
+        local, head = net.local, net.head
+        if head is None:
+            raise ConfigError("finetune.head_warmup_epochs needs a margin head (the model has none)")
+        modules: list[nn.Module] = [net.neck, head]
+        if local is not None:
+            modules.append(local)
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        base_lr = c.optim.lr * c.optim.head_lr_mult
+        opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=c.optim.weight_decay)
+        gen = torch.Generator().manual_seed(c.seed)
+        bs = min(c.batch_size, len(xs))
+        per_epoch = max(1, len(xs) // bs)
+        total = epochs * per_epoch
+        lc = c.model.local
+        for m in modules:
+            m.train()
+        loss_sum = acc_sum = 0.0
+        step, t_steps = 0, time.perf_counter()
+        while step < total:
+            if step == 3 and self.budget_s is not None:
+                # A time budget caps the warm-up at a quarter of the budget (a loaded CPU may be 20x slower).
+                step_s = (time.perf_counter() - t_steps) / 3
+                left = 0.25 * self.budget_s - (time.perf_counter() - self.t_start)
+                total = max(step, min(total, int(left / max(step_s, 1e-6))))
+                if step >= total:
+                    break
+            if step % per_epoch == 0:
+                perm = torch.randperm(len(xs), generator=gen).to(self.device)
+                loss_sum = acc_sum = 0.0
+            i = perm[(step % per_epoch) * bs:(step % per_epoch + 1) * bs]
+            for g in opt.param_groups:
+                g["lr"] = base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+            logits = head(net.neck(xs[i]), ys[i])
+            loss = margin_cross_entropy(logits, ys[i], self.ce_weight)
+            if ms is not None and local is not None:
+                lo = local(ms[i])
+                loss = loss + lc.loss_weight * (F.cross_entropy(lo["logits"], ys[i]) + lc.recon_weight * lo["recon_loss"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach())
+            acc_sum += float((logits.detach().argmax(1) == ys[i]).float().mean())
+            step += 1
+        n = max(1, total - (total - 1) // per_epoch * per_epoch)
+        out = {"epochs": round(total / per_epoch, 2), "steps": total, "loss": round(loss_sum / n, 4), "acc": round(acc_sum / n, 3),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        if self.dist.is_main:
+            logger.info("head warm-up on cached features of %d images: %s", len(xs), out)
+        return out
 
     # --- evaluation ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -671,6 +799,7 @@ class Trainer:
                         "a": h.margin_a, "b": h.margin_b, "subcenters": h.subcenters,
                         "class_weighted": h.class_weighted},
             "gem_p": float(self.net.pool.p.detach().float().cpu()[0]),
+            "pretrained": self.net.backbone.pretrained_info,
             "local": local, "epoch": epoch, "step": self.step, "metrics": metrics,
             "versions": ckpt.library_versions(), **ckpt.git_info(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -718,7 +847,8 @@ class Trainer:
         model_state = copy.deepcopy(self.net.state_dict())
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         rng = torch.get_rng_state()
-        self._set_train_mode()
+        head_only = self._head_only
+        self._apply_head_only(False)  # time the slower steps (backbone trainable): the bulk of a run
         n = min(warm + steps, sampler.batches_per_epoch)
         sampler.set_epoch(0, 0, n)
         times = []
@@ -734,6 +864,8 @@ class Trainer:
         self.net.load_state_dict(model_state)
         self.optimizer.load_state_dict(opt_state)
         torch.set_rng_state(rng)
+        if head_only is not None:
+            self._apply_head_only(head_only)
         step_s = float(np.median(times[warm:] if len(times) > warm else times))
         eval_img_s = ckpt_s = 0.0
         if self.dist.is_main:
@@ -797,6 +929,7 @@ class Trainer:
         else:
             self.eval_every = c.eval_every_epochs
             total = c.steps if c.steps > 0 else c.epochs * spe
+            self.head_warmup()
             rates = dist.broadcast(self._measure(sampler, loader)) if self.budget_s is not None else {}
             if c.eval_at_start and dist.is_main:
                 m = self.evaluate()
@@ -992,7 +1125,7 @@ def train(conf: TrainConfig, data: str | Path | Sequence[ImageRecord], out: str 
         out: the run folder.
         resume: continue the run in ``out`` from its last saved state.
         time_budget_min: size the schedule to finish in this many minutes (measured throughput).
-        device: ``"cpu"``, ``"cuda"``, ... (default: the torchrun local GPU, else CPU).
+        device: ``"auto"`` (the default, also None: the torchrun local GPU, else CPU), ``"cpu"``, ``"cuda:1"``, ...
         on_trainer: called with the :class:`Trainer` before training (tests and benchmarks).
 
     Runs under ``torchrun`` as well (DDP). Seeds torch's RNG from ``conf.seed`` inside a forked RNG

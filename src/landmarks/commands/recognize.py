@@ -41,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=None, help="neighbours that vote (default 3)")
     parser.add_argument("--no-ood", action="store_true", help="ignore the index's non-landmark set")
     parser.add_argument("--ood-weight", type=float, default=None, help="weight w of the query-side penalty (default 1)")
-    parser.add_argument("--threshold", type=float, default=None, help="no landmark below this confidence")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="no landmark below this confidence (in the CSV too; default: every voted landmark is "
+                             "written, ranked by confidence, and is_landmark in --neighbours follows the threshold "
+                             "calibrated by `landmarks index`)")
     parser.add_argument("--demote-above", type=int, default=None, metavar="T",
                         help="demote a landmark predicted for more than T queries")
     parser.add_argument("--demote-penalty", type=float, default=None,
@@ -50,9 +53,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-rank the top candidates with local features and RANSAC (default: none)")
     parser.add_argument("--rerank-candidates", type=int, default=None, metavar="K",
                         help="top global candidates verified by --rerank local (default 20)")
+    parser.add_argument("--rerank-c", type=float, default=None, metavar="C",
+                        help="inlier count at which the re-ranking bonus saturates (default 70)")
+    parser.add_argument("--rerank-min-inliers", type=int, default=None, metavar="N",
+                        help="fewer inliers earn no bonus (default 10)")
+    parser.add_argument("--rerank-weight", type=float, default=None, metavar="W",
+                        help="the saturated bonus in units of the global score: score = s + W min(inliers, C) / C "
+                             "(default 1)")
     parser.add_argument("--rerank-workers", type=int, default=None, metavar="N",
                         help="verification processes of --rerank local (default: CPUs - 1, at most 8; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-ranking's RANSAC (default 0)")
+    parser.add_argument("--qe", type=int, default=None, metavar="N",
+                        help="alpha query expansion: add each query's N nearest index images (weighted by "
+                             "similarity^alpha) and search again (default 0: off)")
+    parser.add_argument("--qe-alpha", type=float, default=None, metavar="A", help="alpha of --qe (default 3)")
     parser.add_argument("--model", default=None, help="the model run (default: the one recorded in the index)")
     add_extraction_arguments(parser)
 
@@ -70,7 +84,14 @@ def _config(args: argparse.Namespace) -> RecognizeConfig:
         conf.demote_penalty = args.demote_penalty
     if args.rerank_candidates is not None:
         conf.rerank_candidates = args.rerank_candidates
+    for key in ("rerank_c", "rerank_min_inliers", "rerank_weight"):
+        if getattr(args, key) is not None:
+            setattr(conf, key, getattr(args, key))
     conf.rerank_workers = args.rerank_workers
+    if args.qe is not None:
+        conf.qe_n = args.qe
+    if args.qe_alpha is not None:
+        conf.qe_alpha = args.qe_alpha
     conf.__post_init__()
     return conf
 
@@ -81,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
 
     conf = _config(args)
     device = resolve_device(args.device)
-    setup_threads(device, args.threads, args.workers)
     if conf.rerank == "local" and conf.rerank_workers == 0:  # pairs verified here, one at a time
         from landmarks.rerank import limit_blas_threads
 
-        limit_blas_threads(1)
+        limit_blas_threads(1)  # first: an OpenMP OpenBLAS sets OpenMP's (torch's) thread count too
+    setup_threads(device, args.threads, args.workers)  # the forward pass's threads, whatever re-ranks
     stats = recognize_queries(args.index, args.queries, args.out, conf=conf, neighbours_jsonl=args.neighbours,
                               retrieval_csv=args.retrieval, retrieval_k=args.retrieval_k, device=device,
                               model=args.model, image_dir=args.image_dir, num_workers=args.workers)
@@ -95,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if stats["rerank"] != "none":
         per_query = stats["timings_ms"].get("rerank", 0.0) / max(1, stats["recognized"])
         rerank = f"; re-ranked ({stats['rerank']}, {per_query:.1f} ms/query)"
+    thr = stats.get("is_landmark_threshold") or {}
+    yes = (f"; is_landmark for {stats['is_landmark']} (confidence >= {thr['value']:.4f}, {thr['source']})"
+           if thr.get("value") is not None else "")
     print(f"recognized {stats['recognized']} of {stats['queries']} queries ({stats['with_landmark']} with a landmark, "
-          f"{stats['unreadable']} unreadable) -> {args.out}; {ood}{rerank}")
+          f"{stats['unreadable']} unreadable) -> {args.out}; {ood}{rerank}{yes}")
     return 0

@@ -38,7 +38,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,8 @@ from landmarks.data import synth_render as render
 from landmarks.data.collection import gldv2_image_path
 from landmarks.data.scan import long_tail_histogram
 from landmarks.errors import ConfigError, LandmarksError
-from landmarks.utils.io import atomic_write, write_json
+from landmarks.utils.dist import cpu_count
+from landmarks.utils.io import atomic_write, remove_entries, write_json
 from landmarks.utils.progress import Progress
 
 logger = logging.getLogger("landmarks")
@@ -267,8 +267,8 @@ def _worker_init() -> None:
 
 
 def default_workers() -> int:
-    """All CPUs this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """All CPUs this process may use (:func:`landmarks.utils.dist.cpu_count`)."""
+    return cpu_count()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,12 +294,7 @@ def _prepare_out(out: Path, conf: SynthConfig, overwrite: bool) -> None:
                 raise LandmarksError(f"{out}: holds a synthetic dataset made with other parameters; "
                                      "use --overwrite or another folder")
         if overwrite or old != params:
-            for name in _OUTPUTS:
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            remove_entries(out, _OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     write_json(marker, params)
 
