@@ -28,10 +28,11 @@ traceback and answered as a JSON 500. A client that disconnects mid-upload is on
 
 Thread model: decoding and recognition run in a ``ThreadPoolExecutor`` of ``workers`` threads with at
 most ``queue_size`` more requests waiting; the event loop only reads bodies and writes answers, so
-``/healthz`` stays responsive while every worker is busy. Uploads are decoded in ``decode_processes``
-child processes (:class:`~landmarks.data.decode_pool.DecoderPool`): a decode still running at the
-request's deadline is killed, so a request that timed out frees its worker (recognition itself is
-bounded by the model's input size). Recognition calls share a read lock; swapping in a newer index
+``/healthz`` stays responsive while every worker is busy. Uploads to ``/v1/recognize`` are decoded
+first, in ``decode_processes`` child processes (:class:`~landmarks.data.decode_pool.DecoderPool`,
+default ``workers + 2``) waited on by their own threads, and only then take a recognition worker: a
+decode still running at the request's deadline is killed, and slow decodes never hold recognition
+workers (recognition itself is bounded by the model's input size). Recognition calls share a read lock; swapping in a newer index
 takes the write lock, so a request sees one index, never a mix.
 
 The index on disk is the truth: before answering or writing, the service checks the index's generation
@@ -206,7 +207,7 @@ class ServeConfig:
     match_side_px: int = 800  # match drawings: both images are shrunk to this longest side first
     max_known_ids: int = 200_000  # index ids remembered (id -> image path) for thumbnails and match drawings
     graceful_timeout_s: float = 10.0  # on SIGINT/SIGTERM, how long in-flight requests may finish
-    decode_processes: int | None = None  # killable processes decoding uploads (None: one per worker; 0: decode in the worker thread)
+    decode_processes: int | None = None  # killable processes decoding uploads (None: workers + 2; 0: decode in the worker threads)
     max_jpeg_scans: int = 100  # JPEGs with more scans are 400 (progressive-decoding bombs; libjpeg writes 10)
     header_timeout_s: float = 10.0  # a connection must send a request's headers within this (else closed)
     body_timeout_s: float = 30.0  # a request body must arrive within this (else 408 and closed)
@@ -679,15 +680,19 @@ class _Service:
         self.upload_limit = int(conf.max_upload_mb * 2**20)
         self.add_limit = int(conf.max_add_upload_mb * 2**20)
         self.uploads = UploadBudget(int(conf.max_inflight_upload_mb * 2**20))
-        n_dec = conf.workers if conf.decode_processes is None else conf.decode_processes
+        n_dec = conf.workers + 2 if conf.decode_processes is None else conf.decode_processes
         self.decoders: DecoderPool | None = None
+        self.decode_waiters: WorkerPool | None = None  # threads that wait for decoder processes
         if n_dec > 0:
             self.decoders = DecoderPool(n_dec, max_pixels=conf.max_pixels, min_side_px=conf.decode_min_side_px,
                                         max_scans=conf.max_jpeg_scans)
+            self.decode_waiters = WorkerPool(n_dec, conf.queue_size)
 
     def close(self) -> None:
-        """Stop the worker pool and the decoding processes."""
+        """Stop the worker pools and the decoding processes."""
         self.pool.shutdown()
+        if self.decode_waiters is not None:
+            self.decode_waiters.shutdown()
         if self.decoders is not None:
             self.decoders.close()
 
@@ -734,18 +739,35 @@ class _Service:
                     p = Path(self.conf.index_dir) / p
                 self.paths.put(str(n.id), p)
 
-    def recognize_job(self, data: bytes, name: str, submitted: float, deadline: float) -> dict[str, Any]:
+    async def predecode(self, data: bytes, name: str, deadline: float) -> tuple[np.ndarray | None, float]:
+        """Decode an upload in a decoder process before it takes a recognition worker: ``(image, ms)``.
+
+        A waiting thread of :attr:`decode_waiters` (not a recognition worker) waits for the process,
+        so uploads that decode slowly (until killed at their deadline) never hold recognition workers.
+        ``(None, 0)`` when decoding happens in the worker threads (``decode_processes=0``).
+        """
+        if self.decode_waiters is None:
+            return None, 0.0
+        t0 = time.perf_counter()
+        img = await self.run(max(0.0, deadline - time.monotonic()), self.decode, data, name, deadline,
+                             pool=self.decode_waiters)
+        return img, 1000 * (time.perf_counter() - t0)
+
+    def recognize_job(self, data: bytes, name: str, submitted: float, deadline: float,
+                      img: np.ndarray | None = None, decode_ms: float = 0.0) -> dict[str, Any]:
         t0 = time.perf_counter()
         queue_ms = 1000 * (t0 - submitted)
-        img = self.decode(data, name, deadline)
+        if img is None:
+            img = self.decode(data, name, deadline)
         t1 = time.perf_counter()
+        decode_ms += 1000 * (t1 - t0)
         if time.monotonic() >= deadline:
             raise ApiError(504, "timed out before recognition started")
         self.refresh()
         with self.lock.read():
             rec = self.recognizer.recognize([img], ids=[name])[0]
         self.remember(rec)
-        return recognition_to_json(rec, {"decode": 1000 * (t1 - t0), "queue": queue_ms})
+        return recognition_to_json(rec, {"decode": decode_ms, "queue": queue_ms})
 
     def matches_job(self, data: bytes, name: str, neighbour: str, deadline: float) -> tuple[bytes, int]:
         path = self.paths.get(neighbour)
@@ -823,11 +845,12 @@ class _Service:
 
     # -- scheduling ----------------------------------------------------------------------------------
 
-    async def run(self, timeout_s: float, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the pool: 503 when full, 504 after ``timeout_s``."""
-        fut = self.pool.submit(fn, *args)
+    async def run(self, timeout_s: float, fn: Callable[..., T], *args: Any, pool: WorkerPool | None = None) -> T:
+        """Run ``fn(*args)`` in ``pool`` (default: the recognition workers): 503 when full, 504 after ``timeout_s``."""
+        pool = pool or self.pool
+        fut = pool.submit(fn, *args)
         if fut is None:
-            raise ApiError(503, f"busy: all {self.pool.workers} workers and {self.conf.queue_size} queue slots "
+            raise ApiError(503, f"busy: all {pool.workers} workers and {self.conf.queue_size} queue slots "
                                 "are taken; retry shortly", {"Retry-After": "1"})
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout_s)
@@ -919,8 +942,10 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
         """Which landmark is in this photo? Send a multipart ``file`` or the raw image bytes."""
         t0 = time.perf_counter()
         data, name = await read_image_upload(request, svc.upload_limit, svc.uploads, conf.body_timeout_s)
-        out = await svc.run(conf.timeout_s, svc.recognize_job, data, name, time.perf_counter(),
-                            time.monotonic() + conf.timeout_s)
+        deadline = time.monotonic() + conf.timeout_s
+        img, decode_ms = await svc.predecode(data, name, deadline)
+        out = await svc.run(max(0.0, deadline - time.monotonic()), svc.recognize_job, data, name,
+                            time.perf_counter(), deadline, img, decode_ms)
         out["timings_ms"]["server_total"] = round(1000 * (time.perf_counter() - t0), 3)
         return out
 
@@ -1055,7 +1080,8 @@ def serve(recognizer: RecognizerProtocol, conf: ServeConfig, sock: socket.socket
                     signal.signal(s, h)
 
     app = create_app(recognizer, conf)
-    app.state.service.decoders and app.state.service.decoders.start()  # spawn the decoders before the first request
+    if app.state.service.decoders is not None:  # the decoders are ready before the first request
+        app.state.service.decoders.start(wait_s=60.0)
     if sock is None:
         sock = bind_socket(conf.host, conf.port)
     port = sock.getsockname()[1]

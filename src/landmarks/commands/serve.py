@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="request bodies held in memory at once, all requests together; beyond: 503 "
                         "(default %(default)s)")
     g.add_argument("--decode-processes", type=int, default=None,
-                   help="processes decoding uploads, killed when a request times out (default: one per worker; "
+                   help="processes decoding uploads, killed when a request times out (default: workers + 2; "
                         "0: decode in the worker threads)")
     g.add_argument("--max-jpeg-scans", type=int, default=d.max_jpeg_scans,
                    help="JPEGs with more scans are refused (progressive-decoding bombs; default %(default)s)")

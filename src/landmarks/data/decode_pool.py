@@ -39,8 +39,16 @@ class DecodeTimeoutError(LandmarksError):
 
 def _child(conn: Connection, max_pixels: int | None, min_side_px: int | None, max_scans: int | None) -> None:
     """Child process: decode requests ``(bytes, name)`` until the pipe closes."""
+    import io
+
+    from PIL import Image
+
     from landmarks.data.decode import decode_image
 
+    warm = io.BytesIO()  # the first decode loads Pillow's plugins: do it before saying ready
+    Image.new("RGB", (8, 8)).save(warm, "JPEG")
+    decode_image(warm.getvalue())
+    conn.send(("ready",))
     while True:
         try:
             data, name = conn.recv()
@@ -69,6 +77,13 @@ class _Decoder:
         self.proc = ctx.Process(target=_child, args=(child, *args), daemon=True, name="landmarks-decode")
         self.proc.start()
         child.close()
+        self.ready = False
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait for the child's "ready" (its imports done); False when it did not come in time."""
+        if not self.ready and self.conn.poll(max(0.0, timeout_s)):
+            self.ready = self.conn.recv() == ("ready",)
+        return self.ready
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
@@ -101,14 +116,18 @@ class DecoderPool:
         self._closed = False
         self.killed = 0  # decodes stopped at their deadline (processes killed and replaced)
 
-    def start(self) -> None:
-        """Start the processes now (otherwise on the first decode)."""
+    def start(self, wait_s: float = 0.0) -> None:
+        """Start the processes now (otherwise on the first decode); wait up to ``wait_s`` for them to be ready."""
         with self._lock:
-            if self._started or self._closed:
-                return
-            self._started = True
-            for _ in range(self.processes):
-                self._spawn_locked()
+            if not (self._started or self._closed):
+                self._started = True
+                for _ in range(self.processes):
+                    self._spawn_locked()
+            procs = list(self._all)
+        end = time.monotonic() + wait_s
+        for d in procs:
+            with contextlib.suppress(EOFError, OSError):
+                d.wait_ready(end - time.monotonic())
 
     def _spawn_locked(self) -> None:
         d = _Decoder(self._ctx, self._args)
@@ -141,6 +160,8 @@ class DecoderPool:
         try:
             if not dec.proc.is_alive():
                 raise ImageDecodeError(name, "the decoding process had died; try again")
+            if not dec.wait_ready(deadline - time.monotonic()):
+                raise DecodeTimeoutError(f"{name}: no decoding process became ready before the deadline")
             dec.conn.send((bytes(data), name))
             if not dec.conn.poll(max(0.0, deadline - time.monotonic())):
                 self.killed += 1
