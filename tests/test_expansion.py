@@ -192,7 +192,7 @@ def test_build_index_with_dba_stores_it_and_add_keeps_it_exact(tmp_path: Path) -
     # `landmarks add` (Recognizer.add) keeps every row's DBA exact
     more = make_collection(tmp_path / "m", {"d": 4}, per_landmark=3)
     rec = Recognizer.load(out, embedder=emb)
-    assert rec.add(load_folder_collection(more), num_workers=0) == 3
+    assert len(rec.add(load_folder_collection(more), num_workers=0).added) == 3
     again = LandmarkIndex.load(out)
     raw2 = np.asarray(again.raw_embeddings)
     assert len(raw2) == 18
