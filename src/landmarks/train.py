@@ -47,6 +47,7 @@ from landmarks.errors import ConfigError, IncompatibleArtifactError, LandmarksEr
 from landmarks.models.heads import class_weights, margin_cross_entropy
 from landmarks.models.net import LandmarkNet, ModelConfig
 from landmarks.models.presets import preset
+from landmarks.utils import precision
 from landmarks.utils.io import SkippedLog, atomic_write, read_json, write_json
 from landmarks.utils.progress import Progress
 from landmarks.utils.workers import worker_context
@@ -207,17 +208,8 @@ def plan_steps(avail_s: float, step_s: float, steps_per_epoch: int, eval_s: floa
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device`` (None: fp32)."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return torch.bfloat16 if device.type == "cpu" and amx is not None and amx() else None
+    """The autocast dtype for ``amp`` on ``device`` (None: fp32); see :func:`landmarks.utils.precision.choose_amp_dtype`."""
+    return precision.amp_dtype(amp, device)
 
 
 def param_groups(model: LandmarkNet, conf: OptimConfig) -> list[dict[str, Any]]:
@@ -283,15 +275,18 @@ class Dist:
             torch.cuda.set_device(dev)
         here = False
         if world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
+            if dev.type == "cuda":  # NCCL bound to this rank's GPU (no guessing at the first collective)
+                torch.distributed.init_process_group(backend="nccl", device_id=dev)
+            else:
+                torch.distributed.init_process_group(backend="gloo")
             here = True
         return cls(rank, world, local, dev, here)
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
         if self.world_size > 1:
-            torch.distributed.barrier()
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            torch.distributed.barrier(device_ids=ids)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -437,8 +432,8 @@ class Trainer:
         self.optimizer = build_optimizer(net, c.optim)
         for g in self.optimizer.param_groups:
             g.setdefault("lr_mult", 1.0)
-        fp16 = self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_grad_scaler(self.amp_dtype,
+                                                                                      self.device.type))
         self.step = 0
         if self.resume_state is not None:
             self._restore(*self.resume_state)
@@ -505,13 +500,12 @@ class Trainer:
         workers = _auto_workers(c.data.num_workers, 1)
         return torch.utils.data.DataLoader(EvalDataset(records, c.data.image_size), batch_size=max(1, c.batch_size),
                                            shuffle=False, num_workers=workers, collate_fn=collate,
+                                           pin_memory=self.device.type == "cuda",
                                            multiprocessing_context=worker_context() if workers > 0 else None)
 
     # --- one step ----------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return precision.autocast(self.device, self.amp_dtype)
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -519,7 +513,9 @@ class Trainer:
             for m in self.net.global_modules() + [self.net.head]:
                 m.eval()
 
-    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one micro-batch and its statistics as detached 0-d tensors on the device (reading
+        them is a GPU -> CPU sync, left to whoever shows them)."""
         x = normalize_batch(batch["image"], self.mean, self.std, self.device)
         if not self.conf.channels_last:
             x = x.contiguous()
@@ -527,20 +523,20 @@ class Trainer:
         local_only = self.conf.local_only
         with self._autocast():
             out = self.model(x, y, global_branch=not local_only, local_branch=True)
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=self.device)
         if "logits" in out:
             ce = margin_cross_entropy(out["logits"], y, self.ce_weight)
             loss = loss + ce
-            stats["loss"] = float(ce.detach())
-            stats["acc"] = float((out["logits"].detach().argmax(1) == y).float().mean())
+            stats["loss"] = ce.detach()
+            stats["acc"] = (out["logits"].detach().argmax(1) == y).float().mean()
         if "local_logits" in out:
             lc = self.conf.model.local
             att = F.cross_entropy(out["local_logits"], y)
             loss = loss + lc.loss_weight * (att + lc.recon_weight * out["recon_loss"])
-            stats["local_loss"] = float(att.detach())
-            stats["recon"] = float(out["recon_loss"].detach())
-            stats["local_acc"] = float((out["local_logits"].detach().argmax(1) == y).float().mean())
+            stats["local_loss"] = att.detach()
+            stats["recon"] = out["recon_loss"].detach()
+            stats["local_acc"] = (out["local_logits"].detach().argmax(1) == y).float().mean()
         return loss, stats
 
     def _optimizer_step(self, total: int, warmup: int) -> None:
@@ -556,18 +552,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def train_step(self, batch: dict[str, Any], micro: int, total: int, warmup: int) -> tuple[dict[str, float], bool]:
+    def train_step(self, batch: dict[str, Any], micro: int, total: int, warmup: int
+                   ) -> tuple[dict[str, torch.Tensor], bool]:
         """One micro-batch (forward, loss, backward); after every ``accumulate``-th micro-batch an optimizer
-        step at the scheduled learning rate. Returns the batch statistics and whether a step was made."""
+        step at the scheduled learning rate. Returns the batch statistics (0-d tensors on the device) and
+        whether a step was made.
+
+        On a CPU a non-finite loss raises before its backward pass; on a GPU the check waits for the
+        next read of the statistics (:func:`read_stats`), so that no step waits for the GPU."""
         acc_n = self.conf.optim.accumulate
         sync = (micro + 1) % acc_n == 0
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         ctx = self.model.no_sync() if (ddp and not sync) else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:
             loss, stats = self._forward_loss(batch)
-            if not torch.isfinite(loss):
-                raise LandmarksError(f"the loss became {float(loss)} at step {self.step}: lower the learning "
-                                     f"rate (optim.lr) or enable gradient clipping (optim.grad_clip)")
+            if self.device.type != "cuda":
+                read_stats({"loss": loss.detach()}, self.step)
             self.scaler.scale(loss / acc_n).backward()
         if sync:
             self._optimizer_step(total, warmup)
@@ -728,6 +728,8 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":  # time the GPU's work, not the queueing of its kernels
+                torch.cuda.synchronize(self.device)
             now = time.perf_counter()
             times.append(now - t)
             t = now
@@ -908,21 +910,27 @@ class Trainer:
         bar = Progress(total=(planned_end - start_step) * acc_n * c.batch_size,
                        desc=f"epoch {epoch + 1}/{math.ceil(self.total / spe)}", unit="img",
                        interval_s=c.log_interval_s, disable=not dist.is_main)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         count = 0
         skipped: list[tuple[str, str]] = []
         t0 = window_t = time.perf_counter()
         window_step = first_step = self.step
         micro = 0
+        read_every = 1 if self.device.type != "cuda" else _GPU_READ_EVERY
         for batch in self._micro_batches(loader, skipped):
             stats, stepped = self.train_step(batch, micro, self.total, self.warmup)
             micro += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k, v in stats.items():  # float64 sums: the same numbers as summing Python floats
+                sums[k] = sums[k] + v.double() if k in sums else v.double()
             count += 1
-            bar.update(int(batch["image"].shape[0]) * dist.world_size, loss=round(stats.get("loss", stats.get(
-                "local_loss", 0.0)), 4), acc=round(stats.get("acc", stats.get("local_acc", 0.0)), 3),
-                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            n_img = int(batch["image"].shape[0]) * dist.world_size
+            if micro % read_every:
+                bar.update(n_img)
+            else:
+                vals = read_stats(stats, self.step)
+                bar.update(n_img, loss=round(vals.get("loss", vals.get("local_loss", 0.0)), 4),
+                           acc=round(vals.get("acc", vals.get("local_acc", 0.0)), 3),
+                           lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
             if not stepped:
                 continue
             if self.replan_every and self.step % self.replan_every == 0 and self.step < self.total:
@@ -947,9 +955,10 @@ class Trainer:
         epoch_steps = self.step - (epoch * spe + start_step)
         images = epoch_steps * acc_n * c.batch_size
         all_skipped = [s for part in dist.gather(skipped) for s in part]
+        means = read_stats({k: v / max(1, count) for k, v in sums.items()}, self.step)
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step,
                                "lr": self.optimizer.param_groups[0]["lr"],
-                               **{f"train_{k}": v / max(1, count) for k, v in sums.items()},
+                               **{f"train_{k}": v for k, v in means.items()},
                                "images_per_s": round(images / train_s, 2) if train_s > 0 else 0.0,
                                "train_s": round(train_s, 3), "epoch_steps": epoch_steps,
                                "gem_p": float(self.net.pool.p.detach().float().cpu()[0])}
@@ -971,6 +980,21 @@ class Trainer:
             logger.info("epoch %d/%d: %s", epoch + 1, math.ceil(self.total / spe), _fmt_metrics(row))
         dist.barrier()
         return dist.broadcast(row)
+
+
+#: On a GPU, read the step statistics (a GPU -> CPU sync that drains the queue of kernels) every this
+#: many micro-batches only: the progress line's loss is at most this many steps old.
+_GPU_READ_EVERY = 20
+
+
+def read_stats(stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """The statistics as Python floats (one sync); raises :class:`LandmarksError` when a loss is not finite."""
+    vals = {k: float(v) for k, v in stats.items()}
+    for k in ("loss", "local_loss"):
+        if k in vals and not math.isfinite(vals[k]):
+            raise LandmarksError(f"the loss became {vals[k]} by step {step}: lower the learning rate (optim.lr) "
+                                 f"or enable gradient clipping (optim.grad_clip)")
+    return vals
 
 
 def _fmt_metrics(row: dict[str, Any]) -> str:
@@ -1001,7 +1025,7 @@ def train(conf: TrainConfig, data: str | Path | Sequence[ImageRecord], out: str 
     dist = Dist.from_env(device)
     try:
         devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), precision.cudnn_benchmark(dist.device):
             trainer = Trainer(conf, data, out, resume=resume, time_budget_min=time_budget_min, dist=dist)
             if on_trainer is not None:
                 on_trainer(trainer)
