@@ -8,16 +8,20 @@ Both sides use the same model, input size, batch size and torch threads:
   stage alone is also timed (``extract_embeddings``, no model loading, no index build).
 - ``bare forward``: the images decoded and preprocessed beforehand into tensors; only
   ``model.embed(batch)`` is timed (inference_mode, channels-last).
+- ``timm forward``: the same tensors through the timm model alone (``forward_features``: no GeM, no
+  neck, no normalisation), the floor of any pipeline built on that backbone.
 
 Best of ``--repeats``, alternating. Goal: index / bare forward >= 0.8.
 
 Images: ``--images`` (a labelled list or folder), else the landmark photos of ``--data``
 (``<repo>/../shared/data/realworld/landmarks.csv``, 793 JPEGs up to 1024 px) through a list file in a
 temporary folder (the photos are not copied), else ``--synthetic`` smooth random 800x600 JPEGs.
-Model: ``--model RUN``, else a random-init LandmarkNet (``--backbone``, ``--image-size``, 512-d) saved
-to a temporary run.
+Model: ``--model RUN``; else ``--pretrained lite0`` (``landmarks init``: the package's ImageNet
+EfficientNet-Lite0 + GeM, no neck, at ``--image-size``); else a random-init LandmarkNet (``--backbone``,
+``--image-size``, 512-d) saved to a temporary run.
 
     .venv/bin/python bench/extract.py [--backbone mobilenetv3_large_100 --image-size 128] [--batch-size 32]
+    .venv/bin/python bench/extract.py --pretrained lite0 --image-size 256
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ def main() -> int:
     ap.add_argument("--images", default=None, help="a labelled collection to index instead")
     ap.add_argument("--synthetic", type=int, default=0, help="use N synthetic JPEGs")
     ap.add_argument("--model", default=None, help="a trained run (default: random-init --backbone)")
+    ap.add_argument("--pretrained", default=None, help="package weights (lite0, lite1, lite2): `landmarks init` run")
     ap.add_argument("--backbone", default="mobilenetv3_large_100")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -130,7 +135,15 @@ def main() -> int:
             lst = tmp / "limited.txt"
             lst.write_text("\n".join(text) + "\n")
             what = f"the first {len(text)} of " + what
-        run = Path(args.model) if args.model else make_run(tmp / "run", args.backbone, args.image_size)
+        if args.model:
+            run = Path(args.model)
+        elif args.pretrained:
+            from landmarks.checkpoint import init_run
+
+            run = tmp / "run"
+            init_run(run, args.pretrained, image_size=args.image_size)
+        else:
+            run = make_run(tmp / "run", args.backbone, args.image_size)
         records = load_collection(lst)
         n = len(records)
         emb = extract.load_embedder(run, "cpu")
@@ -146,6 +159,15 @@ def main() -> int:
             with torch.inference_mode():
                 for x in batches:
                     model.embed(x.contiguous(memory_format=torch.channels_last))
+            return time.perf_counter() - t
+
+        timm_model = model.backbone.model
+
+        def timm_forward() -> float:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for x in batches:
+                    timm_model.forward_features(x.contiguous(memory_format=torch.channels_last))
             return time.perf_counter() - t
 
         def index_cmd(name: str, same_threads: bool) -> float:
@@ -173,12 +195,13 @@ def main() -> int:
             threads = nthreads
             torch.set_num_threads(threads)
             bare()  # warm-up (allocator, oneDNN kernels)
-            t_bare = t_index = t_extract = float("inf")
+            t_bare = t_index = t_extract = t_timm = float("inf")
             for i in range(args.repeats):
+                t_timm = min(t_timm, timm_forward())
                 t_bare = min(t_bare, bare())
                 t_index = min(t_index, index_cmd(f"index{threads}-{i}", True))
                 t_extract = min(t_extract, extraction(f"extract{threads}-{i}"))
-            results.append((threads, t_bare, t_index, t_extract))
+            results.append((threads, t_timm, t_bare, t_index, t_extract))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     say("# bench/extract: `landmarks index` from JPEG files vs the bare model forward on decoded tensors")
@@ -188,12 +211,14 @@ def main() -> int:
         f"DataLoader worker(s) decode for the index run; best of {args.repeats}, alternating. CPU: {platform.machine()}, "
         f"{os.cpu_count()} cores, load average {load:.1f} at the end (shared machine).")
     say()
-    say("| torch threads | bare forward (pre-decoded tensors, `model.embed` only) | `landmarks index` (whole command: "
-        "load, decode, embed, write chunks, build, save) | index / bare | extraction stage only | extraction / bare |")
-    say("|---:|---:|---:|---:|---:|---:|")
-    for threads, t_bare, t_index, t_extract in results:
-        say(f"| {threads} | {n / t_bare:.1f} img/s | {n / t_index:.1f} img/s | **{t_bare / t_index:.2f}x** | "
-            f"{n / t_extract:.1f} img/s | {t_bare / t_extract:.2f}x |")
+    say("| torch threads | timm `forward_features` (pre-decoded tensors) | bare forward (pre-decoded tensors, "
+        "`model.embed` only) | `landmarks index` (whole command: load, decode, embed, write chunks, build, save) "
+        "| index / bare | index / timm | extraction stage only | extraction / bare |")
+    say("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for threads, t_timm, t_bare, t_index, t_extract in results:
+        say(f"| {threads} | {n / t_timm:.1f} img/s | {n / t_bare:.1f} img/s | {n / t_index:.1f} img/s | "
+            f"**{t_bare / t_index:.2f}x** | **{t_timm / t_index:.2f}x** | {n / t_extract:.1f} img/s | "
+            f"{t_bare / t_extract:.2f}x |")
     say()
     say(f"`landmarks index` on CPU defaults to cores - decoding workers = {max(1, len(os.sched_getaffinity(0)) - workers)} "
         "torch thread(s) (`--threads` overrides it).")

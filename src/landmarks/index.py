@@ -14,8 +14,16 @@ An index folder::
                             non-landmark set N (0 without N): the GLR-2020 index-side penalty
         nonlandmarks.npy    (M, D) float32 embeddings of N (absent without N)
         nonlandmarks.json   {"ids": [...]}
+        whitening.safetensors  (with ``--whiten``) PCA-whitening learned on the index images at build
+                            time (:mod:`landmarks.whiten`); its SHA-256 is in meta.json["whitening"]
       skipped.csv           images that could not be read
       work/                 extraction chunks while ``landmarks index`` runs (removed when done)
+
+Embeddings enter an index in the model's space and :meth:`LandmarkIndex.project` maps them to the
+index's space (identity, or the index's PCA-whitening): :meth:`~LandmarkIndex.build`,
+:meth:`~LandmarkIndex.add` and :meth:`~LandmarkIndex.set_non_landmarks` call it on what they store,
+and the :class:`~landmarks.recognize.Recognizer` on every query batch; :meth:`~LandmarkIndex.search`
+and :meth:`~LandmarkIndex.query_ood` take index-space queries (width :attr:`~LandmarkIndex.d`).
 
 Saving writes a new ``data-NNNNNN`` folder, then replaces ``meta.json`` atomically, then deletes the
 old folder: a reader or a killed writer always sees one complete, consistent index. Loading with a model
@@ -74,6 +82,14 @@ from landmarks import __version__
 from landmarks.config import from_dict, to_dict
 from landmarks.errors import IncompatibleArtifactError, LandmarksError
 from landmarks.utils.io import atomic_save, read_json, write_json
+from landmarks.whiten import (
+    WhitenConfig,
+    Whitening,
+    apply_whitening,
+    learn_whitening,
+    load_whitening,
+    save_whitening,
+)
 
 logger = logging.getLogger("landmarks")
 
@@ -208,8 +224,9 @@ class LandmarkIndex:
     def __init__(self, *, ids: list[str], landmarks: list[str | None], paths: list[str | None], labels: np.ndarray,
                  embeddings: np.ndarray, faiss_index: faiss.Index, penalty: np.ndarray,
                  non_landmarks: np.ndarray | None, non_landmark_ids: list[str], meta: dict[str, Any],
-                 conf: IndexConfig, path: Path | None = None):
+                 conf: IndexConfig, path: Path | None = None, whitening: Whitening | None = None):
         self.ids = ids
+        self.whitening = whitening
         self.landmarks = landmarks
         self.paths = paths
         self.labels = labels
@@ -233,7 +250,7 @@ class LandmarkIndex:
               model: dict[str, Any], paths: Sequence[str | Path | None] | None = None,
               conf: IndexConfig | None = None, views: dict[str, Any] | None = None,
               non_landmarks: np.ndarray | None = None, non_landmark_ids: Sequence[str] | None = None,
-              ) -> LandmarkIndex:
+              whiten: WhitenConfig | None = None) -> LandmarkIndex:
         """Build an index.
 
         Args:
@@ -243,6 +260,8 @@ class LandmarkIndex:
             model: the embedder's ``describe()`` (must hold ``fingerprint``).
             conf: index type and parameters. views: extraction views (``{"scales", "flip"}``).
             non_landmarks: ``(M, D)`` float32 embeddings of the non-landmark set N (None: no penalties).
+            whiten: learn PCA-whitening on ``embeddings`` (unlabelled) and store everything whitened
+                (``(N, dim)``); queries are whitened by :meth:`project`. None: no whitening.
         """
         conf = conf or IndexConfig()
         if "fingerprint" not in model:
@@ -255,6 +274,11 @@ class LandmarkIndex:
         paths_list: list[str | None] = [None if p is None else str(p) for p in paths] if paths is not None \
             else [None] * len(ids)
         _check_rows(ids, landmarks, paths_list, len(xb))
+        whitening = None
+        if whiten is not None:
+            whitening = learn_whitening(xb, whiten.dim, whiten.shrinkage)
+            xb = apply_whitening(xb, whitening)
+            d = whitening.dim
         labels = np.arange(len(xb), dtype=np.int64)
         findex = _new_index(conf, d, xb)
         if len(xb):
@@ -268,10 +292,12 @@ class LandmarkIndex:
             "index": to_dict(conf),
             "created": _now(),
         }
+        if whitening is not None:
+            meta["whitening"] = whitening.describe()
         idx = cls(ids=ids, landmarks=landmarks, paths=paths_list, labels=labels,
                   embeddings=np.asarray(xb, dtype=conf.dtype), faiss_index=findex,
                   penalty=np.zeros(len(xb), np.float32), non_landmarks=None, non_landmark_ids=[],
-                  meta=meta, conf=conf)
+                  meta=meta, conf=conf, whitening=whitening)
         if non_landmarks is not None:
             idx.set_non_landmarks(non_landmarks, non_landmark_ids)
         return idx
@@ -283,8 +309,22 @@ class LandmarkIndex:
 
     @property
     def d(self) -> int:
-        """Embedding width D."""
+        """Width of the stored (index-space) embeddings: the model's D, or the whitening's dim."""
         return int(self.meta["embedding_dim"])
+
+    @property
+    def model_d(self) -> int:
+        """Width of the model's embeddings, which :meth:`project` takes."""
+        return self.whitening.in_dim if self.whitening is not None else self.d
+
+    def project(self, x: np.ndarray, name: str = "embeddings") -> np.ndarray:
+        """Model-space embeddings ``(n, model_d)`` -> index space ``(n, d)`` float32, L2-normalised.
+
+        The one place where the index's whitening (if any) is applied: to what is stored (index images,
+        non-landmarks) and to every query batch.
+        """
+        x = as_xq(x, self.model_d, name)
+        return x if self.whitening is None else apply_whitening(x, self.whitening)
 
     @property
     def fingerprint(self) -> str:
@@ -336,6 +376,7 @@ class LandmarkIndex:
             "model_fingerprint": model["fingerprint"],
             "model_name": model.get("name"),
             "views": self.views,
+            "whitening": self.meta.get("whitening"),
             "created": self.meta.get("created"),
             "updated": self.meta.get("updated"),
         }
@@ -436,13 +477,14 @@ class LandmarkIndex:
     # -- changes -----------------------------------------------------------------------------------
 
     def set_non_landmarks(self, embeddings: np.ndarray | None, ids: Sequence[str] | None = None) -> None:
-        """Store the non-landmark set N (``(M, D)`` float32) and recompute every index image's penalty."""
+        """Store the non-landmark set N (``(M, model_d)`` float32 model embeddings, projected here) and
+        recompute every index image's penalty."""
         self._nl_index = None
         if embeddings is None or len(embeddings) == 0:
             self.non_landmarks, self.non_landmark_ids = None, []
             self.penalty = np.zeros(len(self), np.float32)
             return
-        xn = as_xq(embeddings, self.d, "non-landmark embeddings")
+        xn = self.project(embeddings, "non-landmark embeddings")
         self.non_landmarks = xn
         self.non_landmark_ids = list(ids) if ids is not None else [str(i) for i in range(len(xn))]
         if len(self.non_landmark_ids) != len(xn):
@@ -460,12 +502,12 @@ class LandmarkIndex:
         """Append images (new images of known landmarks or whole new landmarks); no retraining.
 
         Args:
-            embeddings: ``(n, D)`` float32, L2-normalised, from the index's model.
+            embeddings: ``(n, model_d)`` float32, L2-normalised, from the index's model (projected here).
 
         Returns:
             The number of rows added. Raises on ids already in the index.
         """
-        xb = as_xq(embeddings, self.d, "embeddings")
+        xb = self.project(embeddings)
         ids, landmarks = list(ids), list(landmarks)
         paths_list: list[str | None] = [None if p is None else str(p) for p in paths] if paths is not None \
             else [None] * len(ids)
@@ -544,6 +586,8 @@ class LandmarkIndex:
             nl = self.non_landmarks
             atomic_save(tmp / "nonlandmarks.npy", lambda p: np.save(p, nl))
             write_json(tmp / "nonlandmarks.json", {"ids": self.non_landmark_ids})
+        if self.whitening is not None:
+            save_whitening(tmp / "whitening.safetensors", self.whitening)
         os.replace(tmp, path / gen)
         self.meta.update({
             "generation": gen,
@@ -587,11 +631,14 @@ class LandmarkIndex:
         emb = np.load(data / "embeddings.npy", mmap_mode="r" if mmap else None)
         nl = np.load(data / "nonlandmarks.npy") if (data / "nonlandmarks.npy").exists() else None
         nl_ids = read_json(data / "nonlandmarks.json")["ids"] if nl is not None else []
+        whitening = None
+        if meta.get("whitening"):
+            whitening = load_whitening(data / "whitening.safetensors", expect_sha256=meta["whitening"].get("sha256"))
         idx = cls(ids=list(images["ids"]), landmarks=list(images["landmarks"]), paths=list(images["paths"]),
                   labels=np.load(data / "labels.npy"), embeddings=emb,
                   faiss_index=faiss.read_index(str(data / "faiss.index")),
                   penalty=np.load(data / "penalty.npy"), non_landmarks=nl, non_landmark_ids=nl_ids,
-                  meta=meta, conf=conf, path=path)
+                  meta=meta, conf=conf, path=path, whitening=whitening)
         if idx.faiss_index.ntotal != len(idx.ids) or emb.shape != (len(idx.ids), idx.d):
             raise IncompatibleArtifactError(f"{path}: the index files disagree in size; rebuild the index")
         if fingerprint is not None:

@@ -113,7 +113,8 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                 non_landmarks: Source | Sequence[Source] | None = None, unlabelled: bool = False,
                 local: str | None = None, index_conf: Any = None, extract_conf: Any = None,
                 device: str = "cpu", overwrite: bool = False, image_dir: Source | None = None,
-                local_workers: int | None = None, show_progress: bool = True) -> Path:
+                local_workers: int | None = None, show_progress: bool = True, whiten: Any = None,
+                calibration: Any = None) -> Path:
     """Embed a collection and write an index folder; returns ``out``.
 
     Args:
@@ -131,6 +132,10 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
         device: torch device (``auto``: CUDA when available).
         overwrite: replace an index already in ``out`` (else that is an error).
         local_workers: decoding/SIFT processes of the local-feature extraction (None: CPUs - 1).
+        whiten: :class:`~landmarks.whiten.WhitenConfig`: learn PCA-whitening on the index images and
+            store it in the index (applied to index, non-landmark and query embeddings). None: none.
+        calibration: :class:`~landmarks.calibrate.CalibrationConfig` of the ``is_landmark`` threshold
+            (default: calibrate when there is a non-landmark set); stored in ``meta.json["calibration"]``.
 
     Unreadable images are skipped into ``out/skipped.csv``. Under ``torchrun`` every rank embeds its
     share and rank 0 extracts the local features and writes the index. Raises :class:`LandmarksError`.
@@ -192,14 +197,32 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                     len(store), store.root, store.nbytes() / 1e6, len(lres.skipped))
     index = LandmarkIndex.build(res.embeddings, res.ids, [r.landmark for r in kept],
                                 paths=[str(Path(r.path).absolute()) for r in kept], model=embedder.describe(),
-                                conf=conf, views=ext_conf.views(), non_landmarks=nl_emb, non_landmark_ids=nl_ids)
+                                conf=conf, views=ext_conf.views(), non_landmarks=nl_emb, non_landmark_ids=nl_ids,
+                                whiten=whiten)
     if local_entry is not None:
         index.meta["local"] = local_entry
+    _calibrate(index, calibration)
     index.save(out)
     shutil.rmtree(out / "work", ignore_errors=True)
     logger.info("indexed %d images of %d landmarks into %s; skipped %d", len(index),
                 len({lm for lm in index.landmarks if lm}), out, len(res.skipped))
     return out
+
+
+def _calibrate(index: Any, calibration: Any) -> None:
+    """Store the calibrated ``is_landmark`` threshold in ``index.meta`` (default voting settings)."""
+    from landmarks.calibrate import CalibrationConfig, calibrate_index
+    from landmarks.recognize import RecognizeConfig
+
+    r = RecognizeConfig()
+    entry = calibrate_index(index, calibration or CalibrationConfig(), k=r.k, ood=r.ood, ood_weight=r.ood_weight,
+                            ood_query_k=r.ood_query_k)
+    index.meta.pop("calibration", None)
+    if entry is not None:
+        index.meta["calibration"] = entry
+        logger.info("is_landmark threshold %.4f: precision %.3f (target %.2f), %.1f%% of landmark queries "
+                    "recognised above it, %.1f%% of non-landmarks above it", entry["threshold"], entry["precision"],
+                    entry["precision_target"], 100 * entry["landmark_recall"], 100 * entry["nonlandmark_yes"])
 
 
 def _query_records(queries: Source | Sequence[Source] | Sequence[ImageRecord],
@@ -237,8 +260,10 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
             ``conf``, ``device``, ``model``, ``embedder`` are ignored).
 
     Returns:
-        ``{"queries", "recognized", "with_landmark", "unreadable", "ood_active", "rerank", "non_landmarks",
-        "seconds", "ms_per_query", "timings_ms"}`` (timings: recognition stages summed over the batch).
+        ``{"queries", "recognized", "with_landmark", "is_landmark", "is_landmark_threshold", "unreadable",
+        "ood_active", "rerank", "non_landmarks", "seconds", "ms_per_query", "timings_ms"}`` (timings:
+        recognition stages summed over the batch; ``is_landmark``: queries whose confidence reaches the
+        calibrated or configured threshold).
     """
     from landmarks import extract
     from landmarks.recognize import Recognizer, neighbours_row
@@ -262,8 +287,12 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
         done = [records[i] for i in res.rows]
         k_ret = retrieval_k if retrieval_csv else 0
         recs = rec.recognize_embeddings(res.embeddings, queries=[r.path for r in done], retrieval_k=k_ret)
+        # GAP ranks every voted landmark by confidence: only an explicit threshold drops predictions (the
+        # calibrated is_landmark answers the yes/no question of the service and the neighbours file)
+        explicit = rec.conf.threshold
         predictions: dict[str, tuple[str, float] | None] = {
-            r.id: ((str(x.landmark), x.confidence) if x.is_landmark and x.landmark else None)
+            r.id: ((str(x.landmark), x.confidence) if x.landmark and (explicit is None or x.confidence >= explicit)
+                   else None)
             for r, x in zip(done, recs)}
         write_recognition_csv(out, predictions, ids=[r.id for r in records])
         if neighbours_jsonl:
@@ -285,6 +314,8 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
         "queries": len(records),
         "recognized": len(done),
         "with_landmark": sum(v is not None for v in predictions.values()),
+        "is_landmark": sum(bool(x.is_landmark) for x in recs),
+        "is_landmark_threshold": info.get("is_landmark_threshold"),
         "unreadable": len(res.skipped),
         "ood_active": bool(info.get("ood_active")),
         "non_landmarks": int(info.get("non_landmarks", 0)),

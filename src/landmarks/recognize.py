@@ -58,8 +58,12 @@ class RecognizeConfig:
     demote_above: int | None = None
     # taken off the confidence of each demoted prediction
     demote_penalty: float = 1.0
-    # below this confidence a query gets no landmark (None: always predict the best landmark)
+    # below this confidence a query gets no landmark (None: always predict the best landmark; is_landmark
+    # then follows the index's calibrated threshold, see `calibrated`)
     threshold: float | None = None
+    # without `threshold`: is_landmark = confidence >= the threshold calibrated at index time
+    # (landmarks.calibrate; only when the index has one made with the same k / ood settings)
+    calibrated: bool = True
     # re-ranking of the top candidates: "none", or "local" (local features + RANSAC; the index needs
     # local features: `landmarks index --local`); a custom Reranker can be passed to Recognizer
     rerank: str = "none"
@@ -240,6 +244,8 @@ class Recognizer:
             self.local = LocalReranker.for_index(
                 index, embedder, self.index_dir or "this index", workers=self.conf.rerank_workers,
                 seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters)
+        #: is_landmark means confidence >= this (None: a landmark was voted); and where it comes from
+        self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         views = index.views
         self.extract_conf = ExtractConfig(batch_size=self.conf.batch_size,
                                           scales=tuple(views.get("scales", [1.0])), flip=bool(views.get("flip")))
@@ -265,9 +271,28 @@ class Recognizer:
             embedder = extract.load_embedder(source, device=device)
         return cls(index, embedder, conf, reranker=reranker, index_dir=index_dir)
 
+    def _is_landmark_threshold(self) -> tuple[float | None, str]:
+        from landmarks.calibrate import voting_matches
+
+        c = self.conf
+        if c.threshold is not None:
+            return float(c.threshold), "configured"
+        entry = (getattr(self.index, "meta", None) or {}).get("calibration")
+        if not c.calibrated or not entry:
+            return None, "none"
+        if not voting_matches(entry, c.k, c.ood and self.index.has_non_landmarks, c.ood_weight, c.ood_query_k):
+            logger.warning("the index's is_landmark calibration was made with other voting settings (%s); "
+                           "is_landmark is not thresholded", entry.get("voting"))
+            return None, "none"
+        return float(entry["threshold"]), "calibrated"
+
     def info(self) -> dict[str, Any]:
-        """Index size, landmark count, model fingerprint and name, views, OOD availability, config."""
+        """Index size, landmark count, model fingerprint and name, views, OOD availability, config, and the
+        ``is_landmark`` threshold (``{"value", "source": "configured" | "calibrated" | "none", ...}``)."""
         info = dict(self.index.info())
+        info["is_landmark_threshold"] = {"value": self.is_landmark_threshold, "source": self.threshold_source,
+                                         **({"calibration": self.index.meta["calibration"]}
+                                            if self.threshold_source == "calibrated" else {})}
         info["recognize"] = asdict(self.conf)
         info["ood_active"] = bool(self.conf.ood and self.index.has_non_landmarks)
         return info
@@ -288,14 +313,15 @@ class Recognizer:
         if ids is not None and len(ids) != len(images):
             raise LandmarksError(f"{len(images)} images but {len(ids)} ids")
         t0 = time.perf_counter()
-        xq = self.embed(images) if len(images) else np.zeros((0, self.index.d), np.float32)
+        xq = self.embed(images) if len(images) else np.zeros((0, self.index.model_d), np.float32)
         t_embed = (time.perf_counter() - t0) * 1000.0
         return self.recognize_embeddings(xq, queries=list(images), extra_timings={"embed": t_embed}, t_start=t0)
 
     def recognize_embeddings(self, xq: np.ndarray, queries: Sequence[np.ndarray | str | Path] | None = None,
                              extra_timings: dict[str, float] | None = None,
                              t_start: float | None = None, retrieval_k: int = 0) -> list[Recognition]:
-        """Recognize from query embeddings ``xq (nq, D)`` float32 L2-normalised.
+        """Recognize from the model's query embeddings ``xq (nq, D)`` float32 L2-normalised (mapped to the
+        index's space, e.g. whitened, by :meth:`LandmarkIndex.project`).
 
         ``queries`` (images or paths) are handed to the re-ranker when one is configured. With
         ``retrieval_k`` each :class:`Recognition` also lists the ids of the ``retrieval_k`` nearest
@@ -315,6 +341,7 @@ class Recognizer:
         k_rerank = conf.rerank_candidates if (self.reranker is not None or self.local is not None) else 0
         k_search = max(conf.k, k_rerank, retrieval_k)
         t = time.perf_counter()
+        xq = self.index.project(xq, "query embeddings")
         sims, rows = self.index.search(xq, k_search)
         timings["search"] = (time.perf_counter() - t) * 1000.0
 
@@ -351,7 +378,7 @@ class Recognizer:
             nbrs = self._neighbours(shown[q, :conf.k], rows[q, :conf.k], None if inliers is None else inliers[q, :conf.k])
             lm = names[best[q]] if best[q] >= 0 else None
             c = float(confidence[q]) if np.isfinite(confidence[q]) else 0.0
-            is_lm = lm is not None and (conf.threshold is None or c >= conf.threshold)
+            is_lm = lm is not None and (self.is_landmark_threshold is None or c >= self.is_landmark_threshold)
             out.append(Recognition(landmark=lm, confidence=c, is_landmark=is_lm, neighbours=nbrs,
                                    timings_ms=dict(timings), retrieval=None if retrieval is None else retrieval[q]))
         return out
@@ -376,8 +403,8 @@ class Recognizer:
         return best, conf, names
 
     def retrieve(self, xq: np.ndarray, k: int = 100) -> list[list[str]]:
-        """Ids of the ``k`` most similar index images of each query (cosine, no voting)."""
-        _, rows = self.index.search(xq, k)
+        """Ids of the ``k`` most similar index images of each query (model embeddings; cosine, no voting)."""
+        _, rows = self.index.search(self.index.project(xq, "query embeddings"), k)
         return [[self.index.ids[r] for r in row if r >= 0] for row in rows]
 
     def _neighbours(self, sims: np.ndarray, rows: np.ndarray, inliers: np.ndarray | None) -> list[Neighbour]:
@@ -490,7 +517,19 @@ class Recognizer:
                                    skipped_csv=self.index_dir / "skipped.csv", num_workers=num_workers)
         n = self.index.add(res.embeddings, [r.id for r in recs], [str(r.landmark) for r in recs],
                            [str(Path(r.path).absolute()) for r in recs])
+        if self.index.meta.get("calibration"):  # new images and landmarks: calibrate again with the same targets
+            from landmarks.calibrate import CalibrationConfig, calibrate_index
+
+            old = self.index.meta.pop("calibration")
+            v = old.get("voting", {})
+            entry = calibrate_index(self.index, CalibrationConfig(precision=old["precision_target"],
+                                                                  ood_share=old["ood_share"]),
+                                    k=v.get("k", 3), ood=v.get("ood", True), ood_weight=v.get("ood_weight", 1.0),
+                                    ood_query_k=v.get("ood_query_k", 10))
+            if entry is not None:
+                self.index.meta["calibration"] = entry
         self.index.save(self.index_dir)
+        self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)

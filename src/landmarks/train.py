@@ -88,6 +88,15 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained backbone (the defaults train every parameter from the first step)."""
+
+    frozen_levels: int = 0  # backbone feature levels (timm feature_info, stem first) frozen for the whole run
+    head_only_fraction: float = 0.0  # share of the optimizer steps at the start with the whole backbone frozen
+    freeze_bn: bool = False  # keep the backbone's BatchNorm layers in eval mode (pretrained statistics)
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; saved resolved as ``RUN/config.json``."""
 
@@ -95,6 +104,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the network
     data: DataConfig = field(default_factory=DataConfig)  # data, split, augmentations
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # frozen parts of a pretrained backbone
     epochs: int = 10  # passes over the training split
     steps: int = 0  # total optimizer steps (0: epochs x steps per epoch); --time-budget sets it
     batch_size: int = 32  # global micro-batch (split over torchrun processes)
@@ -213,7 +223,11 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def param_groups(model: LandmarkNet, conf: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW/SGD parameter groups: backbone, neck+pool, head, local; no decay on 1-d parameters."""
+    """AdamW/SGD parameter groups: backbone, neck+pool, head, local; no decay on 1-d parameters.
+
+    Everything but the backbone (neck, pooling, margin head, local head: the parts that start from random
+    weights) learns at ``lr * head_lr_mult``; the backbone at ``lr``.
+    """
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -223,7 +237,7 @@ def param_groups(model: LandmarkNet, conf: OptimConfig) -> list[dict[str, Any]]:
         groups.setdefault((part, decay), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):
-        mult = conf.head_lr_mult if part in ("head", "neck", "pool") else 1.0
+        mult = conf.head_lr_mult if part in ("head", "neck", "pool", "local") else 1.0
         out.append({"params": params, "name": f"{part}{'' if decay else '_no_decay'}", "lr_mult": mult,
                     "weight_decay": conf.weight_decay if decay else 0.0, "lr": conf.lr * mult})
     return out
@@ -413,6 +427,18 @@ class Trainer:
         if c.local_only:
             for name, p in net.named_parameters():
                 p.requires_grad = name.startswith("local.")
+        ft = c.finetune
+        if not 0.0 <= ft.head_only_fraction <= 1.0:
+            raise ConfigError(f"finetune.head_only_fraction must lie in [0, 1], got {ft.head_only_fraction}")
+        if ft.head_only_fraction > 0 and self.dist.world_size > 1:
+            raise ConfigError("finetune.head_only_fraction is not supported under torchrun (DDP cannot change "
+                              "the trainable parameters mid-run); use finetune.frozen_levels")
+        #: Backbone parameters frozen for the whole run (names in ``net``), and the modules holding them.
+        self.frozen_names = {f"backbone.model.{n}" for n in net.backbone.frozen_parameter_names(ft.frozen_levels)}
+        for name, p in net.named_parameters():
+            if name in self.frozen_names:
+                p.requires_grad = False
+        self._head_only: bool | None = None  # the head-only phase in force (None: not applied yet)
         self.amp_dtype = resolve_amp(c.amp, self.device)
         net.to(self.device)
         if c.channels_last:
@@ -510,8 +536,31 @@ class Trainer:
     def _set_train_mode(self) -> None:
         self.model.train()
         if self.conf.local_only:
-            for m in self.net.global_modules() + [self.net.head]:
+            for m in self.net.global_modules() + ([self.net.head] if self.net.head is not None else []):
                 m.eval()
+        ft = self.conf.finetune
+        if self._head_only:
+            self.net.backbone.eval()
+        elif ft.freeze_bn or self.frozen_names:
+            for name, m in self.net.backbone.model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+                        ft.freeze_bn or any(f"backbone.model.{name}.{p}" in self.frozen_names
+                                            for p, _ in m.named_parameters(recurse=False))):
+                    m.eval()
+
+    def _apply_head_only(self, on: bool) -> None:
+        """Enter (``on``) or leave the head-only phase: the whole backbone frozen and in eval mode."""
+        if self._head_only == on:
+            return
+        self._head_only = on
+        if not self.conf.local_only:
+            for name, p in self.net.backbone.named_parameters():
+                p.requires_grad = not on and f"backbone.{name}" not in self.frozen_names
+        self._set_train_mode()
+
+    def _phase_for(self, step: int) -> bool:
+        """Whether optimizer step ``step`` belongs to the head-only phase."""
+        return step < round(self.conf.finetune.head_only_fraction * self.total)
 
     def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one micro-batch and its statistics as detached 0-d tensors on the device (reading
@@ -562,6 +611,8 @@ class Trainer:
         next read of the statistics (:func:`read_stats`), so that no step waits for the GPU."""
         acc_n = self.conf.optim.accumulate
         sync = (micro + 1) % acc_n == 0
+        if micro % acc_n == 0 and self.conf.finetune.head_only_fraction > 0:
+            self._apply_head_only(self._phase_for(self.step))
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         ctx = self.model.no_sync() if (ddp and not sync) else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:
@@ -671,6 +722,7 @@ class Trainer:
                         "a": h.margin_a, "b": h.margin_b, "subcenters": h.subcenters,
                         "class_weighted": h.class_weighted},
             "gem_p": float(self.net.pool.p.detach().float().cpu()[0]),
+            "pretrained": self.net.backbone.pretrained_info,
             "local": local, "epoch": epoch, "step": self.step, "metrics": metrics,
             "versions": ckpt.library_versions(), **ckpt.git_info(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -718,7 +770,8 @@ class Trainer:
         model_state = copy.deepcopy(self.net.state_dict())
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         rng = torch.get_rng_state()
-        self._set_train_mode()
+        head_only = self._head_only
+        self._apply_head_only(False)  # time the slower steps (backbone trainable): the bulk of a run
         n = min(warm + steps, sampler.batches_per_epoch)
         sampler.set_epoch(0, 0, n)
         times = []
@@ -736,6 +789,8 @@ class Trainer:
         self.net.load_state_dict(model_state)
         self.optimizer.load_state_dict(opt_state)
         torch.set_rng_state(rng)
+        if head_only is not None:
+            self._apply_head_only(head_only)
         step_s = float(np.median(times[warm:] if len(times) > warm else times))
         eval_img_s = ckpt_s = 0.0
         if self.dist.is_main:

@@ -2,7 +2,7 @@
 
     landmarks index --model runs/r50 --images data/train.csv --out index/ \\
         [--non-landmarks data/nonlandmarks/] [--type flat|ivfpq|hnsw] [--multiscale] [--flip] \\
-        [--local sift|model] [--unlabelled]
+        [--local sift|model] [--unlabelled] [--whiten [DIM]] [--precision 0.9]
 
 A killed run started again with the same arguments resumes from its finished chunks (``OUT/work/``,
 ``OUT/local/``). Under ``torchrun`` every rank embeds its share of the chunks and rank 0 extracts the
@@ -50,6 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", choices=("sift", "model"), default=None,
                         help="also store every image's local features in OUT/local/ for `recognize --rerank local`: "
                              "sift (RootSIFT, weight-free) or model (the run's DELG-style local head)")
+    parser.add_argument("--whiten", nargs="?", type=int, const=0, default=None, metavar="DIM",
+                        help="learn PCA-whitening on the indexed images themselves (no labels) and apply it to "
+                             "index, non-landmark and query embeddings; DIM components (default: min(512, images - 1)). "
+                             "Helps a model that was not trained on landmarks (`landmarks init`)")
+    parser.add_argument("--whiten-shrinkage", type=float, default=0.1, metavar="S",
+                        help="whitening divides by sqrt(eigenvalue + S * mean eigenvalue) (default 0.1; 0: full)")
+    parser.add_argument("--precision", type=float, default=0.9,
+                        help="calibrate is_landmark (needs --non-landmarks) so that a 'yes' names the right landmark "
+                             "with this precision, from leave-one-out queries of the index images (default 0.9)")
+    parser.add_argument("--ood-share", type=float, default=0.5,
+                        help="share of queries expected to show no landmark, the prior behind --precision (default 0.5)")
+    parser.add_argument("--no-calibrate", action="store_true", help="do not calibrate is_landmark")
     parser.add_argument("--local-workers", type=int, default=None,
                         help="processes decoding (and running SIFT) for --local (default: CPUs - 1, at most 8)")
 
@@ -57,9 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Embed, build, save (:func:`landmarks.pipeline.build_index`); returns 0."""
     from landmarks import extract
+    from landmarks.calibrate import CalibrationConfig
     from landmarks.index import IndexConfig, LandmarkIndex
     from landmarks.pipeline import build_index
+    from landmarks.whiten import WhitenConfig
 
+    whiten = None if args.whiten is None else WhitenConfig(dim=args.whiten or None, shrinkage=args.whiten_shrinkage)
+    calibration = CalibrationConfig(enabled=not args.no_calibrate, precision=args.precision, ood_share=args.ood_share)
     rank, _ = rank_world()
     device = resolve_device(args.device)
     setup_threads(device, args.threads, args.workers)
@@ -70,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                       unlabelled=args.unlabelled, local=args.local,
                       index_conf=IndexConfig(type=args.type, dtype=args.dtype), extract_conf=ext_conf,
                       device=device, overwrite=args.overwrite, image_dir=args.image_dir,
-                      local_workers=args.local_workers)
+                      local_workers=args.local_workers, whiten=whiten, calibration=calibration)
     if rank != 0:
         return 0
     index = LandmarkIndex.load(out)
@@ -80,7 +96,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"indexed {len(index)} images of {index.num_landmarks} landmarks into {out} "
           f"({index.conf.type}, {index.d}-d" + (f", {n_nl} non-landmarks" if n_nl else "")
           + (f", local features: {local['features']}" if local else "")
+          + (f", whitened {index.whitening.in_dim} -> {index.whitening.dim}" if index.whitening is not None else "")
           + f"); skipped {skipped}" + (f" (see {out / 'skipped.csv'})" if skipped else ""))
+    cal = index.meta.get("calibration")
+    if cal:
+        print(f"is_landmark: confidence >= {cal['threshold']:.4f} (precision {cal['precision']:.3f}"
+              + ("" if cal["reached"] else f", target {cal['precision_target']:g} not reached")
+              + f" at {cal['ood_share']:.0%} non-landmark queries; leave-one-out: {cal['landmark_recall']:.1%} of "
+              f"{cal['landmark_queries']} landmark images recognised above it, {cal['nonlandmark_yes']:.1%} of "
+              f"{cal['nonlandmark_queries']} non-landmarks above it)")
+    elif not args.no_calibrate:
+        print("is_landmark: not calibrated (needs --non-landmarks and a landmark with 2+ images)")
     return 0
 
 

