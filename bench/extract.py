@@ -115,12 +115,12 @@ def main() -> int:
     from landmarks.cli import main as landmarks_main
     from landmarks.data.collection import load_collection
     from landmarks.data.decode import decode_image
-    from landmarks.utils.seed import default_num_workers
+    from landmarks.utils.dist import cpu_count, default_workers
 
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_count()
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
     threads = thread_counts[0]
-    workers = default_num_workers() if args.workers is None else args.workers
+    workers = default_workers() if args.workers is None else args.workers
     lines: list[str] = []
 
     def say(s: str = "") -> None:
@@ -220,7 +220,7 @@ def main() -> int:
             f"**{t_bare / t_index:.2f}x** | **{t_timm / t_index:.2f}x** | {n / t_extract:.1f} img/s | "
             f"{t_bare / t_extract:.2f}x |")
     say()
-    say(f"`landmarks index` on CPU defaults to cores - decoding workers = {max(1, len(os.sched_getaffinity(0)) - workers)} "
+    say(f"`landmarks index` on CPU defaults to cores - decoding workers = {max(1, cores - workers)} "
         "torch thread(s) (`--threads` overrides it).")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

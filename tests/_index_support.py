@@ -7,6 +7,7 @@ noisy views of one synthetic "landmark" pattern embed close together and unrelat
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ class TinyPreprocess:
 class TinyEmbedder:
     """A deterministic :class:`landmarks.extract.Embedder` for tests (no training, no weights)."""
 
-    def __init__(self, dim: int = 32, size: int = 32, seed: int = 0, delay_s: float = 0.0, source: str | None = None):
+    def __init__(self, dim: int = 32, size: int = 32, seed: int = 0, delay_s: float = 0.0, source: str | None = None,
+                 block_after: int | None = None):
         g = torch.Generator().manual_seed(seed)
         self.proj = torch.randn(3 * 8 * 8, dim, generator=g)
         self.seed = seed
@@ -41,11 +43,12 @@ class TinyEmbedder:
         self.size = size
         self.delay_s = delay_s
         self.source = source
+        self.block_after = block_after  # embed() calls after which the next one never returns (kill tests)
         self.calls = 0
 
     @classmethod
     def from_run(cls, run: str | Path, device: Any = "cpu") -> TinyEmbedder:
-        """Read ``tiny.json`` (seed, dim, delay_s) from a fake run folder."""
+        """Read ``tiny.json`` (seed, dim, delay_s, block_after) from a fake run folder."""
         conf = json.loads((Path(run) / "tiny.json").read_text())
         return cls(source=str(Path(run).absolute()), **conf)
 
@@ -69,6 +72,8 @@ class TinyEmbedder:
         return self.preprocessor(img)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.block_after is not None and self.calls >= self.block_after:
+            threading.Event().wait()  # never set: the process waits here to be killed
         self.calls += 1
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -81,10 +86,12 @@ class TinyEmbedder:
                 "image_size": self.size, "source": self.source}
 
 
-def write_tiny_run(path: Path, seed: int = 0, dim: int = 32, delay_s: float = 0.0) -> Path:
+def write_tiny_run(path: Path, seed: int = 0, dim: int = 32, delay_s: float = 0.0,
+                   block_after: int | None = None) -> Path:
     """A fake model run folder read by :meth:`TinyEmbedder.from_run`."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "tiny.json").write_text(json.dumps({"seed": seed, "dim": dim, "delay_s": delay_s}))
+    conf = {"seed": seed, "dim": dim, "delay_s": delay_s, **({"block_after": block_after} if block_after else {})}
+    (path / "tiny.json").write_text(json.dumps(conf))
     return path
 
 

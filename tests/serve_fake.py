@@ -116,6 +116,13 @@ class FakeRecognizer:
             self.db.extend(new)
         return len(new)
 
+    def pair_verification(self, query: np.ndarray, image_id: str, image: np.ndarray) -> tuple:
+        from landmarks.rerank import PairVerifier
+
+        v = PairVerifier.for_index(None)  # an index without local features: default SIFT
+        fa, fb = v.features(query), v.features(image)
+        return fa, fb, v.verify(fa, fb)
+
     def info(self) -> dict:
         with self._lock:
             return {"size": len(self.db), "landmarks": len({d[1] for d in self.db}), "model": "fake-colour",

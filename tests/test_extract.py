@@ -161,7 +161,7 @@ def test_torchrun_two_ranks_match_single_process(collection: list[ImageRecord], 
     script.write_text(_DIST_SCRIPT.format(tests=str(Path(__file__).parent), root=root, out=str(out)))
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29517", str(script)], check=True,
+    subprocess.run([str(torchrun), "--nproc_per_node=2", "--standalone", str(script)], check=True,
                    env=env, timeout=180, capture_output=True)
     single = extract_embeddings(TinyEmbedder(), collection, tmp_path / "single",
                                 ExtractConfig(batch_size=2, chunk_size=3, num_workers=0), show_progress=False)

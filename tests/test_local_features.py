@@ -20,6 +20,8 @@ from landmarks.local_features import (
     LocalFeatureStore,
     SiftExtractor,
     build_local_extractor,
+    extractor_from_info,
+    make_local_extractor,
     map_to_original,
     root_sift,
 )
@@ -205,7 +207,7 @@ def test_delg_top_n_threshold_and_descriptors():
     assert len(f_thr) == int((ref >= thr).sum()) and (f_thr.scores >= thr).all()
     nothing = DelgExtractor(FakeLoaded(FakeLocalNet()), threshold=2.0)(img)
     assert len(nothing) == 0 and nothing.descriptors.shape == (0, 128)
-    info = ex.info()
+    info = ex.to_info()
     assert info["name"] == "delg" and info["fingerprint"] == "fake123" and info["stride"] == 8
 
 
@@ -223,6 +225,33 @@ def test_delg_uses_normalisation_from_meta_and_refuses_models_without_local_head
 
     with pytest.raises(IncompatibleArtifactError):
         DelgExtractor(FakeLoaded(NoHead()))
+
+
+def test_registry_round_trips_settings_through_info():
+    sift = SiftExtractor(max_features=123, max_side_px=None, contrast_threshold=0.03, edge_threshold=7.0, root=False)
+    again = extractor_from_info(sift.to_info())
+    assert type(again) is SiftExtractor and again.to_info() == sift.to_info()
+    img = textured_image(4)
+    np.testing.assert_array_equal(again(img).descriptors, sift(img).descriptors)
+    assert make_local_extractor("sift").to_info() == SiftExtractor().to_info()
+    assert SiftExtractor().contrast_threshold == 0.02  # what `landmarks index --local sift` has always recorded
+    delg = DelgExtractor(FakeLoaded(FakeLocalNet()), scales=(0.5, 1.0), top_n=17, threshold=0.1, max_side_px=200)
+    back = extractor_from_info(delg.to_info(), FakeLoaded(FakeLocalNet()))
+    assert type(back) is DelgExtractor and back.to_info() == delg.to_info()
+    assert make_local_extractor("model", FakeLoaded(FakeLocalNet()), top_n=17).top_n == 17
+    other = FakeLoaded(FakeLocalNet())
+    other.fingerprint = "other456"
+    with pytest.raises(IncompatibleArtifactError, match="fake123"):
+        extractor_from_info(delg.to_info(), other)
+    with pytest.raises(IncompatibleArtifactError, match="need the model"):
+        extractor_from_info(delg.to_info())
+    with pytest.raises(IncompatibleArtifactError, match="orb"):
+        extractor_from_info({"name": "orb"})
+    with pytest.raises(LandmarksError, match="top_n"):
+        make_local_extractor("sift", top_n=3)
+    with pytest.raises(LandmarksError, match="known: sift, model"):
+        make_local_extractor("orb")
+    assert not SiftExtractor.needs_model and DelgExtractor.needs_model
 
 
 def test_build_local_extractor(tmp_path: Path):
@@ -311,11 +340,9 @@ def test_store_with_empty_chunk(tmp_path: Path):
 
 
 def test_delg_with_a_random_landmarknet():
-    models = pytest.importorskip("landmarks.models")
-    try:
-        net = models.LandmarkNet(models.ModelConfig(backbone="resnet18", local=models.LocalConfig(enabled=True)), 4)
-    except Exception as e:  # pragma: no cover - the model module is another helper's
-        pytest.skip(f"LandmarkNet unavailable: {e}")
+    from landmarks import models
+
+    net = models.LandmarkNet(models.ModelConfig(backbone="resnet18", local=models.LocalConfig(enabled=True)), 4)
     net.eval()
     ex = DelgExtractor(net, scales=(0.5, 1.0), top_n=50)
     img = textured_image(3, 96, 128)

@@ -119,3 +119,47 @@ def test_draw_matches_function():
     assert empty.shape[0] == 50
     with pytest.raises(ValueError):
         draw_matches(a, b, pa, pb[:1])
+
+
+def test_index_option_extracts_with_the_settings_the_index_recorded(images, capsys, tmp_path: Path):
+    from landmarks.data.decode import decode_image
+    from landmarks.local_features import SiftExtractor
+    from landmarks.rerank import PairVerifier
+
+    a, b = images
+    recorded = SiftExtractor(max_features=70, contrast_threshold=0.03)
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    (ix / "meta.json").write_text(json.dumps({"local": {"features": "sift", "dir": "local",
+                                                        "extractor": recorded.to_info()}}))
+    code, out, _ = _run(capsys, str(a), str(b), "--index", str(ix), "--json", "--seed", "4")
+    assert code == 0
+    r = json.loads(out)
+    fa, fb = recorded(decode_image(a)), recorded(decode_image(b))
+    v = PairVerifier(recorded, seed=4, max_iters=10000).verify(fa, fb)  # the CLI's RANSAC: verify()'s defaults
+    assert r["keypoints"] == [len(fa), len(fb)] == [70, 70] and r["inliers"] == v.num_inliers
+    (ix / "meta.json").write_text(json.dumps({"model": {}}))
+    code, _, err = _run(capsys, str(a), str(b), "--index", str(ix))
+    assert code == 2 and "no local features" in err
+    code, _, err = _run(capsys, str(a), str(b), "--index", str(ix), "--features", "sift")
+    assert code == 2 and "--index" in err
+
+
+def test_draw_verification_draws_the_inliers_on_shrunk_images():
+    from landmarks.local_features import SiftExtractor
+    from landmarks.verify import verify
+    from landmarks.viz import draw_matches, draw_verification
+
+    img = textured_image(0)
+    warped = cv2.warpPerspective(img, H_TRUE, (img.shape[1], img.shape[0]), borderValue=(128, 128, 128))
+    ex = SiftExtractor(max_features=300)
+    fa, fb = ex(img), ex(warped)
+    v = verify(fa, fb, "homography", seed=0)
+    got = draw_verification(img, warped, fa, fb, v, max_side_px=160)
+    inl = v.matches[v.inlier_mask]
+    small_a = cv2.resize(img, (160, 120), interpolation=cv2.INTER_AREA)
+    small_b = cv2.resize(warped, (160, 120), interpolation=cv2.INTER_AREA)
+    want = draw_matches(small_a, small_b, (fa.keypoints[inl[:, 0]] + 0.5) * 0.5 - 0.5,
+                        (fb.keypoints[inl[:, 1]] + 0.5) * 0.5 - 0.5)
+    np.testing.assert_array_equal(got, want)
+    assert len(inl) >= 50 and not np.array_equal(got, draw_matches(small_a, small_b, np.zeros((0, 2)), np.zeros((0, 2))))

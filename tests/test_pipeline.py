@@ -99,7 +99,7 @@ def test_local_extraction_resumes_and_skips_unreadable_images(tmp_path: Path) ->
             return super().__call__(img)
 
     ext = Counting()
-    store = LocalFeatureStore.create(tmp_path / "store", ext.dim, ext.info())
+    store = LocalFeatureStore.create(tmp_path / "store", ext.dim, ext.to_info())
     first = extract_local_features(ext, records[:2], store, num_workers=0, show_progress=False)  # "killed" here
     assert first.done == 2 and len(calls) == 2
     res = extract_local_features(ext, records, store, skipped_csv=tmp_path / "skipped.csv", chunk_size=3,
@@ -109,7 +109,7 @@ def test_local_extraction_resumes_and_skips_unreadable_images(tmp_path: Path) ->
     again = LocalFeatureStore.open(tmp_path / "store")
     assert len(again) == len(records) and len(again.get("bad0")) == 0 and len(again.get(records[0].id)) > 20
     # worker processes give the same features as this process
-    par = LocalFeatureStore.create(tmp_path / "par", ext.dim, ext.info())
+    par = LocalFeatureStore.create(tmp_path / "par", ext.dim, ext.to_info())
     extract_local_features(SiftExtractor(), records, par, num_workers=2, show_progress=False)
     for r in records:
         a, b = again.get(r.id), par.get(r.id)

@@ -24,6 +24,7 @@ from landmarks.recognize import (
     query_confidence,
     vote,
 )
+from landmarks.rerank import Candidates, Reranked
 
 torch.set_num_threads(1)
 
@@ -215,16 +216,35 @@ def test_add_new_landmark_makes_it_recognizable(index_dir: Path, tmp_path: Path)
 def test_rerank_hook(index_dir: Path) -> None:
     with pytest.raises(ConfigError, match="re-ranker"):
         Recognizer.load(index_dir, RecognizeConfig(rerank="local"), embedder=TinyEmbedder())
-    seen = []
 
-    def reverse(query: object, cands: list[Neighbour]) -> list[Neighbour]:
-        seen.append(len(cands))
-        out = [Neighbour(n.id, n.landmark, 1.0 if n.landmark == "eiffel" else 0.0, 7, n.path) for n in cands]
-        return sorted(out, key=lambda n: -n.score)
+    class Eiffel:
+        """Scores 1 the candidates of landmark "eiffel", 0 the others; 7 inliers each; retrieval reversed."""
 
-    rec = Recognizer.load(index_dir, RecognizeConfig(rerank_candidates=10), embedder=TinyEmbedder(), reranker=reverse)
-    out = rec.recognize([view(pattern(2), 5)])[0]
-    assert seen == [10] and out.landmark == "eiffel" and out.neighbours[0].inliers == 7
+        seen: list[int] = []
+        closed = 0
+
+        def rerank(self, queries: object, cands: Candidates) -> Reranked:
+            self.seen += [len(ids) for ids in cands.ids]
+            lms = [[rec.index.landmarks[rec.index.row_of(i)] for i in ids] for ids in cands.ids]
+            scores = np.array([[1.0 if lm == "eiffel" else 0.0 for lm in row] for row in lms], np.float32)
+            return Reranked(scores, np.full(scores.shape, 7, np.int64),
+                            [np.arange(len(ids))[::-1] for ids in cands.ids])
+
+        def close(self) -> None:
+            self.closed += 1
+
+    hook = Eiffel()
+    rec = Recognizer.load(index_dir, RecognizeConfig(rerank_candidates=10), embedder=TinyEmbedder(), reranker=hook)
+    xq = rec.embed([view(pattern(2), 5)])
+    plain = rec.retrieve(xq, 12)[0]
+    out = rec.recognize_embeddings(xq, queries=[view(pattern(2), 5)], retrieval_k=12)[0]
+    assert hook.seen == [10] and out.landmark == "eiffel" and out.neighbours[0].inliers == 7
+    assert out.neighbours[0].landmark == "eiffel" and out.neighbours[0].score == 1.0
+    q_ood = float(rec.index.query_ood(xq, rec.conf.ood_query_k)[0]) if rec.index.has_non_landmarks else 0.0
+    assert out.confidence == pytest.approx(3 * 1.0 - q_ood, abs=1e-6)  # k = 3 eiffel candidates score 1 each
+    assert out.retrieval == plain[:10][::-1] + plain[10:]
+    rec.close()
+    assert hook.closed == 1
 
 
 def test_demotion_over_a_batch(index_dir: Path) -> None:

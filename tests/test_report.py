@@ -7,8 +7,6 @@ import io
 import json
 import logging
 import re
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,25 +189,7 @@ def test_no_external_urls(page: str) -> None:
     assert "Content-Security-Policy" in page
 
 
-@pytest.fixture
-def viz(monkeypatch: pytest.MonkeyPatch) -> bool:
-    """True when the real ``landmarks.viz`` is there; otherwise installs a side-by-side stand-in."""
-    try:
-        import landmarks.viz  # noqa: F401
-        return True
-    except ImportError:
-        def draw_matches(img_a: np.ndarray, img_b: np.ndarray, kpts_a: np.ndarray, kpts_b: np.ndarray) -> np.ndarray:
-            h = max(img_a.shape[0], img_b.shape[0])
-            out = np.zeros((h, img_a.shape[1] + img_b.shape[1], 3), dtype=np.uint8)
-            out[:img_a.shape[0], :img_a.shape[1]] = img_a
-            out[:img_b.shape[0], img_a.shape[1]:] = img_b
-            return out
-
-        monkeypatch.setitem(sys.modules, "landmarks.viz", types.SimpleNamespace(draw_matches=draw_matches))
-        return False
-
-
-def test_verified_neighbour_matches_drawn(case: Case, tmp_path: Path, viz: bool) -> None:
+def test_verified_neighbour_matches_drawn(case: Case, tmp_path: Path) -> None:
     page = write_report(case.predictions, case.solution, tmp_path / "r.html").read_text(encoding="utf-8")
     row = re.search(r'<tr[^>]*id="q-q_right_hi".*?</tr>', page, re.S)
     assert row
@@ -222,7 +202,7 @@ def test_verified_neighbour_matches_drawn(case: Case, tmp_path: Path, viz: bool)
     assert page.count('alt="inlier matches"') == 4
 
 
-def test_max_rows_and_match_budget(case: Case, tmp_path: Path, viz: bool) -> None:
+def test_max_rows_and_match_budget(case: Case, tmp_path: Path) -> None:
     out = write_report(case.predictions, case.solution, tmp_path / "r.html",
                        conf=ReportConfig(max_rows=3, max_match_drawings=1))
     page = out.read_text(encoding="utf-8")
@@ -232,13 +212,28 @@ def test_max_rows_and_match_budget(case: Case, tmp_path: Path, viz: bool) -> Non
     assert "drawing budget used" in page
 
 
-def test_page_without_viz_says_so(page: str) -> None:
-    try:
-        import landmarks.viz  # noqa: F401
-    except ImportError:
-        assert "match drawing unavailable" in page
-    else:
-        assert page.count('alt="inlier matches"') == 4
+def test_match_drawings_verify_with_the_index_extractor(case: Case, tmp_path: Path) -> None:
+    """The report recomputes the inliers with the extractor the index recorded, and re-ranking's RANSAC."""
+    from landmarks.data.decode import decode_image
+    from landmarks.local_features import SiftExtractor
+    from landmarks.rerank import PairVerifier
+
+    recorded = SiftExtractor(max_features=60, contrast_threshold=0.01)
+    index_dir = tmp_path / "ix"
+    index_dir.mkdir()
+    (index_dir / "meta.json").write_text(json.dumps(
+        {"local": {"features": "sift", "dir": "local", "extractor": recorded.to_info()}}))
+    counts = {}
+    for name, ix in (("default", None), ("index", index_dir)):
+        page = write_report(case.predictions, case.solution, tmp_path / f"{name}.html",
+                            index_dir=ix).read_text(encoding="utf-8")
+        row = re.search(r'<tr[^>]*id="q-q_right_hi".*?</tr>', page, re.S)
+        assert row and "recomputed (rootsift)" in row.group(0)
+        counts[name] = int(re.search(r"(\d+) recomputed", row.group(0)).group(1))  # type: ignore[union-attr]
+    for name, ext in (("default", SiftExtractor()), ("index", recorded)):  # the oracle: verify() by hand
+        fa, fb = (ext(decode_image(case.root / "images" / f)) for f in ("a_query.jpg", "a_idx.jpg"))
+        assert counts[name] == PairVerifier(ext).verify(fa, fb).num_inliers, name
+    assert counts["index"] != counts["default"]  # so the test tells the two settings apart
 
 
 def test_without_neighbours_file(case: Case, tmp_path: Path) -> None:

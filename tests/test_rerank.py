@@ -20,11 +20,19 @@ from _index_support import TinyEmbedder, write_bad_images
 from _rerank_support import make_queries, make_run, make_scenes, save, scene, warp
 from landmarks.errors import ConfigError, LandmarksError
 from landmarks.index import LandmarkIndex
-from landmarks.local_features import LocalFeatureStore
+from landmarks.local_features import LocalFeatureStore, SiftExtractor
 from landmarks.pipeline import build_index, recognize_queries
 from landmarks.recognize import RecognizeConfig, Recognizer, neighbour_scores
-from landmarks.rerank import local_scores, rerank_order
-from landmarks.verify import inlier_scores
+from landmarks.rerank import (
+    Candidates,
+    LocalReranker,
+    local_meta,
+    local_scores,
+    rerank_order,
+    retrieval_order,
+    verify_candidates,
+)
+from landmarks.verify import verify
 
 LANDMARKS = {"arch": 1, "bridge": 2, "castle": 3, "dome": 4, "eye": 5}
 
@@ -74,15 +82,57 @@ def test_local_scores_match_the_per_query_formula() -> None:
     base[2, 7:] = -np.inf
     inl = rng.integers(-1, 120, (6, 9))
     got = local_scores(base, inl, c=70.0, min_inliers=10)
-    for q in range(6):
-        ok = np.isfinite(base[q])
-        want = inlier_scores(base[q, ok], np.maximum(inl[q, ok], 0), c=70.0, min_inliers=10)
-        np.testing.assert_allclose(got[q, ok], want, rtol=1e-6)
+    for q in range(6):  # the slow, obvious version
+        for j in range(9):
+            if not np.isfinite(base[q, j]):
+                continue
+            n = inl[q, j] if inl[q, j] >= 10 else 0
+            assert got[q, j] == pytest.approx(base[q, j] + min(n, 70) / 70, rel=1e-6)
     assert np.isneginf(got[2, 7:]).all()
+    hand = local_scores(np.array([[0.9, 0.8, 0.7, 0.6]]), np.array([[0, 35, 140, 5]]), c=70)
+    np.testing.assert_allclose(hand, [[0.9, 1.3, 1.7, 0.6 + 5 / 70]], rtol=1e-6)
     order = rerank_order(np.array([[0.5, 0.9, 0.5, -np.inf]]))
     assert order.tolist() == [[1, 0, 2, 3]]  # ties keep the global order
     with pytest.raises(ValueError):
         local_scores(base, inl[:, :3])
+
+
+def test_retrieval_order_puts_verified_candidates_first_by_inliers() -> None:
+    sims = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7])
+    inl = np.array([3, 40, 0, 40, 100, 12])
+    # Verified (>= 10): 4 (100), then 1 and 3 (40, input order), then 5 (12); then 0, 2 by similarity.
+    assert retrieval_order(sims, inl, min_inliers=10).tolist() == [4, 1, 3, 5, 0, 2]
+    assert retrieval_order(sims[::-1], np.zeros(6, int), min_inliers=10).tolist() == [5, 4, 3, 2, 1, 0]
+    with pytest.raises(ValueError):
+        retrieval_order(sims, inl[:2])
+
+
+def test_pool_verification_equals_a_serial_loop_of_verify(tmp_path: Path) -> None:
+    """LocalReranker's worker pool (2 processes, candidates split) returns the inliers of verify() pair by pair."""
+    ex = SiftExtractor(max_features=300)
+    images = {f"s{i}_{v}": warp(scene(20 + i), 100 * i + v) for i in range(3) for v in range(2)}
+    store = LocalFeatureStore.create(tmp_path / "local", ex.dim, ex.to_info())
+    feats = {k: ex(img) for k, img in images.items()}
+    store.write_chunk(list(feats), list(feats.values()))
+    query = warp(scene(21), 999)
+    ids = [*images, "not_stored"]
+    cands = Candidates(ids=[ids], similarities=np.linspace(0.9, 0.2, len(ids))[None].astype(np.float32),
+                       scores=np.linspace(0.9, 0.2, len(ids))[None].astype(np.float32))
+    results = {}
+    for workers in (0, 2):
+        rr = LocalReranker(tmp_path, local_meta(ex), ex, workers=workers, seed=5, min_inliers=10)
+        try:
+            results[workers] = rr.rerank([query], cands)
+        finally:
+            rr.close()
+    qf = ex(query)
+    oracle = [verify(qf, feats[i], "fundamental", 5, max_iters=2000).num_inliers if i in feats else 0 for i in ids]
+    assert results[0].inliers[0].tolist() == results[2].inliers[0].tolist() == oracle
+    assert oracle[2] >= 20 and oracle[3] >= 20 and max(oracle[:2] + oracle[4:]) < 10  # scene 21 = s1_*
+    np.testing.assert_array_equal(results[0].scores, results[2].scores)
+    assert results[2].retrieval[0].tolist()[:2] == ([3, 2] if oracle[3] > oracle[2] else [2, 3])
+    assert [v.num_inliers for v in verify_candidates(qf, [None, feats["s1_0"]], seed=5, max_iters=2000)] == [
+        0, oracle[2]]
 
 
 # --- the CLI, end to end ------------------------------------------------------------------------------
@@ -171,7 +221,8 @@ def test_recognizer_rerank_scores_against_a_loop_oracle(tiny_index: Path, data: 
     rec = Recognizer.load(tiny_index, conf, embedder=TinyEmbedder())
     rng = np.random.default_rng(1)
     fake = {i: int(rng.integers(0, 80)) for i in rec.index.ids}
-    rec.local.inliers = lambda queries, cands: [np.array([fake[c] for c in cs], np.int64) for cs in cands]
+    assert rec.local is not None and rec.local is rec.reranker
+    rec.local.inliers = lambda queries, cands: [np.array([fake[c] for c in cs], np.int64) for cs in cands]  # type: ignore[method-assign]
     queries = [data / "queries" / f"q_{n}.jpg" for n in LANDMARKS]
     from landmarks.data.decode import decode_image
 

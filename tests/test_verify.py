@@ -1,4 +1,4 @@
-"""Matching, seeded RANSAC (homography, affine, fundamental), parallel verification and re-ranking."""
+"""Matching and seeded RANSAC (homography, affine, fundamental) of one pair; candidates: test_rerank.py."""
 
 from __future__ import annotations
 
@@ -14,16 +14,10 @@ import pytest
 
 from landmarks.local_features import LocalFeatures, SiftExtractor, l2_normalize
 from landmarks.verify import (
-    Verification,
-    aggregate_by_landmark,
     fit_model,
     homography_from_inliers,
-    inlier_scores,
     match_descriptors,
-    rerank,
-    retrieval_order,
     verify,
-    verify_candidates,
 )
 
 
@@ -243,50 +237,3 @@ def test_determinism_across_processes(pair, tmp_path: Path):
         here = [int(v.num_inliers), hashlib.sha256(v.inlier_mask.tobytes()).hexdigest(),
                 hashlib.sha256(v.model_3x3.tobytes()).hexdigest()]
         assert a[model] == here, model
-
-
-def test_parallel_equals_serial(pair):
-    fa, fb, img = pair
-    ex = SiftExtractor(max_features=300)
-    others = [ex(textured_image(s)) for s in (5, 6)]
-    cands: list[LocalFeatures | None] = [fb, others[0], None, fa, others[1]]
-    serial = verify_candidates(fa, cands, workers=0, model="homography", seed=3)
-    parallel = verify_candidates(fa, cands, workers=2, model="homography", seed=3)
-    assert len(serial) == len(parallel) == len(cands)
-    assert serial[2].num_inliers == 0 and serial[2].model_3x3 is None
-    assert serial[0].num_inliers >= 50 and serial[3].num_inliers >= 50
-    for s, p in zip(serial, parallel):
-        assert isinstance(p, Verification)
-        np.testing.assert_array_equal(s.matches, p.matches)
-        np.testing.assert_array_equal(s.inlier_mask, p.inlier_mask)
-        assert (s.model_3x3 is None) == (p.model_3x3 is None)
-        if s.model_3x3 is not None:
-            np.testing.assert_array_equal(s.model_3x3, p.model_3x3)
-    assert verify_candidates(fa, [], workers=2) == []
-
-
-def test_inlier_scores_and_aggregation():
-    sims = np.array([0.9, 0.8, 0.7, 0.6])
-    inl = np.array([0, 35, 140, 5])
-    np.testing.assert_allclose(inlier_scores(sims, inl, c=70), [0.9, 1.3, 1.7, 0.6 + 5 / 70])
-    np.testing.assert_allclose(inlier_scores(sims, inl, c=70, min_inliers=10), [0.9, 1.3, 1.7, 0.6])
-    lms = ["a", "b", "a", None]
-    assert aggregate_by_landmark(lms, np.array([1.0, 2.0, 1.5, 9.0])) == [("a", 2.5), ("b", 2.0)]
-    assert aggregate_by_landmark(lms, np.array([1.0, 2.0, 1.5, 9.0]), how="max") == [("b", 2.0), ("a", 1.5)]
-    assert aggregate_by_landmark(["x", "y"], np.array([1.0, 1.0])) == [("x", 1.0), ("y", 1.0)]
-    with pytest.raises(ValueError):
-        inlier_scores(sims, inl[:2])
-
-
-def test_retrieval_order_and_rerank():
-    sims = np.array([0.95, 0.9, 0.85, 0.8, 0.75, 0.7])
-    inl = np.array([3, 40, 0, 40, 100, 12])
-    # Verified (>= 10): 4 (100), then 1 and 3 (40, input order), then 5 (12); then 0, 2 by similarity.
-    assert retrieval_order(sims, inl, min_inliers=10).tolist() == [4, 1, 3, 5, 0, 2]
-    r = rerank(sims, inl, ["p", "q", "p", "r", "r", None], c=70, min_inliers=10)
-    assert r.order.tolist() == [4, 1, 3, 5, 0, 2]
-    assert r.verified.tolist() == [False, True, False, True, True, True]
-    expected_r = 0.8 + 40 / 70 + 0.75 + 1.0
-    assert r.best is not None and r.best[0] == "r" and r.best[1] == pytest.approx(expected_r)
-    # Global-only would have chosen "p" (0.95 + 0.85 > 0.8 + 0.75).
-    assert dict(r.landmarks)["p"] == pytest.approx(0.95 + 0.85)

@@ -127,7 +127,7 @@ def run_demo(out: str | Path, conf: DemoConfig | None = None) -> dict[str, Any]:
         tconf = make_config(conf.preset, {"seed": conf.seed})
         resume = (run / "train_state.json").exists()
         train(tconf, data / "train.csv", run, resume=resume, time_budget_min=conf.train_minutes,
-              device=None if conf.device == "auto" else conf.device)
+              device=conf.device)
         (run / "DEMO_DONE").write_text("trained\n")
 
     timer.stage("train", (run / "DEMO_DONE").exists(), _train)

@@ -31,7 +31,6 @@ import hashlib
 import importlib
 import logging
 import math
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,9 +46,9 @@ from landmarks.data.collection import ImageRecord
 from landmarks.data.decode import DEFAULT_MAX_PIXELS, decode_image
 from landmarks.errors import ImageDecodeError, IncompatibleArtifactError, LandmarksError
 from landmarks.utils import precision
+from landmarks.utils.dist import default_workers, dist_env
 from landmarks.utils.io import SkippedLog, atomic_save, read_json, write_json
 from landmarks.utils.progress import Progress
-from landmarks.utils.seed import default_num_workers
 
 logger = logging.getLogger("landmarks")
 
@@ -374,9 +373,8 @@ def _write_chunk(out_dir: Path, c: int, rows: list[int], records: Sequence[Image
 
 
 def _dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world
+    env = dist_env()
+    return env.rank, env.world_size
 
 
 def _barrier() -> None:
@@ -522,7 +520,7 @@ def extract_resumable(embedder: Embedder, records: Sequence[ImageRecord], work_d
 def _run_batches(embedder: Embedder, records: Sequence[ImageRecord], out_dir: Path, conf: ExtractConfig,
                  batches: list[list[int]], done_images: int, total_images: int, show_progress: bool,
                  desc: str) -> None:
-    workers = default_num_workers() if conf.num_workers is None else conf.num_workers
+    workers = default_workers() if conf.num_workers is None else conf.num_workers
     # the workers get the preprocessor alone (sizes, mean/std), never the embedder and its model
     dataset = _ImageDataset(records, embedder.preprocessor, embedder.image_size, conf.max_pixels)
     kwargs: dict[str, Any] = {}

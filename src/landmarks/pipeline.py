@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from typing import Any
 
 from landmarks.data.collection import ImageRecord
 from landmarks.errors import LandmarksError
+from landmarks.utils.dist import dist_env, resolve_device
 
 logger = logging.getLogger("landmarks")
 
@@ -40,23 +40,12 @@ _INDEX_FILES = ("meta.json", "skipped.csv", "work", "local")
 Source = str | Path
 
 
-def _resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when available, else ``cpu``."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
 def _embedder(model: Any, device: str) -> Any:
     """A run folder / checkpoint -> its embedder; an embedder object is used as it is."""
     from landmarks import extract
 
     if isinstance(model, (str, Path)):
-        return extract.load_embedder(Path(model), device=_resolve_device(device))
+        return extract.load_embedder(Path(model), device=resolve_device(device))
     return model
 
 
@@ -145,7 +134,7 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
     from landmarks.index import IndexConfig, LandmarkIndex
 
     out = Path(out)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = dist_env().rank
     if local is not None and local not in ("sift", "model"):
         raise LandmarksError(f"unknown local features {local!r} (sift or model)")
     if rank == 0:
@@ -162,9 +151,9 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
     embedder = _embedder(model, device)
     extractor = None
     if local is not None:  # fail before the long extraction when the run has no local head
-        from landmarks.rerank import make_local_extractor
+        from landmarks.rerank import index_extractor
 
-        extractor = make_local_extractor(local, embedder)
+        extractor = index_extractor(local, embedder)
     logger.info("indexing %d images of %d landmarks with model %s (%s)", len(records),
                 len({r.landmark for r in records if r.landmark}), embedder.describe().get("name"),
                 embedder.fingerprint[:12])
@@ -192,7 +181,7 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
         store = open_or_create_store(out, extractor)
         lres = extract_local_features(extractor, kept, store, skipped_csv=out / "skipped.csv",
                                       num_workers=local_workers, show_progress=show_progress)
-        local_entry = local_meta(str(local), extractor)
+        local_entry = local_meta(extractor)
         logger.info("local features (%s) of %d images in %s (%.1f MB); %d unreadable", extractor.name,
                     len(store), store.root, store.nbytes() / 1e6, len(lres.skipped))
     index = LandmarkIndex.build(res.embeddings, res.ids, [r.landmark for r in kept],
@@ -275,7 +264,7 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
     if not records:
         raise LandmarksError(f"no query images found in {queries}")
     own = recognizer is None
-    rec = recognizer or Recognizer.load(index_dir, conf, device=_resolve_device(device), model=model,
+    rec = recognizer or Recognizer.load(index_dir, conf, device=resolve_device(device), model=model,
                                         embedder=embedder)
     try:
         out = Path(out_csv)

@@ -28,18 +28,32 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from landmarks.data.collection import ImageRecord
 from landmarks.errors import ConfigError, LandmarksError
+from landmarks.local_features import LocalFeatures
+from landmarks.rerank import (
+    RERANK_MAX_ITERS,
+    RERANK_MODEL,
+    Candidates,
+    LocalReranker,
+    PairVerifier,
+    Reranker,
+    rerank_order,
+)
+from landmarks.verify import Verification
 
 logger = logging.getLogger("landmarks")
 
 #: Values accepted by ``RecognizeConfig.rerank``: "local" verifies the top candidates with the index's local
-#: features (:mod:`landmarks.rerank`); any other re-ranking is plugged in via ``Reranker``.
+#: features (:class:`~landmarks.rerank.LocalReranker`); any other :class:`~landmarks.rerank.Reranker`
+#: is passed to :class:`Recognizer`.
 RERANK_CHOICES = ("none", "local")
+__all__ = ["RERANK_CHOICES", "Neighbour", "RecognizeConfig", "Recognition", "Recognizer", "Reranker", "demote",
+           "neighbour_scores", "neighbours_row", "query_confidence", "vote"]
 
 
 @dataclass
@@ -75,10 +89,9 @@ class RecognizeConfig:
     # (RootSIFT on the synthetic set: 2% of unrelated pairs reach 10, max 12; tuned there, see landmarks.rerank)
     rerank_min_inliers: int = 10
     # geometric model of the verification: "fundamental" (3-D scenes), "homography" or "affine"
-    rerank_model: str = "fundamental"
-    # RANSAC iterations at most per pair (most candidates are unrelated and run to the limit; 2,000 vs
-    # 10,000 changed no inlier count on 400 synthetic pairs and costs 0.56 instead of 0.81 ms per pair)
-    rerank_max_iters: int = 2000
+    rerank_model: str = RERANK_MODEL
+    # RANSAC iterations at most per pair (landmarks.rerank.RERANK_MAX_ITERS: why 2,000)
+    rerank_max_iters: int = RERANK_MAX_ITERS
     # verification worker processes (None: CPUs - 1, at most 8; 0: in the calling process)
     rerank_workers: int | None = None
     # seed of the re-ranker's RANSAC (results are deterministic given it)
@@ -131,14 +144,6 @@ class Recognition:
     timings_ms: dict[str, float] = field(default_factory=dict)
     # ids of the nearest index images when asked for (``retrieval_k``); re-ranked: verified first, by inliers
     retrieval: list[str] | None = None
-
-
-class Reranker(Protocol):
-    """Hook for local-feature re-ranking (geometric verification of the top candidates)."""
-
-    def __call__(self, query: np.ndarray | str | Path, neighbours: list[Neighbour]) -> list[Neighbour]:
-        """Return the candidates re-scored (``score``, ``inliers`` filled), in their new order."""
-        ...
 
 
 # --- pure scoring -----------------------------------------------------------------------------------
@@ -236,19 +241,23 @@ class Recognizer:
         if self.conf.rerank not in RERANK_CHOICES and reranker is None:
             raise ConfigError(f"unknown rerank {self.conf.rerank!r} (known: {', '.join(RERANK_CHOICES)})")
         index.check_model(embedder.fingerprint, embedder.describe().get("name"))
-        # local-feature verification of the top candidates (landmarks.rerank), when asked and no hook is given
-        self.local: Any = None
+        self._verifier: PairVerifier | None = None  # pair_verification without a LocalReranker
+        # local-feature verification of the top candidates (landmarks.rerank), when asked and no re-ranker is given
         if self.conf.rerank == "local" and reranker is None:
-            from landmarks.rerank import LocalReranker
-
-            self.local = LocalReranker.for_index(
+            self.reranker = LocalReranker.for_index(
                 index, embedder, self.index_dir or "this index", workers=self.conf.rerank_workers,
-                seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters)
+                seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters,
+                c=self.conf.rerank_c, min_inliers=self.conf.rerank_min_inliers)
         #: is_landmark means confidence >= this (None: a landmark was voted); and where it comes from
         self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         views = index.views
         self.extract_conf = ExtractConfig(batch_size=self.conf.batch_size,
                                           scales=tuple(views.get("scales", [1.0])), flip=bool(views.get("flip")))
+
+    @property
+    def local(self) -> LocalReranker | None:
+        """The re-ranker when it verifies with the index's local features (its store, its extractor)."""
+        return self.reranker if isinstance(self.reranker, LocalReranker) else None
 
     @classmethod
     def load(cls, index_dir: str | Path, conf: RecognizeConfig | None = None, device: str = "cpu", *,
@@ -338,7 +347,7 @@ class Recognizer:
         timings = dict(extra_timings or {})
         conf = self.conf
         nq = len(xq)
-        k_rerank = conf.rerank_candidates if (self.reranker is not None or self.local is not None) else 0
+        k_rerank = conf.rerank_candidates if self.reranker is not None else 0
         k_search = max(conf.k, k_rerank, retrieval_k)
         t = time.perf_counter()
         xq = self.index.project(xq, "query embeddings")
@@ -353,17 +362,11 @@ class Recognizer:
         t = time.perf_counter()
         scores = None
         retrieval = [[self.index.ids[r] for r in row[:retrieval_k] if r >= 0] for row in rows] if retrieval_k else None
-        if self.reranker is not None or self.local is not None:
+        inliers = None
+        if self.reranker is not None:
             if queries is None or len(queries) != nq:
                 raise LandmarksError("re-ranking needs the query images or paths")
-        if self.reranker is not None:
-            assert queries is not None
-            sims, rows, inliers = self._rerank(queries, sims, rows)
-        elif self.local is not None:
-            assert queries is not None
-            sims, rows, inliers, scores, retrieval = self._rerank_local(queries, sims, rows, retrieval)
-        else:
-            inliers = None
+            sims, rows, inliers, scores, retrieval = self._rerank(queries, sims, rows, retrieval)
         timings["rerank"] = (time.perf_counter() - t) * 1000.0
 
         t = time.perf_counter()
@@ -395,8 +398,7 @@ class Recognizer:
         labels = np.where(rows >= 0, codes[np.maximum(rows, 0)] if len(codes) else -1, -1)
         use_ood = self.conf.ood and self.index.has_non_landmarks
         if scores is None:
-            pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(codes) else None
-            scores = neighbour_scores(sims, pen)
+            scores = self._neighbour_scores(sims, rows)
         best, conf = vote(scores, labels)
         conf = query_confidence(conf, query_ood if use_ood else None, self.conf.ood_weight)
         conf = demote(best, conf, self.conf.demote_above, self.conf.demote_penalty)
@@ -417,61 +419,67 @@ class Recognizer:
                                  inliers=n_in, path=self.index.paths[r]))
         return out
 
-    def _rerank_local(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray, rows: np.ndarray,
-                      retrieval: list[list[str]] | None,
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]] | None]:
-        """Verify the top-K candidates, re-score and re-order them (see :meth:`recognize_embeddings`).
+    def _neighbour_scores(self, sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``(nq, k)`` voting scores of search results (:func:`neighbour_scores`, penalised with the
+        non-landmark set when it is used)."""
+        use_ood = self.conf.ood and self.index.has_non_landmarks
+        pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(self.index.ids) else None
+        return neighbour_scores(sims, pen)
+
+    def _rerank(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray, rows: np.ndarray,
+                retrieval: list[list[str]] | None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]] | None]:
+        """Re-rank the top-K candidates with :attr:`reranker` (see :meth:`recognize_embeddings`).
 
         Returns ``(sims, rows, inliers, scores, retrieval)``, the first four ``(nq, K')`` with
-        ``K' = max(k, K)`` columns in the new order (``inliers`` ``-1`` where not verified).
+        ``K' = max(k, K)`` columns sorted by the new scores (``inliers`` ``-1`` where not verified);
+        in ``retrieval`` the candidates come first, in the re-ranker's retrieval order.
         """
-        from landmarks.rerank import local_scores, rerank_order
-        from landmarks.verify import retrieval_order
-
+        assert self.reranker is not None
         conf = self.conf
         kk = min(sims.shape[1], max(conf.k, conf.rerank_candidates))
         K = min(kk, conf.rerank_candidates)
         sims, rows = sims[:, :kk].copy(), rows[:, :kk].copy()
-        cand_ids = [[self.index.ids[r] for r in row[:K] if r >= 0] for row in rows]
+        scores = self._neighbour_scores(sims, rows)
+        cands = Candidates.select(sims, rows, self.index.ids, scores, K)
+        res = self.reranker.rerank(queries, cands)
+        if res.scores.shape != cands.scores.shape or res.inliers.shape != cands.scores.shape:
+            raise LandmarksError(f"the re-ranker returned scores {res.scores.shape} and inliers {res.inliers.shape} "
+                                 f"for candidates {cands.scores.shape}")
+        scores[:, :K] = res.scores
         inl = np.full(rows.shape, -1, np.int64)
-        for q, counts in enumerate(self.local.inliers(queries, cand_ids)):
-            inl[q, :len(counts)] = counts
-        codes, _ = self.index.landmark_codes()
-        use_ood = conf.ood and self.index.has_non_landmarks
-        pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(codes) else None
-        scores = local_scores(neighbour_scores(sims, pen), inl, conf.rerank_c, conf.rerank_min_inliers)
-        if retrieval is not None:  # verified candidates first by inliers, then the rest in global order
-            for q, ids in enumerate(cand_ids):
-                first = retrieval_order(sims[q, :len(ids)], inl[q, :len(ids)], conf.rerank_min_inliers)
-                head = [ids[i] for i in first]
+        inl[:, :K] = res.inliers
+        if retrieval is not None:  # the candidates in the re-ranker's order, then the rest in global order
+            for q, ids in enumerate(cands.ids):
+                head = [ids[i] for i in res.retrieval[q]]
                 seen = set(head)
                 retrieval[q] = (head + [x for x in retrieval[q] if x not in seen])[:len(retrieval[q])]
         order = rerank_order(scores)
         sims, rows, inl, scores = (np.take_along_axis(x, order, axis=1) for x in (sims, rows, inl, scores))
         return sims, rows, inl, scores, retrieval
 
-    def _rerank(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray,
-                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        assert self.reranker is not None
-        n = self.conf.rerank_candidates
-        out_s = np.full_like(sims, -np.inf)
-        out_r = np.full_like(rows, -1)
-        out_i = np.full(rows.shape, -1, np.int64)
-        for q, query in enumerate(queries):
-            cands = self._neighbours(sims[q, :n], rows[q, :n], None)
-            new = self.reranker(query, cands)
-            for j, nb in enumerate(new[: rows.shape[1]]):
-                r = self.index.row_of(nb.id)
-                if r is None:
-                    raise LandmarksError(f"re-ranker returned an unknown image id {nb.id!r}")
-                out_s[q, j], out_r[q, j] = nb.score, r
-                out_i[q, j] = -1 if nb.inliers is None else nb.inliers
-        return out_s, out_r, out_i
+    def pair_verification(self, query: np.ndarray, image_id: str,
+                          image: np.ndarray | str | Path) -> tuple[LocalFeatures, LocalFeatures, Verification]:
+        """``(query features, image features, Verification)`` of a query and index image ``image_id``.
+
+        The verification re-ranking runs: the stored features and the re-ranker's settings when it
+        verifies with them, else the index's recorded extractor (default SIFT) on ``image`` (an
+        ``(H, W, 3)`` uint8 array or a path) with the configured RANSAC settings.
+        """
+        local = self.local
+        got = local.verification(query, image_id) if local is not None else None
+        if got is not None:
+            return got
+        if self._verifier is None:
+            self._verifier = PairVerifier.for_index(self.index.meta, self.embedder, model=self.conf.rerank_model,
+                                                    seed=self.conf.seed, max_iters=self.conf.rerank_max_iters)
+        fa, fb = self._verifier.features(query), self._verifier.features(image)
+        return fa, fb, self._verifier.verify(fa, fb)
 
     def close(self) -> None:
         """End the re-ranking worker processes (if any); the recognizer stays usable (they restart)."""
-        if self.local is not None:
-            self.local.close()
+        if self.reranker is not None:
+            self.reranker.close()
 
     def __enter__(self) -> Recognizer:
         return self

@@ -27,25 +27,27 @@ were omitted. The pure pieces (:func:`classify_prediction`, :func:`rank_worst_fi
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from markupsafe import Markup
 
-from landmarks.data.decode import open_image
+from landmarks.data.decode import decode_image, open_image
 from landmarks.errors import DataFormatError, ImageDecodeError, LandmarksError
 from landmarks.utils.io import atomic_write
 from landmarks.utils.progress import Progress
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from landmarks.local_features import LocalFeatures
 
 logger = logging.getLogger("landmarks")
 
@@ -78,7 +80,7 @@ class ReportConfig:
     neighbour_thumb_px: int = 96  # longer side of a neighbour thumbnail, pixels (8..512)
     jpeg_quality: int = 80  # JPEG quality of the embedded thumbnails and match drawings (1-95)
     max_match_drawings: int = 50  # rows (worst first) whose top verified neighbour gets its inliers drawn
-    match_max_side_px: int = 512  # images are downscaled to this longer side before SIFT matching
+    match_max_side_px: int = 512  # match drawings show the images downscaled to this longer side (features come from the full images, as at indexing)
     match_drawing_px: int = 480  # longer side of an embedded match drawing, pixels
     max_image_pixels: int = 100_000_000  # decoder pixel limit (decompression-bomb guard)
     title: str = "landmarks report"  # page title
@@ -390,60 +392,51 @@ class _Images:
             self._cache[key] = result
         return self._cache[key]
 
-    def array(self, path: str, max_side_px: int) -> np.ndarray:
-        """The image downscaled to ``max_side_px``, ``(H, W, 3)`` uint8. Raises ImageDecodeError."""
-        from PIL import Image
-
-        img = open_image(self.resolve(path), max_pixels=self.conf.max_image_pixels, min_side_px=max_side_px)
-        img.thumbnail((max_side_px, max_side_px), Image.Resampling.LANCZOS)
-        return np.asarray(img, dtype=np.uint8)
-
 
 class _MatchDrawer:
-    """Recomputes SIFT + RANSAC inliers between a query and a neighbour and draws them.
+    """Verifies a query and a neighbour as recognition did and draws the inlier matches.
 
-    Needs :mod:`landmarks.local_features`, :mod:`landmarks.verify` and :mod:`landmarks.viz`; when they
-    cannot be imported the drawer is disabled and ``unavailable`` says why.
+    The features come from the extractor the index recorded (:class:`landmarks.rerank.PairVerifier`:
+    the default SIFT one without an index or local features), extracted from the full images as the
+    index extracted them; only the drawing is downscaled. When that extractor cannot be built (the
+    index's model run is missing) the drawer is disabled and ``unavailable`` says why.
     """
 
-    def __init__(self, conf: ReportConfig, images: _Images):
+    def __init__(self, conf: ReportConfig, images: _Images, index_dir: Path | None = None):
+        from landmarks.rerank import PairVerifier
+
         self.conf = conf
         self.images = images
         self.unavailable: str | None = None
-        self._feats: dict[str, Any] = {}
-        self._arrays: dict[str, np.ndarray] = {}
+        self._feats: dict[str, tuple[np.ndarray, LocalFeatures]] = {}
         try:
-            from landmarks.local_features import SiftExtractor
-            from landmarks.verify import verify
-            from landmarks.viz import draw_matches
-        except ImportError as e:
+            self._verifier: PairVerifier | None = PairVerifier.for_index_dir(index_dir)
+        except LandmarksError as e:
+            self._verifier = None
             self.unavailable = f"match drawing unavailable ({e})"
-            return
-        extractor = SiftExtractor()
-        self._extract: Callable[[np.ndarray], Any] = extractor
-        self._threshold_px: float | None = extractor.ransac_threshold_px
-        self._verify: Callable[..., Any] = verify
-        self._draw: Callable[..., np.ndarray] = draw_matches
 
-    def _features(self, path: str) -> tuple[np.ndarray, Any]:
+    @property
+    def features(self) -> str:
+        """The name of the local features drawn (``rootsift``, ``delg``)."""
+        return self._verifier.extractor.name if self._verifier is not None else ""
+
+    def _features(self, path: str) -> tuple[np.ndarray, LocalFeatures]:
+        assert self._verifier is not None
         if path not in self._feats:
-            arr = self.images.array(path, self.conf.match_max_side_px)
-            self._arrays[path] = arr
-            self._feats[path] = self._extract(arr)
-        return self._arrays[path], self._feats[path]
+            arr = decode_image(self.images.resolve(path), max_pixels=self.conf.max_image_pixels)
+            self._feats[path] = (arr, self._verifier.extractor(arr))
+        return self._feats[path]
 
     def draw(self, query_path: str, neighbour_path: str) -> tuple[str, int]:
         """(JPEG data URI of the drawing, inliers found now). Raises on unreadable images."""
+        from landmarks.viz import draw_verification
+
+        assert self._verifier is not None
         img_a, fa = self._features(query_path)
         img_b, fb = self._features(neighbour_path)
-        v = self._verify(fa, fb, seed=0, threshold_px=self._threshold_px)
-        matches = np.asarray(v.matches, dtype=np.int64).reshape(-1, 2)
-        mask = np.asarray(v.inlier_mask, dtype=bool).reshape(-1)
-        inl = matches[mask] if len(mask) == len(matches) else matches[:0]
-        kpts_a = np.asarray(fa.keypoints, dtype=np.float32)[inl[:, 0]]
-        kpts_b = np.asarray(fb.keypoints, dtype=np.float32)[inl[:, 1]]
-        drawing = self._draw(img_a, img_b, kpts_a, kpts_b)
-        return array_to_data_uri(drawing, self.conf.match_drawing_px, self.conf.jpeg_quality), int(len(inl))
+        v = self._verifier.verify(fa, fb)
+        drawing = draw_verification(img_a, img_b, fa, fb, v, max_side_px=self.conf.match_max_side_px)
+        return array_to_data_uri(drawing, self.conf.match_drawing_px, self.conf.jpeg_quality), int(v.num_inliers)
 
 
 class _IndexPaths:
@@ -568,71 +561,8 @@ def save_confidence_histogram(results: Sequence[QueryResult], path: str | Path, 
 
 # --- HTML -------------------------------------------------------------------------------------------
 
-_CSS = """
-body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;padding:16px 24px;color:#222;background:#fafafa}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:20px 0 8px}
-.sub{color:#666;margin-bottom:12px}
-table.metrics{border-collapse:collapse;background:#fff} table.metrics td,table.metrics th{border:1px solid #ddd;padding:4px 8px;text-align:right}
-table.metrics th:first-child,table.metrics td:first-child{text-align:left}
-.plots{display:flex;flex-wrap:wrap;gap:12px} .plots img{background:#fff;border:1px solid #ddd;max-width:100%}
-.notes li{color:#8a5300}
-.bar{position:sticky;top:0;background:#fafafa;padding:8px 0;z-index:2;display:flex;gap:6px;align-items:center;flex-wrap:wrap;border-bottom:1px solid #ddd}
-.bar button{border:1px solid #bbb;background:#fff;border-radius:4px;padding:4px 10px;cursor:pointer}
-.bar button.active{background:#1565c0;color:#fff;border-color:#1565c0}
-.bar input{padding:4px 8px;border:1px solid #bbb;border-radius:4px;min-width:220px}
-table.rows{border-collapse:collapse;width:100%;background:#fff;margin-top:8px}
-table.rows td,table.rows th{border-bottom:1px solid #e4e4e4;padding:6px;vertical-align:top;text-align:left}
-.mark{font-size:22px;font-weight:bold;text-align:center} .o-right .mark,.o-abstained .mark{color:#2e7d32}
-.o-wrong .mark,.o-false_positive .mark{color:#c62828} .o-missed .mark{color:#999}
-.o-wrong,.o-false_positive{background:#fff5f5}
-.qid{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all;max-width:160px}
-.nbs{display:flex;gap:6px;flex-wrap:wrap}
-figure{margin:0;text-align:center;font-size:11px;max-width:110px}
-figure img,.ph,.th{display:block;margin:0 auto} .th{background-size:100% 100%}
-.nb{border:3px solid #ccc;padding:2px;border-radius:3px} .nb.ok{border-color:#2e7d32} .nb.bad{border-color:#c62828}
-.ph{box-sizing:border-box;width:96px;height:72px;background:repeating-linear-gradient(45deg,#eee,#eee 6px,#e2e2e2 6px,#e2e2e2 12px);color:#900;font-size:10px;display:flex;align-items:center;justify-content:center;text-align:center;overflow:hidden;word-break:break-word}
-.q .ph{width:128px;height:96px}
-.lm{font-family:ui-monospace,monospace} .muted{color:#888}
-figure.match{max-width:none;text-align:left} .match img{max-width:480px;margin:0;border:1px solid #ccc}
-.omitted{margin:10px 0;color:#8a5300;font-weight:bold}
-"""
-
-_JS = """
-(function(){
-  var rows=Array.prototype.slice.call(document.querySelectorAll('tr.q'));
-  var buttons=Array.prototype.slice.call(document.querySelectorAll('button[data-filter]'));
-  var text=document.getElementById('text-filter');
-  var count=document.getElementById('visible-count');
-  var current='all';
-  function apply(){
-    var q=text.value.trim().toLowerCase(), n=0;
-    rows.forEach(function(r){
-      var tags=r.getAttribute('data-tags').split(' ');
-      var ok=(current==='all'||tags.indexOf(current)>=0)&&(!q||r.getAttribute('data-search').indexOf(q)>=0);
-      r.hidden=!ok; if(ok){n++;}
-    });
-    count.textContent=String(n);
-    buttons.forEach(function(b){b.classList.toggle('active',b.getAttribute('data-filter')===current);});
-    document.body.setAttribute('data-filter',current);
-    var h='#filter='+current+(q?'&q='+encodeURIComponent(q):'');
-    if(location.hash!==h){try{history.replaceState(null,'',h);}catch(e){}}
-  }
-  buttons.forEach(function(b){b.addEventListener('click',function(){current=b.getAttribute('data-filter');apply();});});
-  text.addEventListener('input',apply);
-  var m=/filter=([a-z]+)/.exec(location.hash), t=/[#&]q=([^&]*)/.exec(location.hash);
-  if(m&&buttons.some(function(b){return b.getAttribute('data-filter')===m[1];})){current=m[1];}
-  if(t){try{text.value=decodeURIComponent(t[1]);}catch(e){}}
-  apply();
-  document.body.setAttribute('data-ready','1');
-})();
-"""
-
 _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
         "base-uri 'none'; form-action 'none'")
-
-
-def _e(x: object) -> str:
-    return html.escape(str(x), quote=True)
 
 
 def _fmt_score(x: object) -> str:
@@ -643,96 +573,134 @@ def _fmt_score(x: object) -> str:
     return f"{v:.3f}" if math.isfinite(v) else str(v)
 
 
-def _img_html(thumb: _Thumb | str, alt: str) -> str:
-    if isinstance(thumb, str):
-        return f'<div class="ph" title="{_e(thumb)}">{_e(thumb)}</div>'
-    return f'<span class="th {thumb.css_class}" role="img" aria-label="{_e(alt)}" title="{_e(alt)}"></span>'
+#: The metrics table's columns: (summary key, header).
+_METRIC_COLUMNS = [("queries", "queries"), ("landmark_queries", "landmark"), ("non_landmark_queries", "non-landmark"),
+                   ("predictions", "predictions"), ("gap", "GAP"),
+                   ("gap_ignoring_non_landmarks", "GAP ignoring non-landmarks"), ("top1_accuracy", "top-1"),
+                   ("right", "right"), ("wrong", "wrong"), ("false_positives", "on non-landmarks"),
+                   ("missed", "missed"), ("abstained", "abstained")]
 
 
-def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    cols = [("queries", "queries"), ("landmark_queries", "landmark"), ("non_landmark_queries", "non-landmark"),
-            ("predictions", "predictions"), ("gap", "GAP"), ("gap_ignoring_non_landmarks", "GAP ignoring non-landmarks"),
-            ("top1_accuracy", "top-1"), ("right", "right"), ("wrong", "wrong"),
-            ("false_positives", "on non-landmarks"), ("missed", "missed"), ("abstained", "abstained")]
-    head = "".join(f"<th>{_e(label)}</th>" for _, label in cols)
-    body = []
+def _metric_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``[(part, [(key, text), ...])]``: the cells of the metrics table, formatted."""
+    rows = []
     for part, m in metrics.items():
         cells = []
-        for key, _ in cols:
+        for key, _ in _METRIC_COLUMNS:
             v = m[key]
-            if isinstance(v, float):
-                text = f"{v:.4f}" if math.isfinite(v) else "n/a"
-            else:
-                text = str(v)
-            cells.append(f'<td data-metric="{key}">{text}</td>')
-        body.append(f'<tr data-part="{_e(part)}"><td>{_e(part)}</td>{"".join(cells)}</tr>')
-    return f'<table class="metrics"><tr><th>part</th>{head}</tr>{"".join(body)}</table>'
+            cells.append((key, (f"{v:.4f}" if math.isfinite(v) else "n/a") if isinstance(v, float) else str(v)))
+        rows.append((part, cells))
+    return rows
 
 
-def _row_html(rank: int, r: QueryResult, nrow: dict[str, Any] | None, conf: ReportConfig, images: _Images,
-              index_paths: _IndexPaths, drawer: _MatchDrawer | None, no_drawing: str) -> tuple[str, bool]:
-    """The ``<tr>`` of one query and whether a match drawing was attempted (``no_drawing``: why not)."""
+@dataclass
+class _NeighbourView:
+    """One neighbour thumbnail of a row (the template's ``nb``)."""
+
+    rank: int  # 1-based position among the query's neighbours
+    ok: bool  # its landmark is one of the query's true landmarks
+    thumb: _Thumb | str  # the thumbnail, or why it cannot be shown
+    id: str  # index image id
+    landmark: str  # its landmark ("None" when unlabelled)
+    score: str  # formatted score
+    inliers: int | None  # verified inliers at recognition (None: not verified)
+
+
+@dataclass
+class _MatchView:
+    """The match cell of a row (the template's ``m``)."""
+
+    kind: str = "none"  # "drawn", "unreadable", "failed", "not_drawn" or "none"
+    uri: str = ""  # data URI of the drawing
+    rank: int = 0  # the verified neighbour's position
+    id: str = ""  # the verified neighbour's id
+    inliers: int = 0  # inliers at recognition
+    n_now: int = 0  # inliers recomputed for the drawing
+    features: str = ""  # the local features drawn (extractor name)
+    reason: str = ""  # why nothing was drawn
+
+
+@dataclass
+class _RowView:
+    """One query row (the template's ``r``)."""
+
+    rank: int  # 1-based position, worst first
+    outcome: str  # one of OUTCOMES
+    id: str  # query id
+    tags: str  # filter tags, space separated
+    search: str  # lower-case text the filter box matches
+    confidence: str | None  # formatted confidence (None: no prediction)
+    mark: str  # the outcome's mark
+    mark_title: str  # the outcome's description
+    thumb: _Thumb | str  # query thumbnail, or why it cannot be shown
+    truth: str  # true landmarks, or "non-landmark"
+    usage: str  # Public / Private ("" without Usage)
+    prediction: tuple[str, str] | None  # (landmark, formatted confidence)
+    neighbours: list[_NeighbourView] | None  # None: the query has no neighbours row
+    match: _MatchView  # the match cell
+    retrieval: str | None = None  # the retrieval cell (None: no retrieval figures)
+
+
+def _row_view(rank: int, r: QueryResult, nrow: dict[str, Any] | None, conf: ReportConfig, images: _Images,
+              index_paths: _IndexPaths, drawer: _MatchDrawer | None, no_drawing: str) -> tuple[_RowView, bool]:
+    """The view of one query row and whether a match drawing was attempted (``no_drawing``: why not)."""
     mark, mark_title = _OUTCOME_MARK[r.outcome]
     qpath = (nrow or {}).get("path") or index_paths.get(r.id)
     qthumb = images.thumb(qpath, conf.thumb_px)
-    truth = " ".join(r.truth) if r.truth else "non-landmark"
-    if r.prediction is None:
-        pred_html = '<span class="muted">no prediction</span>'
-    else:
-        pred_html = (f'<span class="lm">{_e(r.prediction[0])}</span><br>'
-                     f'confidence <b>{_fmt_score(r.prediction[1])}</b>')
-    nbs_html = []
+    neighbours: list[_NeighbourView] = []
     verified: dict[str, Any] | None = None
-    neighbours = (nrow or {}).get("neighbours") or []
-    for i, nb in enumerate(neighbours[:conf.top_k]):
+    for i, nb in enumerate(((nrow or {}).get("neighbours") or [])[:conf.top_k]):
         nid = str(nb.get("id", "?"))
         nlm = nb.get("landmark")
         npath = nb.get("path") or index_paths.get(nid)
-        nthumb = images.thumb(npath, conf.neighbour_thumb_px)
-        ok = r.is_landmark and nlm is not None and str(nlm) in r.truth
-        cls, tick = ("ok", "\u2713") if ok else ("bad", "\u2717")
         inl = nb.get("inliers")
-        inl_html = f"<br>inliers {int(inl)}" if isinstance(inl, (int, float)) and not isinstance(inl, bool) else ""
-        if inl_html and verified is None and npath:
+        n_inl = int(inl) if isinstance(inl, (int, float)) and not isinstance(inl, bool) else None
+        if n_inl is not None and verified is None and npath:
             verified = dict(nb, path=npath, rank=i + 1)
-        nbs_html.append(
-            f'<figure class="nb {cls}" data-neighbour="{i + 1}">{_img_html(nthumb, nid)}'
-            f'<figcaption>{tick} <span class="lm">{_e(nlm)}</span><br>'
-            f'score {_fmt_score(nb.get("score"))}{inl_html}</figcaption></figure>')
-    if nrow is None:
-        nbs_cell = '<span class="muted">no neighbours recorded</span>'
-    elif not neighbours:
-        nbs_cell = '<span class="muted">no neighbours</span>'
-    else:
-        nbs_cell = f'<div class="nbs">{"".join(nbs_html)}</div>'
-    match_cell = '<span class="muted">\u2014</span>'
+        neighbours.append(_NeighbourView(
+            rank=i + 1, ok=r.is_landmark and nlm is not None and str(nlm) in r.truth,
+            thumb=images.thumb(npath, conf.neighbour_thumb_px), id=nid, landmark=str(nlm),
+            score=_fmt_score(nb.get("score")), inliers=n_inl))
+    match = _MatchView()
     attempted = False
     if verified is not None and drawer is not None and qpath:
         attempted = True
         try:
             uri, n_now = drawer.draw(qpath, verified["path"])
-            match_cell = (f'<figure class="match"><img src="{uri}" alt="inlier matches">'
-                          f'<figcaption>neighbour {verified["rank"]} <span class="lm">{_e(verified.get("id"))}</span>: '
-                          f'{int(verified["inliers"])} inliers at recognition, {n_now} recomputed (SIFT)'
-                          f'</figcaption></figure>')
+            match = _MatchView("drawn", uri=uri, rank=verified["rank"], id=str(verified.get("id")),
+                               inliers=int(verified["inliers"]), n_now=n_now, features=drawer.features)
         except ImageDecodeError as e:
-            match_cell = f'<div class="ph" title="{_e(e.reason)}">matches not drawn: {_e(e.reason)}</div>'
+            match = _MatchView("unreadable", reason=e.reason)
         except Exception as e:  # a failing drawing must not end the report
             logger.debug("report: match drawing failed for %s: %s", r.id, e)
-            match_cell = f'<span class="muted">matches not drawn: {_e(type(e).__name__)}: {_e(e)}</span>'
+            match = _MatchView("failed", reason=f"{type(e).__name__}: {e}")
     elif verified is not None:
-        match_cell = f'<span class="muted">{int(verified["inliers"])} inliers ({_e(no_drawing)})</span>'
-    search = " ".join([r.id, *r.truth, r.prediction[0] if r.prediction else ""]).lower()
-    conf_attr = "" if r.confidence is None else f' data-confidence="{_fmt_score(r.confidence)}"'
-    usage = f'<br><span class="muted">{_e(r.usage)}</span>' if r.usage else ""
-    html_row = (
-        f'<tr class="q o-{r.outcome}" id="q-{_e(r.id)}" data-rank="{rank}" data-outcome="{r.outcome}" '
-        f'data-tags="{" ".join(r.tags)}" data-search="{_e(search)}"{conf_attr}>'
-        f'<td class="mark" title="{_e(mark_title)}">{mark}</td>'
-        f'<td><figure>{_img_html(qthumb, r.id)}</figure></td>'
-        f'<td class="qid">{_e(r.id)}<br>truth: <span class="lm">{_e(truth)}</span>{usage}</td>'
-        f'<td>{pred_html}</td><td>{nbs_cell}</td><td>{match_cell}</td></tr>')
-    return html_row, attempted
+        match = _MatchView("not_drawn", inliers=int(verified["inliers"]), reason=no_drawing)
+    view = _RowView(
+        rank=rank, outcome=r.outcome, id=r.id, tags=" ".join(r.tags),
+        search=" ".join([r.id, *r.truth, r.prediction[0] if r.prediction else ""]).lower(),
+        confidence=None if r.confidence is None else _fmt_score(r.confidence), mark=mark, mark_title=mark_title,
+        thumb=qthumb, truth=" ".join(r.truth) if r.truth else "non-landmark",
+        usage=r.usage or "", prediction=None if r.prediction is None else (r.prediction[0], _fmt_score(r.prediction[1])),
+        neighbours=None if nrow is None else neighbours, match=match)
+    return view, attempted
+
+
+def _template_text(name: str) -> str:
+    """A file of ``landmarks/templates`` (package data)."""
+    from importlib.resources import files
+
+    return files("landmarks").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _render_page(**context: Any) -> str:
+    """``templates/report.html.j2`` with ``report.css`` and ``report.js`` inlined: one self-contained page."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    template = env.from_string(_template_text("report.html.j2"))
+    return template.render(css=Markup(_template_text("report.css")), js=Markup(_template_text("report.js")),
+                           csp=Markup(_CSP), **context)
 
 
 def _png_uri(data: bytes) -> str:
@@ -808,13 +776,14 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
     shown = ranked[:conf.max_rows]
     omitted = len(ranked) - len(shown)
     images = _Images(conf, base_dirs)
-    drawer = _MatchDrawer(conf, images) if conf.max_match_drawings > 0 and nrows else None
+    drawer = (_MatchDrawer(conf, images, Path(index_dir) if index_dir is not None else None)
+              if conf.max_match_drawings > 0 and nrows else None)
     no_drawing = "drawing budget used (--max-match-drawings)" if conf.max_match_drawings else "not drawn"
     if drawer is not None and drawer.unavailable:
         notes.append(drawer.unavailable)
         no_drawing = "match drawing unavailable"
         drawer = None
-    rows_html = []
+    rows: list[_RowView] = []
     drawings = 0
     missing_rows = 0
     with Progress(len(shown), "report", "query") as bar:
@@ -823,9 +792,9 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
             if nrows and nrow is None:
                 missing_rows += 1
             active = drawer if drawings < conf.max_match_drawings else None
-            row, attempted = _row_html(rank, r, nrow, conf, images, index_paths, active, no_drawing)
+            row, attempted = _row_view(rank, r, nrow, conf, images, index_paths, active, no_drawing)
             drawings += int(attempted)
-            rows_html.append(row)
+            rows.append(row)
             bar.update(1)
     if missing_rows:
         notes.append(f"{missing_rows} shown quer{'y' if missing_rows == 1 else 'ies'} not in the neighbours file")
@@ -835,46 +804,15 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
         notes.append(index_paths.note)
 
     counts = {tag: sum(1 for r in shown if tag == "all" or tag in r.tags) for tag, _ in FILTERS}
-    buttons = "".join(f'<button type="button" data-filter="{tag}">{_e(label)} ({counts[tag]})</button>'
-                      for tag, label in FILTERS)
-    omitted_html = (f'<p class="omitted" id="omitted" data-omitted="{omitted}">{omitted} more quer'
-                    f'{"y" if omitted == 1 else "ies"} omitted: showing the {len(shown)} worst of {len(ranked)} '
-                    f'(raise --max-rows to see more).</p>' if omitted else "")
-    notes_html = ("<ul class=\"notes\">" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>") if notes else ""
     data = {"metrics": metrics, "rows_shown": len(shown), "rows_omitted": omitted, "queries": len(ranked),
             "match_drawings": drawings, "inputs": {"predictions": str(predictions_csv), "solution": str(solution_csv),
                                                    "neighbours": None if neighbours_jsonl is None else str(neighbours_jsonl)}}
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(conf.title)}</title><style>{_CSS}</style>
-<style>
-{chr(10).join(images.styles)}
-</style></head>
-<body data-filter="all">
-<h1>{_e(conf.title)}</h1>
-<div class="sub">predictions <code>{_e(predictions_csv.name)}</code> against <code>{_e(solution_csv.name)}</code>
-{"" if neighbours_jsonl is None else f" with neighbours <code>{_e(Path(neighbours_jsonl).name)}</code>"}</div>
-<h2>Metrics</h2>
-{_metrics_table(metrics)}
-{notes_html}
-<h2>Plots</h2>
-<div class="plots"><img id="pr-curve" src="{_png_uri(pr_png)}" alt="precision-recall curve">
-<img id="confidence-histogram" src="{_png_uri(hist_png)}" alt="confidence histograms"></div>
-<h2>Queries, worst first</h2>
-<div class="bar">{buttons}<input id="text-filter" type="search" placeholder="filter by id or landmark"
- aria-label="filter by id or landmark"> <span>showing <b id="visible-count">{len(shown)}</b> of {len(shown)} rows</span></div>
-{omitted_html}
-<table class="rows"><thead><tr><th></th><th>query</th><th>id / truth</th><th>prediction</th>
-<th>top-{conf.top_k} neighbours</th><th>inlier matches (top verified neighbour)</th></tr></thead>
-<tbody>
-{chr(10).join(rows_html)}
-</tbody></table>
-<script type="application/json" id="report-data">{_json_for_script(data)}</script>
-<script>{_JS}</script>
-</body></html>
-"""
+    page = _render_page(
+        title=conf.title, thumb_styles=Markup("\n".join(images.styles)), predictions_name=predictions_csv.name,
+        solution_name=solution_csv.name, neighbours_name=None if neighbours_jsonl is None else Path(neighbours_jsonl).name,
+        metric_columns=_METRIC_COLUMNS, metric_rows=_metric_rows(metrics), notes=notes, pr_uri=_png_uri(pr_png),
+        hist_uri=_png_uri(hist_png), retrieval=None, filters=[(tag, label, counts[tag]) for tag, label in FILTERS],
+        omitted=omitted, total=len(ranked), top_k=conf.top_k, rows=rows, data_json=Markup(_json_for_script(data)))
     with atomic_write(out_html) as f:
         f.write(page)
     logger.info("report: %d queries (%d shown, %d omitted), %d match drawings -> %s",

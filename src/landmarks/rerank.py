@@ -1,55 +1,68 @@
-"""Local-feature re-ranking wired to an index: the index's feature store, query extraction, verification.
+"""Local-feature re-ranking: scoring, candidate selection, the worker pool, the index's feature store.
 
 An index built with ``landmarks index --local sift|model`` holds the local features of every indexed
 image in ``INDEX/local/`` (a :class:`~landmarks.local_features.LocalFeatureStore`) and records the
 extractor in ``INDEX/meta.json``::
 
-    "local": {"features": "sift" | "model", "dir": "local", "extractor": {... extractor.info() ...}}
+    "local": {"features": "sift" | "model", "dir": "local", "extractor": {... extractor.to_info() ...}}
 
-:class:`LocalReranker` extracts a query's local features with the same extractor, verifies the
-query against its top-K global candidates (:func:`landmarks.verify.verify_candidates`, seeded RANSAC)
-in worker processes that read the candidates' features from the store themselves (memory-mapped: only
-the query's features travel), and returns the inlier counts. The scoring is pure
-(:func:`local_scores`): ``score = s + min(inliers, c) / c`` with ``s`` the candidate's global score
-(the cosine similarity, or its out-of-domain-penalised version) and inlier counts below
-``min_inliers`` counted as none; :mod:`landmarks.recognize` then votes with these scores.
+Whoever reads the index rebuilds that extractor (:func:`index_extractor`): recognition, the report,
+the service's match drawing and ``landmarks match --index`` see the same features.
 
-Parallelism: the main process extracts query features (the model's forward pass for DELG) while the
-workers verify earlier queries; a batch smaller than the pool splits each query's candidates over
-the workers instead. Every pair is verified with the same seed whichever process runs it, so the
-results equal the serial ones.
+:class:`LocalReranker` (a :class:`Reranker`) extracts a query's local features with that extractor,
+verifies the query against its top-K global candidates (:class:`PairVerifier`: matching + seeded
+RANSAC of :mod:`landmarks.verify`) in worker processes that read the candidates' features from the
+store themselves (memory-mapped: only the query's features travel), and re-scores them. The scoring
+is pure (:func:`local_scores`): ``score = s + min(inliers, c) / c`` with ``s`` the candidate's voting
+score (the cosine similarity, or its out-of-domain-penalised version) and inlier counts below
+``min_inliers`` counted as none; :mod:`landmarks.recognize` then votes with these scores. Retrieval
+lists verified candidates first, by inliers (:func:`retrieval_order`).
+
+Parallelism: one pool of spawned workers (:func:`worker_pool`) serves both extraction (decoding, and
+SIFT) and verification. While re-ranking, the main process extracts query features (the model's
+forward pass for DELG) while the workers verify earlier queries; a batch smaller than the pool splits
+each query's candidates over the workers instead. Every pair is verified with the same seed whichever
+process runs it, so the results equal the serial ones.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from landmarks.data.collection import ImageRecord
 from landmarks.errors import ConfigError, ImageDecodeError, IncompatibleArtifactError, LandmarksError
-from landmarks.local_features import LocalExtractor, LocalFeatures, LocalFeatureStore
+from landmarks.local_features import (
+    EXTRACTORS,
+    LOCAL_FEATURES,
+    LocalExtractor,
+    LocalFeatures,
+    LocalFeatureStore,
+    extractor_from_info,
+    make_local_extractor,
+)
+from landmarks.utils.dist import default_workers
+from landmarks.verify import Verification, verify
 
 logger = logging.getLogger("landmarks")
 
 #: Sub-folder of an index that holds its local features.
 LOCAL_DIR = "local"
 #: Values of ``landmarks index --local``: RootSIFT, or the run's own DELG-style local head.
-LOCAL_CHOICES = ("sift", "model")
-#: RootSIFT settings of ``--local sift``. A contrast threshold of 0.02 (OpenCV's default: 0.04) doubles
-#: the keypoints on small, low-contrast images (median 107 -> 229 on the 256 px synthetic set) and
-#: lets more true pairs pass verification; on large photos ``max_features`` caps the count anyway.
-SIFT_DEFAULTS: dict[str, Any] = {"max_features": 1000, "max_side_px": 1024, "contrast_threshold": 0.02}
-#: DELG settings of ``--local model`` (the DelgExtractor defaults: scales 0.25 ... 2, top 1000).
-DELG_DEFAULTS: dict[str, Any] = {}
+LOCAL_CHOICES = tuple(LOCAL_FEATURES)
+#: Geometric model of re-ranking: landmarks are 3-D scenes.
+RERANK_MODEL = "fundamental"
+#: RANSAC iterations at most per pair (most candidates are unrelated and run to the limit; 2,000 vs
+#: 10,000 changed no inlier count on 400 synthetic pairs and costs 0.56 instead of 0.81 ms per pair).
+RERANK_MAX_ITERS = 2000
 
 
 # --- pure scoring -----------------------------------------------------------------------------------
@@ -60,7 +73,7 @@ def local_scores(base: np.ndarray, inliers: np.ndarray, c: float = 70.0, min_inl
     Args:
         base: ``(nq, K)`` float32 global scores of the candidates (``-inf`` = no candidate).
         inliers: ``(nq, K)`` int inlier counts (negative = not verified, no bonus).
-        c: inlier count at which the bonus saturates at 1.
+        c: inlier count at which the bonus saturates at 1 (70 in the GLR-2019 solutions).
         min_inliers: smaller counts earn nothing (unrelated pairs always fit a few matches).
 
     Returns:
@@ -81,6 +94,65 @@ def rerank_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(scores, dtype=np.float64), axis=1, kind="stable").astype(np.int64)
 
 
+def retrieval_order(similarities: np.ndarray, inliers: np.ndarray, min_inliers: int = 15) -> np.ndarray:
+    """``(K,)`` int64 order of one query's candidates for retrieval.
+
+    Candidates with ``inliers >= min_inliers`` come first by decreasing inliers, then the rest by
+    decreasing ``similarities`` (``(K,)``); ties keep the input order.
+    """
+    s = np.asarray(similarities, dtype=np.float64).reshape(-1)
+    n = np.asarray(inliers, dtype=np.int64).reshape(-1)
+    if s.shape != n.shape:
+        raise ValueError(f"{len(s)} similarities but {len(n)} inlier counts")
+    verified = n >= max(1, min_inliers)
+    idx = np.arange(len(s))
+    # lexsort: last key is primary.
+    key_inl = np.where(verified, -n, 0)
+    key_sim = np.where(verified, 0.0, -s)
+    return np.lexsort((idx, key_sim, key_inl, ~verified)).astype(np.int64)
+
+
+# --- the re-ranking contract ------------------------------------------------------------------------
+
+@dataclass
+class Candidates:
+    """The top-K global candidates of a batch of queries, in global order (what a re-ranker sees)."""
+
+    ids: list[list[str]]  # nq lists of K_q <= K index image ids (missing neighbours left out)
+    similarities: np.ndarray  # (nq, K) float32 cosine similarities; -inf past K_q
+    scores: np.ndarray  # (nq, K) float32 voting scores (recognize.neighbour_scores: OOD-penalised); -inf past K_q
+
+    @classmethod
+    def select(cls, similarities: np.ndarray, rows: np.ndarray, ids: Sequence[str], scores: np.ndarray,
+               k: int) -> Candidates:
+        """The first ``k`` columns of a search result ``(nq, >= k)`` (``rows`` ``-1`` = no neighbour)."""
+        rows = np.asarray(rows)[:, :k]
+        return cls(ids=[[ids[r] for r in row if r >= 0] for row in rows],
+                   similarities=np.asarray(similarities, dtype=np.float32)[:, :k],
+                   scores=np.asarray(scores, dtype=np.float32)[:, :k])
+
+
+@dataclass
+class Reranked:
+    """What a :class:`Reranker` returns for :class:`Candidates` (columns in the candidates' order)."""
+
+    scores: np.ndarray  # (nq, K) float32 new voting scores; recognition sorts and votes with them
+    inliers: np.ndarray  # (nq, K) int64 verified inlier counts; -1 = not verified
+    retrieval: list[np.ndarray]  # per query, (K_q,) int64 positions into ids[q]: the retrieval order
+
+
+class Reranker(Protocol):
+    """Re-ranks the top global candidates of a batch of queries (e.g. by geometric verification)."""
+
+    def rerank(self, queries: Sequence[np.ndarray | str | Path], candidates: Candidates) -> Reranked:
+        """Re-score ``candidates`` of ``queries`` (``(H, W, 3)`` uint8 images or paths)."""
+        ...
+
+    def close(self) -> None:
+        """Release workers (the re-ranker stays usable)."""
+        ...
+
+
 # --- extractors -------------------------------------------------------------------------------------
 
 def _loaded_model(embedder: Any) -> Any:
@@ -88,31 +160,25 @@ def _loaded_model(embedder: Any) -> Any:
     return getattr(embedder, "loaded", None)
 
 
-def make_local_extractor(features: str, embedder: Any = None, **kwargs: Any) -> LocalExtractor:
-    """The extractor of ``landmarks index --local FEATURES``.
+def index_extractor(features: str, embedder: Any = None, **kwargs: Any) -> LocalExtractor:
+    """A new extractor for ``landmarks index --local FEATURES`` (``"sift"`` or ``"model"``).
 
     Args:
-        features: ``"sift"`` (RootSIFT, :data:`SIFT_DEFAULTS`) or ``"model"`` (the DELG-style local
-            head of the index's own model run, :data:`DELG_DEFAULTS`).
-        embedder: the index's embedder (``"model"`` needs the run behind it).
-        kwargs: override the defaults (passed to ``SiftExtractor`` / ``DelgExtractor``).
+        features: a key of :data:`~landmarks.local_features.LOCAL_FEATURES`.
+        embedder: the index's embedder (``"model"`` uses the local head of the run behind it).
+        kwargs: override the extractor's defaults.
 
     Raises :class:`LandmarksError` when ``"model"`` is asked of a run without a local head.
     """
-    from landmarks.local_features import DelgExtractor, SiftExtractor
-
-    if features == "sift":
-        return SiftExtractor(**{**SIFT_DEFAULTS, **kwargs})
-    if features != "model":
+    if features not in LOCAL_FEATURES:
         raise ConfigError(f"unknown local features {features!r} (known: {', '.join(LOCAL_CHOICES)})")
     loaded = _loaded_model(embedder)
-    model = getattr(loaded, "model", None)
-    source = (embedder.describe().get("source") if embedder is not None else None) or "the model"
-    if loaded is None or not getattr(model, "has_local_head", False):
+    if LOCAL_FEATURES[features].needs_model and not getattr(getattr(loaded, "model", None), "has_local_head", False):
+        source = (embedder.describe().get("source") if embedder is not None else None) or "the model"
         raise LandmarksError(
             f"--local model: {source} has no local-feature head; train one (`landmarks train --init RUN "
             "--local-only --out RUN2`, or `landmarks train --local`) or use --local sift")
-    return DelgExtractor(loaded, **{**DELG_DEFAULTS, **kwargs})
+    return make_local_extractor(features, loaded, **kwargs)
 
 
 def extractor_from_meta(local_meta: dict[str, Any], embedder: Any = None) -> LocalExtractor:
@@ -121,25 +187,165 @@ def extractor_from_meta(local_meta: dict[str, Any], embedder: Any = None) -> Loc
     Raises :class:`IncompatibleArtifactError` when the model's local head differs from the one the
     index's features were extracted with.
     """
-    info = dict(local_meta.get("extractor") or {})
-    features = local_meta.get("features")
-    if features == "sift":
-        sift_keys = ("max_features", "max_side_px", "contrast_threshold", "edge_threshold", "root")
-        return make_local_extractor("sift", **{k: info[k] for k in sift_keys if k in info})
-    if features == "model":
-        delg_keys = ("scales", "max_side_px", "top_n", "threshold", "mean", "std", "ransac_threshold_px")
-        ext = make_local_extractor("model", embedder, **{k: info[k] for k in delg_keys if k in info})
-        got = getattr(ext, "fingerprint", "")
-        if info.get("fingerprint") and got != info["fingerprint"]:
-            raise IncompatibleArtifactError(
-                f"the index's local features come from model {info['fingerprint'][:12]}, not {got[:12]}")
-        return ext
-    raise IncompatibleArtifactError(f"unknown local features {features!r} in the index's meta.json")
+    return extractor_from_info(dict(local_meta.get("extractor") or {}), _loaded_model(embedder))
 
 
-def local_meta(features: str, extractor: LocalExtractor) -> dict[str, Any]:
+def index_extractor_from_dir(index_dir: str | Path, device: str = "cpu") -> LocalExtractor | None:
+    """The local-feature extractor an index folder recorded (None when it has no local features).
+
+    For model features the run named in the index's ``meta.json`` is loaded on ``device``. Raises
+    :class:`LandmarksError` when the index or its run cannot be read.
+    """
+    from landmarks.utils.io import read_json
+
+    meta_path = Path(index_dir) / "meta.json"
+    if not meta_path.exists():
+        raise LandmarksError(f"{index_dir}: not an index folder (no meta.json)")
+    meta = read_json(meta_path)
+    local = meta.get("local")
+    if not local:
+        return None
+    info = dict(local.get("extractor") or {})
+    loaded = None
+    cls = EXTRACTORS.get(str(info.get("name")))
+    if cls is not None and cls.needs_model:
+        from landmarks.checkpoint import load_model
+
+        source = (meta.get("model") or {}).get("source")
+        if not source or not Path(source).exists():
+            raise LandmarksError(f"{index_dir}: its local features come from model {source}, which is not found")
+        loaded = load_model(Path(source), device=device)
+    return extractor_from_info(info, loaded)
+
+
+def local_meta(extractor: LocalExtractor) -> dict[str, Any]:
     """The ``meta["local"]`` entry of an index whose features ``extractor`` made."""
-    return {"features": features, "dir": LOCAL_DIR, "extractor": extractor.info()}
+    return {"features": extractor.features, "dir": LOCAL_DIR, "extractor": extractor.to_info()}
+
+
+# --- pair verification as re-ranking runs it --------------------------------------------------------
+
+@dataclass
+class PairVerifier:
+    """Matching + seeded RANSAC of two images' local features, with re-ranking's settings.
+
+    The report, the service's match drawing and ``landmarks match --index`` use the same object as
+    :class:`LocalReranker`, so they verify (and draw) what recognition verified.
+    """
+
+    extractor: LocalExtractor  # the index's extractor (index_extractor_from_dir / extractor_from_meta)
+    model: str = RERANK_MODEL  # geometric model: "fundamental", "homography" or "affine"
+    seed: int = 0  # RANSAC seed (results are deterministic given it)
+    max_iters: int = RERANK_MAX_ITERS  # RANSAC iterations at most per pair
+
+    @classmethod
+    def for_index(cls, index_meta: dict[str, Any] | None = None, embedder: Any = None, **kwargs: Any) -> PairVerifier:
+        """The verifier of an index whose ``meta.json`` is ``index_meta``: its recorded extractor (the
+        default SIFT one when it has no local features, or no meta is given); ``kwargs``: the fields."""
+        local = (index_meta or {}).get("local")
+        extractor = extractor_from_meta(local, embedder) if local else make_local_extractor("sift")
+        return cls(extractor, **kwargs)
+
+    @classmethod
+    def for_index_dir(cls, index_dir: str | Path | None, device: str = "cpu", **kwargs: Any) -> PairVerifier:
+        """:meth:`for_index` of an index folder (loads the run of model features on ``device``)."""
+        extractor = index_extractor_from_dir(index_dir, device) if index_dir is not None else None
+        return cls(extractor if extractor is not None else make_local_extractor("sift"), **kwargs)
+
+    def verify_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`landmarks.verify.verify` (picklable: they travel to workers)."""
+        return {"model": self.model, "seed": int(self.seed), "max_iters": int(self.max_iters),
+                "threshold_px": self.extractor.ransac_threshold_px}
+
+    def features(self, image: np.ndarray | str | Path) -> LocalFeatures:
+        """Local features of an ``(H, W, 3)`` uint8 image or an image path."""
+        from landmarks.data.decode import decode_image
+
+        return self.extractor(decode_image(image) if isinstance(image, (str, Path)) else image)
+
+    def verify(self, feats_a: LocalFeatures, feats_b: LocalFeatures) -> Verification:
+        """The :class:`~landmarks.verify.Verification` of one pair."""
+        return verify(feats_a, feats_b, **self.verify_kwargs())
+
+
+def verify_candidates(query: LocalFeatures, candidates: Sequence[LocalFeatures | None],
+                      **verify_kwargs: Any) -> list[Verification]:
+    """Verify a query against each of its K candidates in this process; results in candidate order.
+
+    A candidate None (no features stored) gets an empty :class:`Verification` (0 inliers).
+    """
+    model = str(verify_kwargs.get("model", RERANK_MODEL))
+    return [Verification.empty(model) if c is None else verify(query, c, **verify_kwargs) for c in candidates]
+
+
+# --- the worker pool --------------------------------------------------------------------------------
+
+_WORKER_EXTRACTOR: LocalExtractor | None = None
+
+
+def limit_blas_threads(n: int = 1) -> list[str]:
+    """Set the thread count of every OpenBLAS loaded in this process (NumPy's and OpenCV's own copy).
+
+    ``cv2.gemm`` (descriptor matching) runs on the OpenBLAS bundled with OpenCV, whose thread pool
+    ignores ``cv2.setNumThreads``; in worker processes that each verify one pair at a time, its
+    threads only fight each other (a 230 x 250 x 128 product: 1.8-8 ms with the default threads,
+    0.2-0.4 ms with one, on 2 busy cores). Linux only (reads ``/proc/self/maps``); elsewhere a no-op.
+    Returns the libraries changed.
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.split()[-1].lower()})
+    except OSError:
+        return []
+    done = []
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                done.append(path)
+                break
+    return done
+
+
+def _init_worker(extractor: LocalExtractor | None) -> None:
+    """Worker start: one OpenCV and BLAS thread, Ctrl-C left to the parent (it shuts the pool down),
+    and the extractor that :func:`_worker_item` runs here (None: only decode)."""
+    import signal
+
+    import cv2
+
+    global _WORKER_EXTRACTOR
+    cv2.setNumThreads(1)
+    limit_blas_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_EXTRACTOR = extractor
+
+
+def worker_pool(workers: int, extractor: LocalExtractor | None = None) -> ProcessPoolExecutor:
+    """The pool of local-feature work: ``workers`` spawned processes (a fork of a threaded server or of
+    OpenCV's thread pool can deadlock), one OpenCV/BLAS thread each.
+
+    ``extractor``: a weight-free extractor (``needs_model`` False) the workers run on the images they
+    decode (:func:`_worker_item`); verification jobs (:func:`verify_job`) need none.
+    """
+    import multiprocessing
+
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(extractor,))
+
+
+def default_rerank_workers() -> int:
+    """Verification processes by default: the CPUs minus one (the main process extracts), at most 8."""
+    return default_workers(8)
 
 
 # --- extraction into a store ------------------------------------------------------------------------
@@ -151,19 +357,6 @@ class LocalExtraction:
     done: int  # images extracted by this call (resumed ones not counted)
     resumed: int  # images already in the store
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
-
-
-_WORKER_EXTRACTOR: LocalExtractor | None = None
-
-
-def _init_local_worker(extractor: LocalExtractor | None) -> None:
-    """Worker start: one OpenCV thread, and the extractor to run here (None: only decode)."""
-    import cv2
-
-    global _WORKER_EXTRACTOR
-    cv2.setNumThreads(1)
-    limit_blas_threads(1)
-    _WORKER_EXTRACTOR = extractor
 
 
 def _worker_item(path: str) -> tuple[Any, str | None]:
@@ -210,12 +403,8 @@ def extract_local_features(extractor: LocalExtractor, records: Sequence[ImageRec
     Returns:
         :class:`LocalExtraction`.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     from landmarks.utils.io import SkippedLog
     from landmarks.utils.progress import Progress
-    from landmarks.utils.seed import default_num_workers
 
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -226,12 +415,9 @@ def extract_local_features(extractor: LocalExtractor, records: Sequence[ImageRec
     out = LocalExtraction(done=0, resumed=resumed)
     if not todo:
         return out
-    in_worker = getattr(extractor, "name", "") == "rootsift"  # weight-free: extract where we decode
-    workers = default_num_workers() if num_workers is None else max(0, num_workers)
-    pool = None
-    if workers > 0:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_local_worker, initargs=(extractor if in_worker else None,))
+    in_worker = not extractor.needs_model  # weight-free: extract where we decode
+    workers = default_workers(8) if num_workers is None else max(0, num_workers)
+    pool = worker_pool(workers, extractor if in_worker else None) if workers > 0 else None
     log = SkippedLog(skipped_csv) if skipped_csv is not None else None
     bar = Progress(len(records), desc, "img", disable=not show_progress)
     bar.update(resumed)
@@ -273,11 +459,11 @@ def open_or_create_store(index_dir: Path, extractor: LocalExtractor) -> LocalFea
 
     root = index_dir / LOCAL_DIR
     try:
-        return LocalFeatureStore.create(root, extractor.dim, extractor.info())
+        return LocalFeatureStore.create(root, extractor.dim, extractor.to_info())
     except IncompatibleArtifactError as e:
         logger.info("starting the local features over: %s", e)
         shutil.rmtree(root, ignore_errors=True)
-        return LocalFeatureStore.create(root, extractor.dim, extractor.info())
+        return LocalFeatureStore.create(root, extractor.dim, extractor.to_info())
 
 
 # --- verification in workers ------------------------------------------------------------------------
@@ -301,65 +487,15 @@ def verify_job(store_root: str, generation: int, query: LocalFeatures, candidate
     """Inlier counts of ``query`` against each stored candidate (0 where none are stored).
 
     Runs in a worker process (or inline): reads the candidates from the store, then
-    :func:`landmarks.verify.verify_candidates` serially.
+    :func:`verify_candidates`.
     """
-    from landmarks.verify import verify_candidates
-
     store = _store_in_worker(store_root, generation)
     cands = store.get_many(list(candidate_ids))
-    return [int(v.num_inliers) for v in verify_candidates(query, cands, workers=0, **verify_kwargs)]
-
-
-def limit_blas_threads(n: int = 1) -> list[str]:
-    """Set the thread count of every OpenBLAS loaded in this process (NumPy's and OpenCV's own copy).
-
-    ``cv2.gemm`` (descriptor matching) runs on the OpenBLAS bundled with OpenCV, whose thread pool
-    ignores ``cv2.setNumThreads``; in worker processes that each verify one pair at a time, its
-    threads only fight each other (a 230 x 250 x 128 product: 1.8-8 ms with the default threads,
-    0.2-0.4 ms with one, on 2 busy cores). Linux only (reads ``/proc/self/maps``); elsewhere a no-op.
-    Returns the libraries changed.
-    """
-    import ctypes
-
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            libs = sorted({line.split()[-1] for line in f if "openblas" in line.split()[-1].lower()})
-    except OSError:
-        return []
-    done = []
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_"):
-            fn = getattr(lib, symbol, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                done.append(path)
-                break
-    return done
-
-
-def _init_verify_worker() -> None:
-    """Worker start: one OpenCV and BLAS thread; Ctrl-C is the parent's to handle (it shuts the pool down)."""
-    import signal
-
-    import cv2
-
-    cv2.setNumThreads(1)
-    limit_blas_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def default_rerank_workers() -> int:
-    """Verification processes by default: the CPUs minus one (the main process extracts), at most 8."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, n - 1))
+    return [int(v.num_inliers) for v in verify_candidates(query, cands, **verify_kwargs)]
 
 
 class LocalReranker:
-    """Inlier counts of queries against their candidates, with an index's local features.
+    """A :class:`Reranker` by geometric verification with an index's local features.
 
     Args:
         index_dir: the index folder (``meta.json`` with a ``"local"`` entry, ``local/``).
@@ -370,18 +506,23 @@ class LocalReranker:
         seed: RANSAC seed (results are deterministic given it).
         model: geometric model (``fundamental``, ``homography``, ``affine``).
         max_iters: RANSAC iterations at most per pair.
+        c: the inlier bonus ``min(inliers, c) / c`` saturates at ``c`` inliers (:func:`local_scores`).
+        min_inliers: fewer inliers earn no bonus and do not count as verified.
     """
 
     def __init__(self, index_dir: str | Path, local_meta: dict[str, Any], extractor: LocalExtractor, *,
-                 workers: int | None = None, seed: int = 0, model: str = "fundamental", max_iters: int = 2000):
+                 workers: int | None = None, seed: int = 0, model: str = RERANK_MODEL,
+                 max_iters: int = RERANK_MAX_ITERS, c: float = 70.0, min_inliers: int = 10):
         self.index_dir = Path(index_dir)
         self.meta = dict(local_meta)
         self.extractor = extractor
+        self.verifier = PairVerifier(extractor, model=model, seed=int(seed), max_iters=int(max_iters))
+        self.c = float(c)
+        self.min_inliers = int(min_inliers)
         self.store_root = self.index_dir / str(self.meta.get("dir", LOCAL_DIR))
         self.store = LocalFeatureStore.open(self.store_root)
         self.workers = default_rerank_workers() if workers is None else max(0, int(workers))
-        self.verify_kwargs: dict[str, Any] = {"model": model, "seed": int(seed), "max_iters": int(max_iters),
-                                              "threshold_px": extractor.ransac_threshold_px}
+        self.verify_kwargs: dict[str, Any] = self.verifier.verify_kwargs()
         self.generation = 0
         self._executor: Executor | None = None
         self._lock = threading.Lock()
@@ -403,13 +544,7 @@ class LocalReranker:
             return None
         with self._lock:
             if self._executor is None:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                # spawned (a fork of a threaded server or of OpenCV's thread pool can deadlock)
-                self._executor = ProcessPoolExecutor(max_workers=self.workers,
-                                                     mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=_init_verify_worker)
+                self._executor = worker_pool(self.workers)
             return self._executor
 
     def close(self) -> None:
@@ -419,14 +554,36 @@ class LocalReranker:
         if ex is not None:
             ex.shutdown(wait=True, cancel_futures=True)
 
+    # -- re-ranking -------------------------------------------------------------------------------------
+
+    def rerank(self, queries: Sequence[np.ndarray | str | Path], candidates: Candidates) -> Reranked:
+        """Verify each query against its candidates and re-score them (:func:`local_scores`).
+
+        Returns :class:`Reranked`: ``scores`` = ``candidates.scores + min(inliers, c) / c``,
+        ``inliers`` (-1 past a query's candidates), ``retrieval`` = :func:`retrieval_order`.
+        """
+        inl = np.full(candidates.scores.shape, -1, np.int64)
+        for q, counts in enumerate(self.inliers(queries, candidates.ids)):
+            inl[q, :len(counts)] = counts
+        scores = local_scores(candidates.scores, inl, self.c, self.min_inliers)
+        retrieval = [retrieval_order(candidates.similarities[q, :len(ids)], inl[q, :len(ids)], self.min_inliers)
+                     for q, ids in enumerate(candidates.ids)]
+        return Reranked(scores=scores, inliers=inl, retrieval=retrieval)
+
+    def verification(self, query: np.ndarray | str | Path,
+                     image_id: str) -> tuple[LocalFeatures, LocalFeatures, Verification] | None:
+        """``(query features, stored features, Verification)`` of a query and one index image, as
+        :meth:`rerank` verifies it (None when the image has no stored features)."""
+        if not self.store.has(image_id):
+            return None
+        fa, fb = self.query_features(query), self.store.get(image_id)
+        return fa, fb, self.verifier.verify(fa, fb)
+
     # -- queries ----------------------------------------------------------------------------------------
 
     def query_features(self, query: np.ndarray | str | Path) -> LocalFeatures:
         """Local features of a query (an ``(H, W, 3)`` uint8 image or a path)."""
-        from landmarks.data.decode import decode_image
-
-        img = decode_image(query) if isinstance(query, (str, Path)) else query
-        return self.extractor(img)
+        return self.verifier.features(query)
 
     def inliers(self, queries: Sequence[np.ndarray | str | Path],
                 candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
@@ -489,5 +646,5 @@ def add_local_features(index_dir: str | Path, index_meta: dict[str, Any], embedd
         return None
     extractor = extractor_from_meta(meta, embedder)
     store = LocalFeatureStore.create(Path(index_dir) / str(meta.get("dir", LOCAL_DIR)), extractor.dim,
-                                     extractor.info())
+                                     extractor.to_info())
     return extract_local_features(extractor, records, store, skipped_csv=skipped_csv, num_workers=num_workers)

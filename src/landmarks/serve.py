@@ -42,7 +42,6 @@ import inspect
 import io
 import logging
 import math
-import os
 import signal
 import socket
 import threading
@@ -69,6 +68,7 @@ from landmarks import __version__
 from landmarks.data.collection import ImageRecord
 from landmarks.data.decode import decode_image, image_info, open_image
 from landmarks.errors import ImageDecodeError, ImageTooLargeError, LandmarksError
+from landmarks.utils.dist import cpu_count
 
 log = logging.getLogger("landmarks")
 
@@ -124,6 +124,11 @@ class RecognizerProtocol(Protocol):
 
     def add(self, records: Sequence[ImageRecord]) -> int:
         """Embed and add labelled images to the index (saved atomically); returns how many were added."""
+        ...
+
+    def pair_verification(self, query: np.ndarray, image_id: str, image: np.ndarray) -> tuple[Any, Any, Any]:
+        """``(query features, image features, Verification)`` of a query and index image ``image_id``
+        (decoded: ``image``), as re-ranking verifies them."""
         ...
 
     def info(self) -> dict[str, Any]:
@@ -605,9 +610,7 @@ class _Service:
         if path is None:
             raise ApiError(404, f"unknown neighbour id {neighbour!r} (only ids returned by this index)")
         try:
-            from landmarks.local_features import SiftExtractor
-            from landmarks.verify import verify
-            from landmarks.viz import draw_matches
+            from landmarks.viz import draw_verification
         except ImportError as e:
             raise ApiError(501, f"match drawing is not available in this build: {e}") from None
         query = self.decode(data, name)
@@ -615,26 +618,8 @@ class _Service:
             ref = decode_image(path, name=neighbour, max_pixels=self.conf.max_pixels)
         except ImageDecodeError as e:
             raise ApiError(404, f"index image {neighbour!r} cannot be read: {e.reason}") from None
-        local = getattr(self.recognizer, "local", None)  # the re-ranker: the index's own local features
-        if local is not None and local.store.has(neighbour):
-            # the verification the re-ranker ran (same features, same RANSAC seed), drawn on shrunk images
-            fa, fb = local.query_features(query), local.store.get(neighbour)
-            ver = verify(fa, fb, **local.verify_kwargs)
-            sa = _shrink(query, self.conf.match_side_px).shape[1] / max(1, query.shape[1])
-            sb = _shrink(ref, self.conf.match_side_px).shape[1] / max(1, ref.shape[1])
-            query, ref = _shrink(query, self.conf.match_side_px), _shrink(ref, self.conf.match_side_px)
-        else:
-            query, ref = _shrink(query, self.conf.match_side_px), _shrink(ref, self.conf.match_side_px)
-            extract = SiftExtractor()
-            fa, fb = extract(query), extract(ref)
-            ver = verify(fa, fb, seed=0, threshold_px=extract.ransac_threshold_px)
-            sa = sb = 1.0
-        matches = np.asarray(ver.matches).reshape(-1, 2)
-        mask = np.asarray(ver.inlier_mask, dtype=bool).reshape(-1)
-        inl = matches[mask] if len(mask) == len(matches) else matches[:0]
-        kpa = (np.asarray(fa.keypoints)[inl[:, 0]] + 0.5) * sa - 0.5
-        kpb = (np.asarray(fb.keypoints)[inl[:, 1]] + 0.5) * sb - 0.5
-        canvas = draw_matches(query, ref, kpa, kpb)
+        fa, fb, ver = self.recognizer.pair_verification(query, neighbour, ref)  # what re-ranking verifies
+        canvas = draw_verification(query, ref, fa, fb, ver, max_side_px=self.conf.match_side_px)
         return _png(canvas), int(ver.num_inliers)
 
     def add_job(self, files: list[tuple[str, bytes]], landmark: str) -> dict[str, Any]:
@@ -940,4 +925,4 @@ def serve(recognizer: RecognizerProtocol, conf: ServeConfig, sock: socket.socket
 
 def default_workers() -> int:
     """Worker threads by default: 2, or 1 on a single-core machine."""
-    return max(1, min(2, os.cpu_count() or 1))
+    return max(1, min(2, cpu_count()))

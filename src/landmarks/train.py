@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +47,7 @@ from landmarks.models.heads import class_weights, margin_cross_entropy
 from landmarks.models.net import LandmarkNet, ModelConfig
 from landmarks.models.presets import preset
 from landmarks.utils import precision
+from landmarks.utils.dist import cpu_count, dist_env, resolve_device
 from landmarks.utils.io import SkippedLog, atomic_write, read_json, write_json
 from landmarks.utils.progress import Progress
 from landmarks.utils.workers import worker_context
@@ -161,7 +161,7 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 def knn_predict(xq: np.ndarray, xb: np.ndarray, yb: np.ndarray, k: int = 3,
                 chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """kNN voting by summed cosine similarity.
+    """kNN voting by summed cosine similarity: exact search, then recognition's :func:`landmarks.recognize.vote`.
 
     Args:
         xq: ``(nq, d)`` float32 L2-normalised queries.
@@ -171,22 +171,20 @@ def knn_predict(xq: np.ndarray, xb: np.ndarray, yb: np.ndarray, k: int = 3,
 
     Returns:
         ``(labels (nq,) int64, scores (nq,) float32)``: the label with the largest sum of similarities
-        among the ``k`` nearest neighbours (ties: the label of the nearer neighbour) and that sum / k.
+        among the ``k`` nearest neighbours (ties: the label of the nearer neighbour) and that sum: the
+        confidence recognition reports (without the out-of-domain terms).
     """
+    from landmarks.recognize import vote
+
     k = max(1, min(k, len(xb)))
     labels = np.empty(len(xq), dtype=np.int64)
     scores = np.empty(len(xq), dtype=np.float32)
     tb = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))
+    yb = np.asarray(yb, dtype=np.int64)
     for s in range(0, len(xq), chunk):
         sims = torch.from_numpy(np.ascontiguousarray(xq[s:s + chunk], dtype=np.float32)) @ tb.T
         top_s, top_i = sims.topk(k, dim=1)
-        top_y = torch.from_numpy(yb)[top_i]
-        # votes[q, j] = sum of sims of the neighbours that share neighbour j's label.
-        same = top_y.unsqueeze(2) == top_y.unsqueeze(1)
-        votes = (same.float() * top_s.unsqueeze(1)).sum(dim=2)
-        best = votes.argmax(dim=1)  # first max = nearest neighbour of the winning label
-        labels[s:s + chunk] = top_y.gather(1, best.unsqueeze(1)).squeeze(1).numpy()
-        scores[s:s + chunk] = (votes.gather(1, best.unsqueeze(1)).squeeze(1) / k).numpy()
+        labels[s:s + chunk], scores[s:s + chunk] = vote(top_s.numpy(), yb[top_i.numpy()])
     return labels, scores
 
 
@@ -278,13 +276,9 @@ class Dist:
     @classmethod
     def from_env(cls, device: str | None = None) -> Dist:
         """Read torchrun's environment; initialise the process group (NCCL on GPUs, gloo on CPU)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        else:
-            dev = torch.device(device)
+        env = dist_env()
+        world, rank, local = env.world_size, env.rank, env.local_rank
+        dev = torch.device(resolve_device(device))  # None or "auto": the local GPU, else the CPU
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         here = False
@@ -329,8 +323,7 @@ class Dist:
 def _auto_workers(conf: int, world_size: int) -> int:
     if conf >= 0:
         return conf
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, n // world_size - 1))
+    return max(0, min(8, cpu_count() // world_size - 1))
 
 
 def _subsample(items: list[ImageRecord], n: int, seed: int) -> list[ImageRecord]:
@@ -1071,7 +1064,7 @@ def train(conf: TrainConfig, data: str | Path | Sequence[ImageRecord], out: str 
         out: the run folder.
         resume: continue the run in ``out`` from its last saved state.
         time_budget_min: size the schedule to finish in this many minutes (measured throughput).
-        device: ``"cpu"``, ``"cuda"``, ... (default: the torchrun local GPU, else CPU).
+        device: ``"auto"`` (the default, also None: the torchrun local GPU, else CPU), ``"cpu"``, ``"cuda:1"``, ...
         on_trainer: called with the :class:`Trainer` before training (tests and benchmarks).
 
     Runs under ``torchrun`` as well (DDP). Seeds torch's RNG from ``conf.seed`` inside a forked RNG

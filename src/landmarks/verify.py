@@ -1,4 +1,4 @@
-"""Matching and geometric verification of local features, and the local re-ranking score.
+"""Matching and geometric verification of one pair of images' local features.
 
 ::
 
@@ -14,17 +14,12 @@ with OpenCV's USAC framework (MAGSAC++ scoring and sigma-consensus local optimis
 seeded through ``UsacParams.randomGeneratorState`` and run single-threaded, so the same inputs and
 seed give the same inliers in any process.
 
-Re-ranking (:func:`rerank`) is pure: a query's top-K global candidates with their similarities,
-landmarks and inlier counts in; per-candidate scores ``similarity + min(inliers, c) / c``, per-landmark
-aggregates and the retrieval order (verified images first, by inliers) out.
-:func:`verify_candidates` verifies the K candidates of a query, optionally in worker processes.
+Pair-level only: verifying a query's candidates, the worker pool and the re-ranking scores live in
+:mod:`landmarks.rerank`.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -255,171 +250,3 @@ def homography_from_inliers(feats_a: LocalFeatures, feats_b: LocalFeatures, v: V
         return v
     return verify(feats_a, feats_b, "homography", seed, matches=v.inlier_matches, threshold_px=threshold_px,
                   method=method)
-
-
-# --------------------------------------------------------------------------------------------------
-# Verifying a query's candidates, serially or in worker processes
-# --------------------------------------------------------------------------------------------------
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-
-
-def _verify_group(query: LocalFeatures, group: list[tuple[int, LocalFeatures | None]],
-                  kwargs: dict[str, Any]) -> list[tuple[int, Verification]]:
-    out = []
-    for k, cand in group:
-        if cand is None:
-            out.append((k, Verification.empty(kwargs.get("model", "fundamental"))))
-        else:
-            out.append((k, verify(query, cand, **kwargs)))
-    return out
-
-
-def make_executor(workers: int) -> ProcessPoolExecutor:
-    """A process pool for :func:`verify_candidates` (spawned workers, one OpenCV thread each).
-
-    Create it once and reuse it across queries; close it with ``shutdown()`` or a ``with`` block.
-    """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker)
-
-
-def verify_candidates(query_feats: LocalFeatures, candidate_feats_list: Sequence[LocalFeatures | None], *,
-                      workers: int = 0, executor: Executor | None = None, **verify_kwargs: Any) -> list[Verification]:
-    """Verify a query against each of its K candidates; results in candidate order.
-
-    Args:
-        query_feats: the query's :class:`LocalFeatures`.
-        candidate_feats_list: K candidates' features (None: no features stored -> 0 inliers).
-        workers: 0 runs in this process; ``n > 0`` splits the candidates over ``n`` worker processes
-            (a pool made for this call unless ``executor`` is given; pass one to amortise start-up).
-        executor: an existing pool (see :func:`make_executor`); its size sets the number of groups.
-        verify_kwargs: passed to :func:`verify` (``model``, ``seed``, ``threshold_px``, ...).
-
-    Every pair is verified with the same seed whichever process runs it, so the results are
-    identical to the serial path.
-    """
-    items = list(enumerate(candidate_feats_list))
-    if not items:
-        return []
-    if executor is None and workers <= 0:
-        return [v for _, v in _verify_group(query_feats, items, verify_kwargs)]
-    own = executor is None
-    pool: Executor = make_executor(min(workers, len(items))) if executor is None else executor
-    n_groups = getattr(pool, "_max_workers", workers) or 1
-    n_groups = max(1, min(int(n_groups), len(items)))
-    groups = [items[g::n_groups] for g in range(n_groups)]
-    try:
-        futures = [pool.submit(_verify_group, query_feats, g, verify_kwargs) for g in groups]
-        results: list[Verification | None] = [None] * len(items)
-        for fut in futures:
-            for k, v in fut.result():
-                results[k] = v
-    finally:
-        if own:
-            pool.shutdown()
-    return [r for r in results if r is not None]
-
-
-# --------------------------------------------------------------------------------------------------
-# Re-ranking: pure functions
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Reranked:
-    """Re-ranked candidates of one query.
-
-    Attributes:
-        scores: ``(K,)`` float64, ``similarity + min(inliers, c) / c`` per candidate (input order).
-        order: ``(K,)`` int64 retrieval order (indices into the input): verified candidates first by
-            decreasing inliers, then the others by decreasing similarity; ties keep input order.
-        verified: ``(K,)`` bool, inliers >= ``min_inliers``.
-        landmarks: ``[(landmark, aggregated score)]`` best first (unlabelled candidates ignored).
-    """
-
-    scores: np.ndarray
-    order: np.ndarray
-    verified: np.ndarray
-    landmarks: list[tuple[str, float]]
-
-    @property
-    def best(self) -> tuple[str, float] | None:
-        """The top landmark and its score, or None when no candidate has a landmark."""
-        return self.landmarks[0] if self.landmarks else None
-
-
-def inlier_scores(similarities: np.ndarray, inliers: np.ndarray, c: float = 70.0, min_inliers: int = 0) -> np.ndarray:
-    """``similarity + min(inliers, c) / c`` per candidate; counts below ``min_inliers`` count as 0.
-
-    ``similarities``: ``(K,)`` global cosine similarities; ``inliers``: ``(K,)`` inlier counts.
-    Returns ``(K,)`` float64.
-    """
-    s = np.asarray(similarities, dtype=np.float64).reshape(-1)
-    n = np.asarray(inliers, dtype=np.float64).reshape(-1)
-    if s.shape != n.shape:
-        raise ValueError(f"{len(s)} similarities but {len(n)} inlier counts")
-    if c <= 0:
-        raise ValueError(f"c must be positive, got {c}")
-    n = np.where(n >= min_inliers, n, 0.0)
-    return s + np.minimum(n, c) / c
-
-
-def aggregate_by_landmark(landmarks: Sequence[str | None], scores: np.ndarray,
-                          how: Literal["sum", "max"] = "sum") -> list[tuple[str, float]]:
-    """Per-landmark totals (``sum``) or maxima (``max``) of candidate scores, best first.
-
-    Candidates whose landmark is None are ignored; ties are broken by landmark name.
-    """
-    if len(landmarks) != len(scores):
-        raise ValueError(f"{len(landmarks)} landmarks but {len(scores)} scores")
-    if how not in ("sum", "max"):
-        raise ValueError(f"how must be 'sum' or 'max', got {how!r}")
-    agg: dict[str, float] = {}
-    for lm, s in zip(landmarks, np.asarray(scores, dtype=np.float64)):
-        if lm is None:
-            continue
-        if lm not in agg:
-            agg[lm] = float(s)
-        elif how == "sum":
-            agg[lm] += float(s)
-        else:
-            agg[lm] = max(agg[lm], float(s))
-    return sorted(agg.items(), key=lambda kv: (-kv[1], kv[0]))
-
-
-def retrieval_order(similarities: np.ndarray, inliers: np.ndarray, min_inliers: int = 15) -> np.ndarray:
-    """``(K,)`` int64 order: candidates with ``inliers >= min_inliers`` first by decreasing inliers,
-    then the rest by decreasing similarity; ties keep the input order."""
-    s = np.asarray(similarities, dtype=np.float64).reshape(-1)
-    n = np.asarray(inliers, dtype=np.int64).reshape(-1)
-    verified = n >= max(1, min_inliers)
-    idx = np.arange(len(s))
-    # lexsort: last key is primary.
-    key_inl = np.where(verified, -n, 0)
-    key_sim = np.where(verified, 0.0, -s)
-    return np.lexsort((idx, key_sim, key_inl, ~verified)).astype(np.int64)
-
-
-def rerank(similarities: np.ndarray, inliers: np.ndarray, landmarks: Sequence[str | None], c: float = 70.0,
-           min_inliers: int = 15, how: Literal["sum", "max"] = "sum") -> Reranked:
-    """Re-rank one query's top-K global candidates with their inlier counts.
-
-    Args:
-        similarities: ``(K,)`` global similarities of the candidates.
-        inliers: ``(K,)`` inlier counts from :func:`verify_candidates` (0 when unverified).
-        landmarks: the candidates' landmarks (None: unlabelled).
-        c: inlier count at which the bonus saturates at 1 (70 in the GLR-2019 solutions).
-        min_inliers: fewer inliers count as none, and the candidate as unverified: a fundamental
-            matrix always fits a few matches of unrelated images (measured with RootSIFT, 1,000
-            features, on 40 pairs of different real landmarks: median 10, max 14 inliers).
-        how: per-landmark aggregation, ``sum`` or ``max`` of the candidate scores.
-    """
-    scores = inlier_scores(similarities, inliers, c, min_inliers)
-    n = np.asarray(inliers, dtype=np.int64).reshape(-1)
-    return Reranked(scores=scores, order=retrieval_order(similarities, n, min_inliers),
-                    verified=n >= max(1, min_inliers), landmarks=aggregate_by_landmark(landmarks, scores, how))

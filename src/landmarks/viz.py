@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import colorsys
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from landmarks.local_features import LocalFeatures
+    from landmarks.verify import Verification
 
 
 def _as_rgb(img: np.ndarray, name: str) -> np.ndarray:
@@ -84,3 +89,42 @@ def draw_matches(img_a: np.ndarray, img_b: np.ndarray, kpts_a: np.ndarray, kpts_
         cv2.circle(canvas, (int(p[0]), int(p[1])), radius_px << shift, color, thickness_px, cv2.LINE_AA, shift)
         cv2.circle(canvas, (int(q[0]), int(q[1])), radius_px << shift, color, thickness_px, cv2.LINE_AA, shift)
     return canvas
+
+
+def draw_verification(img_a: np.ndarray, img_b: np.ndarray, feats_a: LocalFeatures, feats_b: LocalFeatures,
+                      verification: Verification, *, max_side_px: int | None = None,
+                      **draw_kwargs: Any) -> np.ndarray:
+    """Draw the inlier matches of a verified pair (what re-ranking counted), side by side.
+
+    The one match drawing of the package: ``landmarks match --draw``, the HTML report and the
+    service's ``/v1/matches`` all call it.
+
+    Args:
+        img_a, img_b: the ``(H, W, 3)`` uint8 RGB images the features were extracted from.
+        feats_a, feats_b: their :class:`~landmarks.local_features.LocalFeatures` (keypoints in the
+            images' pixels).
+        verification: :func:`landmarks.verify.verify` of ``feats_a`` against ``feats_b``; its
+            ``inlier_matches`` ``(I, 2)`` are drawn.
+        max_side_px: shrink each image first so that its longer side is at most this (None: as is);
+            keypoints follow the images.
+        draw_kwargs: passed to :func:`draw_matches` (``max_height_px``, ``max_lines``, ...).
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB canvas.
+    """
+    inl = verification.inlier_matches
+    pa = np.asarray(feats_a.keypoints, dtype=np.float64)[inl[:, 0]]
+    pb = np.asarray(feats_b.keypoints, dtype=np.float64)[inl[:, 1]]
+    a, sa = _shrink(_as_rgb(img_a, "img_a"), max_side_px)
+    b, sb = _shrink(_as_rgb(img_b, "img_b"), max_side_px)
+    return draw_matches(a, b, (pa + 0.5) * sa - 0.5, (pb + 0.5) * sb - 0.5, **draw_kwargs)
+
+
+def _shrink(img: np.ndarray, max_side_px: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` with its longer side at most ``max_side_px``, and the ``(2,)`` x, y scale applied."""
+    h, w = img.shape[:2]
+    if max_side_px is None or max(h, w) <= max_side_px:
+        return img, np.ones(2)
+    s = max_side_px / max(h, w)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA), np.array([nw / w, nh / h])

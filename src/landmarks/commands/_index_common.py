@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
+
+from landmarks.utils.dist import cpu_count, default_workers, dist_env, resolve_device
+
+__all__ = ["add_extraction_arguments", "rank_world", "resolve_device", "setup_threads"]
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,28 +20,15 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
                              "so decoding and the forward pass do not fight over cores)")
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when available, else ``cpu``."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
 def setup_threads(device: str, threads: int | None, workers: int | None) -> int:
     """Set torch's thread count for a CPU forward pass next to ``workers`` decoding processes; returns it."""
     import torch
 
-    from landmarks.utils.seed import default_num_workers
-
     if threads is None:
         if not device.startswith("cpu"):
             return torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n_workers = default_num_workers() if workers is None else workers
+        cores = cpu_count()
+        n_workers = default_workers() if workers is None else workers
         threads = max(1, cores - n_workers)
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
@@ -46,4 +36,5 @@ def setup_threads(device: str, threads: int | None, workers: int | None) -> int:
 
 def rank_world() -> tuple[int, int]:
     """``(rank, world size)`` from the torchrun environment (``(0, 1)`` outside it)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    env = dist_env()
+    return env.rank, env.world_size

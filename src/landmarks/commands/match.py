@@ -20,13 +20,17 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from landmarks.errors import LandmarksError
 from landmarks.utils.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from landmarks.local_features import LocalFeatures
+    from landmarks.verify import Verification
 
 logger = logging.getLogger("landmarks")
 
@@ -37,8 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``landmarks match``."""
     parser.add_argument("image_a", metavar="A", help="first image")
     parser.add_argument("image_b", metavar="B", help="second image")
-    parser.add_argument("--features", default="sift", metavar="sift|RUN",
-                        help="local features: 'sift' (RootSIFT, no weights) or a run directory with a local head")
+    parser.add_argument("--features", default=None, metavar="sift|RUN",
+                        help="local features: 'sift' (RootSIFT, no weights; the default) or a run directory with a "
+                             "local head")
+    parser.add_argument("--index", type=Path, default=None, metavar="INDEX",
+                        help="use the local-feature settings recorded by this index (instead of --features)")
     parser.add_argument("--model", default="fundamental", choices=["fundamental", "homography", "affine"],
                         help="geometric model for RANSAC (default: fundamental)")
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed (default 0)")
@@ -57,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``landmarks match``. Returns 0; user errors raise ``LandmarksError`` (exit status 2)."""
     from landmarks.data.decode import decode_image
     from landmarks.local_features import build_local_extractor
+    from landmarks.rerank import index_extractor_from_dir
     from landmarks.verify import homography_from_inliers, verify
 
     if args.draw is not None and args.draw.suffix.lower() not in _DRAW_FORMATS:
@@ -65,10 +73,18 @@ def run(args: argparse.Namespace) -> int:
         raise LandmarksError(f"--max-features must be positive, got {args.max_features}")
     img_a = decode_image(args.image_a)
     img_b = decode_image(args.image_b)
-    kwargs: dict[str, Any] = {}
-    if args.max_features is not None:
-        kwargs["max_features" if str(args.features).lower() in ("sift", "rootsift") else "top_n"] = args.max_features
-    extractor = build_local_extractor(args.features, device=args.device, **kwargs)
+    if args.index is not None:
+        if args.features is not None or args.max_features is not None:
+            raise LandmarksError("--index sets the local features: drop --features / --max-features")
+        extractor = index_extractor_from_dir(args.index, device=args.device)
+        if extractor is None:
+            raise LandmarksError(f"--index {args.index}: the index has no local features (`landmarks index --local`)")
+    else:
+        features = args.features or "sift"
+        kwargs: dict[str, Any] = {}
+        if args.max_features is not None:
+            kwargs["max_features" if features.lower() in ("sift", "rootsift") else "top_n"] = args.max_features
+        extractor = build_local_extractor(features, device=args.device, **kwargs)
     t0 = time.perf_counter()
     fa = extractor(img_a)
     fb = extractor(img_b)
@@ -92,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     if args.draw is not None:
-        _draw(args.draw, img_a, img_b, fa.keypoints[v.inlier_matches[:, 0]], fb.keypoints[v.inlier_matches[:, 1]])
+        _draw(args.draw, img_a, img_b, fa, fb, v)
     if args.json:
         print(json.dumps(result))
     else:
@@ -105,10 +121,11 @@ def _normalised(m: np.ndarray) -> np.ndarray:
     return m / m[2, 2] if abs(m[2, 2]) > 1e-12 else m
 
 
-def _draw(path: Path, img_a: np.ndarray, img_b: np.ndarray, pa: np.ndarray, pb: np.ndarray) -> None:
-    from landmarks.viz import draw_matches
+def _draw(path: Path, img_a: np.ndarray, img_b: np.ndarray, fa: LocalFeatures, fb: LocalFeatures,
+          v: Verification) -> None:
+    from landmarks.viz import draw_verification
 
-    canvas = draw_matches(img_a, img_b, pa, pb)
+    canvas = draw_verification(img_a, img_b, fa, fb, v)
     ok, buf = cv2.imencode(path.suffix.lower(), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     if not ok:
         raise LandmarksError(f"--draw {path}: could not encode the image")
@@ -116,7 +133,7 @@ def _draw(path: Path, img_a: np.ndarray, img_b: np.ndarray, pa: np.ndarray, pb: 
         atomic_write_bytes(path, buf.tobytes())
     except OSError as e:
         raise LandmarksError(f"--draw {path}: cannot write: {e.strerror or e}") from None
-    logger.info("wrote %s (%d inlier matches)", path, len(pa))
+    logger.info("wrote %s (%d inlier matches)", path, v.num_inliers)
 
 
 def _text(args: argparse.Namespace, r: dict[str, Any]) -> str:

@@ -84,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
     conf = _config(args)
     device = resolve_device(args.device)
-    setup_threads(device, args.threads, args.workers)
     if conf.rerank == "local" and conf.rerank_workers == 0:  # pairs verified here, one at a time
         from landmarks.rerank import limit_blas_threads
 
-        limit_blas_threads(1)
+        limit_blas_threads(1)  # first: an OpenMP OpenBLAS sets OpenMP's (torch's) thread count too
+    setup_threads(device, args.threads, args.workers)  # the forward pass's threads, whatever re-ranks
     stats = recognize_queries(args.index, args.queries, args.out, conf=conf, neighbours_jsonl=args.neighbours,
                               retrieval_csv=args.retrieval, retrieval_k=args.retrieval_k, device=device,
                               model=args.model, image_dir=args.image_dir, num_workers=args.workers)

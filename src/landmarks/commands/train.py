@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from landmarks.errors import ConfigError, LandmarksError
+from landmarks.utils.dist import dist_env
 
 logger = logging.getLogger("landmarks")
 
@@ -135,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--time-budget must be a positive number of minutes")
     seed_everything(conf.seed)
     result = train(conf, data, out, resume=args.resume, time_budget_min=args.time_budget, device=args.device)
-    import os
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    if dist_env().is_main:
         summary = {"run": str(result.run_dir), "steps": result.steps, "epochs": result.epochs,
                    "elapsed_s": round(result.elapsed_s, 1)}
         summary.update({k: v for k, v in result.metrics.items() if k.startswith("val_")})

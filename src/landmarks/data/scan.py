@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing as mp
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from landmarks.data.collection import (
 )
 from landmarks.data.decode import DEFAULT_MAX_PIXELS, decode_image, image_info
 from landmarks.errors import ImageDecodeError, LandmarksError
+from landmarks.utils.dist import cpu_count
 from landmarks.utils.io import SkippedLog
 from landmarks.utils.progress import Progress
 
@@ -149,8 +149,7 @@ def scan(src: str | Path, *, workers: int | None = None, skipped: str | Path | N
     groups listed in full (all are counted).
     """
     kind, records, loose = resolve_source(src, image_dir)
-    n_workers = max(1, workers if workers is not None else len(os.sched_getaffinity(0)) if hasattr(
-        os, "sched_getaffinity") else (os.cpu_count() or 1))
+    n_workers = max(1, workers if workers is not None else cpu_count())
     args = [(str(r.path), max_pixels) for r in records]
     results: list[FileResult] = []
     bar = Progress(len(records), "scan", "img", disable=not progress)

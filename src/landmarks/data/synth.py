@@ -53,6 +53,7 @@ from landmarks.data import synth_render as render
 from landmarks.data.collection import gldv2_image_path
 from landmarks.data.scan import long_tail_histogram
 from landmarks.errors import ConfigError, LandmarksError
+from landmarks.utils.dist import cpu_count
 from landmarks.utils.io import atomic_write, write_json
 from landmarks.utils.progress import Progress
 
@@ -267,8 +268,8 @@ def _worker_init() -> None:
 
 
 def default_workers() -> int:
-    """All CPUs this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """All CPUs this process may use (:func:`landmarks.utils.dist.cpu_count`)."""
+    return cpu_count()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -18,8 +17,3 @@ def seed_everything(seed: int) -> None:
         return
     torch.manual_seed(seed)
 
-
-def default_num_workers() -> int:
-    """DataLoader workers for this machine: the CPU count minus one, at least 0, at most 8."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, n - 1))
