@@ -156,6 +156,11 @@ def _read_safetensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.
     return tensors, metadata
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a run folder's weights (or of a checkpoint file), on the CPU."""
+    return _read_safetensors(resolve_checkpoint(path))[0]
+
+
 # --- model checkpoints ---------------------------------------------------------------------------------
 
 def save_model(run_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> str:
