@@ -242,22 +242,31 @@ def child_train(argv: list[str]) -> int:
 
     conf = from_dict(TrainConfig, json.loads(args.conf))
     seen: list[Trainer] = []
-    res = train(conf, args.data, args.out, resume=args.resume, device=args.device,
-                on_trainer=lambda tr: (seen.append(tr), hook(tr)) and None)
+
+    def on_trainer(trainer: Trainer) -> None:
+        seen.append(trainer)
+        hook(trainer)
+    res = train(conf, args.data, args.out, resume=args.resume, device=args.device, on_trainer=on_trainer)
     spe = len(seen[0].train_records) // seen[0].conf.batch_size
     print(json.dumps({"steps": res.steps, "steps_per_epoch": spe, "peak_gib": _peak_gib(torch.device(args.device)),
                       "metrics": res.metrics}), flush=True)
     return 0
 
 
-def _child(data: Path, run: Path, conf: Any, losses: Path, s: Sizes, resume: bool) -> subprocess.Popen[str]:
+def _child(data: Path, run: Path, conf: Any, losses: Path, s: Sizes, resume: bool) -> tuple[subprocess.Popen[str], Path]:
+    """A training session in a child process; its output goes to a file beside the run (a pipe nobody reads
+    while the parent polls could fill up and stall the child). Returns the process and that file."""
     from landmarks.config import to_dict
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "_train", "--data", str(data / "train.csv"), "--out",
-           str(run), "--conf", json.dumps(to_dict(conf)), "--losses", str(losses), "--device", s.device, "--threads", str(s.threads)]
+           str(run), "--conf", json.dumps(to_dict(conf)), "--losses", str(losses), "--device", s.device,
+           "--threads", str(s.threads)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    log = run.parent / f"train-{'resumed' if resume else 'killed'}.log"
+    with open(log, "w", encoding="utf-8") as f:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, stdout=f, stderr=subprocess.STDOUT,
+                                text=True)
+    return proc, log
 
 
 def _saved_step(state_json: Path) -> int:
@@ -267,10 +276,11 @@ def _saved_step(state_json: Path) -> int:
         return -1
 
 
-def _kill_after_checkpoint(proc: subprocess.Popen[str], state_json: Path, losses: Path, at_least: int,
+def _kill_after_checkpoint(child: tuple[subprocess.Popen[str], Path], state_json: Path, losses: Path, at_least: int,
                            beyond: int, timeout_s: float) -> int:
     """SIGKILL ``proc`` once its training state holds step >= ``at_least`` and it has logged ``beyond`` more
     steps; returns the step of the state it left on disk (where the resumed session starts)."""
+    proc, log = child
     deadline = time.time() + timeout_s
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -286,7 +296,7 @@ def _kill_after_checkpoint(proc: subprocess.Popen[str], state_json: Path, losses
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    err = proc.stderr.read()[-3000:] if proc.stderr else ""
+    err = log.read_text(encoding="utf-8", errors="replace")[-3000:]
     raise RuntimeError(f"training ended (rc {proc.returncode}) before a checkpoint of step {at_least}:\n{err}")
 
 
@@ -321,20 +331,21 @@ def stage_train(data: Path, run: Path, s: Sizes) -> dict[str, Any]:
     saved = _kill_after_checkpoint(_child(data, run, conf, losses, s, False), run / "train_state.json", losses,
                                    s.kill_after, max(1, s.ckpt_every // 4), 900)
     n_first = len(losses.read_text().splitlines())
-    proc = _child(data, run, conf, losses, s, True)
-    out, err = proc.communicate(timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"resumed training failed (rc {proc.returncode}):\n{err[-3000:]}")
-    summary = json.loads(out.strip().splitlines()[-1])
+    proc, log = _child(data, run, conf, losses, s, True)
+    rc = proc.wait(timeout=900)
+    out = log.read_text(encoding="utf-8", errors="replace")
+    if rc != 0:
+        raise RuntimeError(f"resumed training failed (rc {rc}):\n{out[-3000:]}")
+    summary = next(json.loads(line) for line in reversed(out.splitlines()) if line.startswith('{"steps"'))
     rows = [{**json.loads(line), "session": 1 if i < n_first else 2}
             for i, line in enumerate(losses.read_text().splitlines())]
     spe = int(summary["steps_per_epoch"])
-    log = read_log(run)
+    run_log = read_log(run)
     return {"steps": summary["steps"], "steps_per_epoch": spe, "killed_after_checkpoint": saved,
             "killed_at_step": max((r["step"] for r in rows if r["session"] == 1), default=0),
             "mid_epoch": saved % spe != 0, **_loss_checks(rows, saved, s.steps, exact=s.device == "cpu"),
-            "img_s": log[-1].get("images_per_s") if log else None, "peak_gib": summary.get("peak_gib"),
-            "val_gap": log[-1].get("val_gap") if log else None, "seconds": round(time.perf_counter() - t, 1)}
+            "img_s": run_log[-1].get("images_per_s") if run_log else None, "peak_gib": summary.get("peak_gib"),
+            "val_gap": run_log[-1].get("val_gap") if run_log else None, "seconds": round(time.perf_counter() - t, 1)}
 
 
 # --- stage 4: torchrun ----------------------------------------------------------------------------------
@@ -451,7 +462,8 @@ def stage_index_recognize(data: Path, run: Path, work: Path, s: Sizes) -> dict[s
     for rerank in ("none", "local"):
         rec = Recognizer.load(index, RecognizeConfig(rerank=rerank, rerank_workers=s.workers), device=s.device)
         if rerank == "local":
-            out["local_head_device"] = str(next(rec.local.extractor.model.parameters()).device)
+            head = rec.local.extractor.model  # type: ignore[union-attr]  # the DELG extractor's LandmarkNet
+            out["local_head_device"] = str(next(head.parameters()).device)
         pred = work / f"pred-{rerank}.csv"
         t = time.perf_counter()
         try:

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from landmarks.data.collection import ImageRecord
 from landmarks.data.decode import DEFAULT_MAX_PIXELS, decode_image
+from landmarks.data.transforms import Preprocess, normalize_batch, resize_square
 from landmarks.errors import ImageDecodeError, IncompatibleArtifactError, LandmarksError
 from landmarks.utils import precision
 from landmarks.utils.dist import default_workers, dist_env
@@ -322,6 +323,38 @@ class _ImageDataset(Dataset):
             return i, None, f"preprocessing failed: {type(e).__name__}: {e}"
 
 
+@dataclass(frozen=True)
+class SquareUint8:
+    """The worker side of extraction on a GPU: ``(H, W, 3)`` uint8 -> the squashed ``(S, S, 3)`` uint8 tensor
+    (:func:`~landmarks.data.transforms.resize_square`); the normalisation runs on the GPU. Picklable."""
+
+    image_size: int  # S
+
+    def __call__(self, img: np.ndarray) -> torch.Tensor:
+        """``(H, W, 3)`` uint8 RGB -> ``(S, S, 3)`` uint8."""
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img.shape} {img.dtype}")
+        return torch.from_numpy(resize_square(img, self.image_size))
+
+
+def batch_route(preprocessor: Callable[[np.ndarray], torch.Tensor], device: torch.device
+                ) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """What decoding workers do to an image, and what the main process does to their batch before the model.
+
+    On a GPU with a run's own :class:`~landmarks.data.transforms.Preprocess`, ``(S, S, 3)`` uint8 squares
+    travel (4x fewer bytes than float32 through shared and pinned memory) and
+    :func:`~landmarks.data.transforms.normalize_batch` makes the ``(B, 3, S, S)`` float32 channels-last
+    batch on the GPU (the same numbers as ``Preprocess`` up to float rounding). Other preprocessors'
+    float32 tensors are copied to the GPU as they are; on a CPU nothing changes.
+    """
+    if device.type == "cuda" and isinstance(preprocessor, Preprocess):
+        pre = preprocessor
+        return SquareUint8(pre.image_size), lambda x: normalize_batch(x, pre.mean, pre.std, device)
+    if device.type == "cuda":
+        return preprocessor, lambda x: x.to(device, non_blocking=True)
+    return preprocessor, lambda x: x
+
+
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list[int], torch.Tensor | None,
                                                                                 list[tuple[int, str]]]:
     good = [(i, x) for i, x, _ in items if x is not None]
@@ -522,15 +555,16 @@ def _run_batches(embedder: Embedder, records: Sequence[ImageRecord], out_dir: Pa
                  desc: str) -> None:
     workers = default_workers() if conf.num_workers is None else conf.num_workers
     # the workers get the preprocessor alone (sizes, mean/std), never the embedder and its model
-    dataset = _ImageDataset(records, embedder.preprocessor, embedder.image_size, conf.max_pixels)
+    device = embedder_device(embedder)
+    on_gpu = device.type == "cuda"
+    worker_fn, to_model = batch_route(embedder.preprocessor, device)
+    dataset = _ImageDataset(records, worker_fn, embedder.image_size, conf.max_pixels)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
         from landmarks.utils.workers import worker_context
 
         kwargs["multiprocessing_context"] = worker_context()
-    device = embedder_device(embedder)
-    on_gpu = device.type == "cuda"
     # pinned host batches copy to the GPU asynchronously; the views (scales, flip, channels-last) are then
     # made on the GPU, not by the CPU
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
@@ -560,8 +594,7 @@ def _run_batches(embedder: Embedder, records: Sequence[ImageRecord], out_dir: Pa
             bad.extend(errors)
             n_skipped += len(errors)
             if x is not None:
-                if on_gpu:
-                    x = x.to(device, non_blocking=True)
+                x = to_model(x)
                 e = embed_batch(embedder, x, conf.scales, conf.flip, conf.channels_last).numpy()
                 embs.append(e)
                 rows.extend(batch_rows)
