@@ -307,119 +307,166 @@ def ap_default_variants() -> str:
     return ",".join(v.name for v in VARIANTS)
 
 
-def build_report(args: argparse.Namespace, split: dict[str, Any], record: dict[str, Any], timings: dict[str, float],
-                 results: dict[str, dict[str, Any]], preds: dict[str, dict[str, tuple[str, float] | None]],
-                 notes: dict[str, str]) -> str:
-    """The markdown page: setup, main table, breakdowns."""
+def is_landmark_shares(queries: list[dict[str, str]], neighbours_jsonl: Path) -> dict[str, float]:
+    """From ``recognize --neighbours`` rows (``landmark`` is null when ``is_landmark`` is false): the share of
+    non-landmark queries called landmarks and of landmark queries called not."""
+    called: dict[str, bool] = {}
+    if neighbours_jsonl.exists():
+        for line in neighbours_jsonl.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                called[Path(str(row["id"])).stem] = row.get("landmark") is not None
+    lq = [called.get(q["id"], False) for q in queries if q["landmark"]]
+    nq = [called.get(q["id"], False) for q in queries if not q["landmark"]]
+    return {"distractors_called_landmark": sum(nq) / max(1, len(nq)),
+            "landmarks_called_not": sum(1 for c in lq if not c) / max(1, len(lq))}
+
+
+def row_summary(label: str, command: str, split: dict[str, Any], record: dict[str, Any], timings: dict[str, float],
+                results: dict[str, dict[str, Any]], preds: dict[str, dict[str, tuple[str, float] | None]],
+                shares: dict[str, dict[str, float]], notes: dict[str, str], model_note: str) -> dict[str, Any]:
+    """One model's row of the page (JSON-ready): metrics, timings and breakdowns of each variant."""
+    queries = split["queries"]
+    n_q = len(queries)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    variants: dict[str, Any] = {}
+    for name, r in results.items():
+        variants[name] = {
+            "gap": r.get("gap"), "gap_lq": r.get("gap_ignore_non_landmarks"), "top1": r.get("top1_accuracy"),
+            "map100": r.get("map@100"), "s_per_query": timings.get("recognize " + name, 0.0) / max(1, n_q),
+            "top1_by_collection": {c: list(v) for c, v in top1_by(queries, preds[name], "collection").items()},
+            "outrank_by_collection": outrank_by_collection(queries, preds[name]), **shares.get(name, {})}
+    return {"label": label, "command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "model": model_note,
+            "record": record, "timings": timings, "variants": variants, "notes": notes,
+            "load_avg": [round(x, 1) for x in load]}
+
+
+def _cell(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "–"
+    return f"{pct(v['gap'])} / {pct(v['gap_lq'])} / {pct(v['top1'])} / {pct(v['map100'])}"
+
+
+def build_report(rows: dict[str, dict[str, Any]], split: dict[str, Any], args: argparse.Namespace) -> str:
+    """The markdown page: the table of every model row, then each row's details."""
     queries = split["queries"]
     n_lq = sum(1 for q in queries if q["landmark"])
     n_nq = len(queries) - n_lq
     classes = sorted({it["landmark"] for it in split["index"]} | {q["landmark"] for q in queries if q["landmark"]})
     nl_coll = Counter(n["collection"] for n in split["nonlandmarks"])
     nq_coll = Counter(q["collection"] for q in queries if not q["landmark"])
-    names = [v.name for v in VARIANTS if v.name in results]
+    vnames = [v.name for v in VARIANTS]
     lines = [
-        "# bench/realworld: real photos, CPU preset trained from scratch, through the `landmarks` CLI",
+        "# bench/realworld: real photos, through the `landmarks` CLI",
         "",
-        f"Command: `python bench/realworld.py --train-minutes {args.train_minutes:g} --seed {args.seed}"
-        + (f" --skip-train {args.skip_train}" if args.skip_train else "")
-        + (f" --local-mode {args.local_mode}" if args.local_mode != "joint" else "")
-        + (f" --variants {args.variants}" if args.variants != ap_default_variants() else "") + "`; "
-        f"{time.strftime('%Y-%m-%d')}; CPU: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs, "
-        "so seconds are indicative); no GPU, no pretrained weights, offline.",
+        f"CPU: {platform.machine()}, {os.cpu_count()} cores shared with other jobs (load average at the end of "
+        "each row's run below: seconds are indicative); offline. Each row is one command (below the table); "
+        "the rows are kept in `bench/results/realworld.json` and this page is rewritten from them.",
         "",
         "## Setup",
         "",
-        f"- Data: `shared/data/realworld` (not in the repo): {len(classes)} classes; "
+        f"- Data: `../shared/data/realworld` (not in the repo): {len(classes)} classes; "
         f"**{len(split['index'])} index images**, **{n_lq} landmark queries** (~{args.query_fraction:.0%} of "
         "each class, at least 1 query and 2 index images where the class allows), "
         f"**{n_nq} non-landmark queries** and a disjoint **non-landmark set N of {len(split['nonlandmarks'])}** "
         f"(distractors split {args.nonlandmark_fraction:.0%} to N per collection, seed {args.seed}).",
         "- Distractors (N / queries): " + ", ".join(f"{c} {nl_coll[c]}/{nq_coll[c]}" for c in sorted(nq_coll)) + ".",
-        f"- Training: `landmarks train --preset cpu` ({record.get('backbone')}, {record.get('head')} head, "
-        f"{record.get('image_size')} px, random init) on the index images only, time budget {args.train_minutes:g} min"
-        + (f" ({timings['train']:.0f} s wall)" if timings.get("train") else "")
-        + f"; reached epoch {record.get('epochs')}, {record.get('steps')} steps. Local head: {notes.get('local', '–')}.",
-        f"- Validation in the run's log (kNN of its held-out share of the index images against the rest): "
-        f"GAP {pct(record.get('val_gap'))}, top-1 {pct(record.get('val_top1'))} over {record.get('val_queries')} "
-        "queries" + (f"; local head's class accuracy {pct(record.get('val_local_acc'))}"
-                     if record.get("val_local_acc") is not None else "") + ".",
-        "- Index: flat FAISS with N for the out-of-domain penalties; "
-        + ", ".join(f"{k} {timings[k]:.0f} s" for k in ("index sift", "index model") if timings.get(k)) + ".",
         "- Variants: `recognize --no-ood` (global kNN, k = 3); + OOD (index- and query-side penalties from N); "
-        "+ `--rerank local` on the index with `--local sift` (RootSIFT + RANSAC) or `--local model` "
-        "(the run's DELG-style head). Seconds = wall time of the `recognize` call (model load, embedding "
-        f"{len(queries)} queries, re-ranking).",
+        "+ `--rerank local` on an index built with `--local sift` (RootSIFT + RANSAC) or `--local model` "
+        "(the run's DELG-style head). s/query = wall time of the `recognize` call (model load, embedding "
+        f"{len(queries)} queries, re-ranking) / {len(queries)}.",
+        "- `is_landmark`: the index's calibrated threshold (`landmarks index`, precision target 0.9 on held-out "
+        "index images vs N); reported for the + OOD variant as the share of non-landmark queries called "
+        "landmarks / of landmark queries called not.",
         "",
-        "## Results (%)",
+        "## Results: GAP / GAP (landmark queries only) / top-1 / mAP@100 (%)",
         "",
-        "| variant | GAP | GAP (landmark queries only) | top-1 | mAP@100 | seconds |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | global | + OOD | + SIFT re-rank | + learned re-rank | s/query (global / SIFT / learned) "
+        "| is_landmark: distractors called yes / landmarks called no | web landmarks top-1 (best variant) |",
+        "|---|---|---|---|---|---|---|---:|",
     ]
-    for name in names:
-        r = results[name]
-        lines.append(f"| {name} | {pct(r.get('gap'))} | {pct(r.get('gap_ignore_non_landmarks'))} | "
-                     f"{pct(r.get('top1_accuracy'))} | {pct(r.get('map@100'))} | {timings.get('recognize ' + name, 0):.0f} |")
-    for v in VARIANTS:
-        if v.name not in results and notes.get(v.name):
-            lines.append(f"| {v.name} | – | – | – | – | – ({notes[v.name]}) |")
-
-    # Top-1 by collection.
-    colls = sorted({q["collection"] for q in queries if q["landmark"]})
-    by_coll = {n: top1_by(queries, preds[n], "collection") for n in names}
-    lines += ["", "## Top-1 by collection (landmark queries)", "",
-              "| collection | classes | index | queries | " + " | ".join(names) + " |",
-              "|---|---:|---:|---:|" + "---:|" * len(names)]
-    for c in colls:
-        ncls = len({it["landmark"] for it in split["index"] if it["collection"] == c})
-        nidx = sum(1 for it in split["index"] if it["collection"] == c)
-        nq = by_coll[names[0]][c][1] if names else 0
-        lines.append(f"| {c} | {ncls} | {nidx} | {nq} | " + " | ".join(frac(*by_coll[n][c]) for n in names) + " |")
-
-    # Non-landmark queries by collection.
-    outr = {n: outrank_by_collection(queries, preds[n]) for n in names}
-    lines += ["", "## Non-landmark queries: share of correct landmark predictions each outranks (mean, %; lower is better)",
-              "", "| distractor collection | queries | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
-    for c in sorted(nq_coll):
-        lines.append(f"| {c} | {nq_coll[c]} | " + " | ".join(pct(outr[n].get(c)) for n in names) + " |")
-
-    # Per class.
-    by_cls = {n: top1_by(queries, preds[n], "landmark") for n in names}
-    conf = confusions(queries, preds[names[-1]]) if names else {}
-    coll_of = {it["landmark"]: it["collection"] for it in split["index"]}
-    n_idx = Counter(it["landmark"] for it in split["index"])
-    lines += ["", "## Top-1 by class", "",
-              "| class | collection | index | queries | " + " | ".join(names)
-              + f" | most frequent wrong answers ({names[-1] if names else ''}) |",
-              "|---|---|---:|---:|" + "---:|" * len(names) + "---|"]
-    order = sorted(by_cls[names[0]] if names else {}, key=lambda k: (coll_of.get(k, ""), k))
-    for k in order:
-        wrong = ", ".join(f"{lm} {c}" for lm, c in conf.get(k, Counter()).most_common(3))
-        lines.append(f"| {k} | {coll_of.get(k, '')} | {n_idx[k]} | {by_cls[names[0]][k][1]} | "
-                     + " | ".join(frac(*by_cls[n][k]) for n in names) + f" | {wrong} |")
+    for label, row in rows.items():
+        v = row["variants"]
+        sq = " / ".join(f"{v[n]['s_per_query']:.2f}" if n in v else "–"
+                        for n in ("global+ood", "global+ood+sift", "global+ood+delg"))
+        ood = v.get("global+ood", {})
+        il = (f"{pct(ood.get('distractors_called_landmark'))} / {pct(ood.get('landmarks_called_not'))}"
+              if "distractors_called_landmark" in ood else "–")
+        web = max((x["top1_by_collection"].get("landmarks13_web", [0, 1]) for x in v.values()),
+                  key=lambda cn: cn[0], default=[0, 1])
+        lines.append(f"| {label} | " + " | ".join(_cell(v.get(n)) for n in vnames)
+                     + f" | {sq} | {il} | {frac(web[0], web[1])} |")
+    for label, row in rows.items():
+        v = row["variants"]
+        rec = row.get("record", {})
+        names = [n for n in vnames if n in v]
+        lines += ["", f"## {label}", "", f"Command: `{row['command']}`; {row['date']}; load average "
+                  f"{' / '.join(str(x) for x in row.get('load_avg', []))} (1/5/15 min) at the end.", "",
+                  f"- Model: {row['model']}."]
+        if rec.get("steps") is not None:
+            lines.append(f"- Training: {rec.get('backbone')}, {rec.get('image_size')} px, "
+                         f"budget {rec.get('budget_min')} min"
+                         + (f" ({row['timings']['train']:.0f} s wall)" if row["timings"].get("train") else "")
+                         + f"; {rec.get('steps')} steps, epoch {rec.get('epochs')}; validation in the run's log: "
+                         f"GAP {pct(rec.get('val_gap'))}, top-1 {pct(rec.get('val_top1'))}"
+                         + (f", local head's class accuracy {pct(rec.get('val_local_acc'))}"
+                            if rec.get("val_local_acc") is not None else "") + ".")
+        idx_t = ", ".join(f"{k} {t:.0f} s" for k, t in row["timings"].items() if k.startswith(("index", "init")))
+        if idx_t:
+            lines.append(f"- Stages: {idx_t}.")
+        for k, note in row.get("notes", {}).items():
+            if k in vnames:
+                lines.append(f"- {k}: {note}.")
+        lines += ["", "| variant | GAP | GAP (landmark q.) | top-1 | mAP@100 | s/query | distractors called landmark "
+                  "| landmarks called not |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in names:
+            x = v[n]
+            lines.append(f"| {n} | {pct(x['gap'])} | {pct(x['gap_lq'])} | {pct(x['top1'])} | {pct(x['map100'])} | "
+                         f"{x['s_per_query']:.3f} | {pct(x.get('distractors_called_landmark'))} | "
+                         f"{pct(x.get('landmarks_called_not'))} |")
+        colls = sorted({c for n in names for c in v[n]["top1_by_collection"]})
+        lines += ["", "| top-1 by collection | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for c in colls:
+            lines.append(f"| {c} | " + " | ".join(frac(*v[n]["top1_by_collection"].get(c, [0, 0])) for n in names)
+                         + " |")
+        dcolls = sorted({c for n in names for c in v[n]["outrank_by_collection"]})
+        lines += ["", "| distractors: share of right answers outranked (%) | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for c in dcolls:
+            lines.append(f"| {c} | " + " | ".join(pct(v[n]["outrank_by_collection"].get(c)) for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
 # --- main --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the stages and print / write the report; returns 0."""
+    """Run the stages for one model row and print / write the report; returns 0."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "realworld",
                     help="the realworld folder (landmarks.csv, distractors.csv, images/)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/landmarks-realworld"), help="work folder (outside the repo)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "realworld.md", help="markdown results file")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="JSON file of the model rows (default: the --out file with a .json suffix)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split, the training run and RANSAC")
+    ap.add_argument("--preset", default="cpu", help="training preset (default cpu: Lite0 fine-tuned)")
+    ap.add_argument("--init", default=None, metavar="WEIGHTS",
+                    help="no training: `landmarks init --pretrained WEIGHTS` (e.g. lite0) instead of a preset")
+    ap.add_argument("--init-size", type=int, default=320, help="image size of the --init model (default 320)")
+    ap.add_argument("--whiten", action="store_true", help="index with --whiten (PCA-whitening learned on the index)")
+    ap.add_argument("--label", default=None, help="the row's name in the table (default: from the options)")
     ap.add_argument("--train-minutes", type=float, default=5.0, help="training time budget (default 5)")
     ap.add_argument("--local-mode", choices=("joint", "stage", "none"), default="joint",
                     help="local head: trained in the same run (joint), as a second --local-only stage, or none")
     ap.add_argument("--local-minutes", type=float, default=1.5, help="budget of the --local-only stage (stage mode)")
     ap.add_argument("--skip-train", type=Path, default=None, metavar="RUN", help="reuse this trained run")
+    ap.add_argument("--model-note", default=None, help="how the --skip-train run was made (for the page)")
     ap.add_argument("--query-fraction", type=float, default=0.3, help="share of each class used as queries")
     ap.add_argument("--nonlandmark-fraction", type=float, default=0.5,
                     help="share of the distractors that form N (the rest are non-landmark queries)")
     ap.add_argument("--variants", default=ap_default_variants(),
                     help="comma-separated variants to run (default: all: %(default)s)")
+    ap.add_argument("--recognize-args", default="", help="extra `landmarks recognize` arguments (e.g. rerank settings)")
     ap.add_argument("--device", default="cpu", help="torch device for every stage (default cpu)")
     ap.add_argument("--overwrite", action="store_true", help="delete the work folder first")
     args = ap.parse_args(argv)
@@ -440,18 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / MARKER).write_text("bench/realworld.py work folder\n")
-    timings = load_json(work / "timings.json")
     notes: dict[str, str] = {}
-
-    def stage(name: str, done: bool, fn: Any) -> None:
-        if done:
-            log(f"{name}: already done, skipped ({timings.get(name, 0):.0f} s last time)")
-            return
-        t = time.perf_counter()
-        fn()
-        timings[name] = round(time.perf_counter() - t, 1)
-        save_json(work / "timings.json", timings)
-        log(f"{name}: {timings[name]:.0f} s")
 
     # 1. split
     split_path = work / "split.json"
@@ -467,18 +503,47 @@ def main(argv: list[str] | None = None) -> int:
         log(f"split: {len(split['index'])} index images, {len(split['queries'])} queries, "
             f"{len(split['nonlandmarks'])} in N")
 
-    # 2. train
-    local_flag = has_flag("train", "--local")
+    # 2. the model: a reused run, a pretrained model with no training, or a training run of a preset
     if args.skip_train:
         run = args.skip_train.resolve()
+        tag = run.name
         if not (run / "meta.json").exists():
             raise SystemExit(f"{run}: not a trained run (no meta.json)")
-        notes["local"] = "from the reused run"
+        model_note = args.model_note or f"reused run `{run.name}`"
+        label = args.label or f"reused {run.name}"
+    elif args.init:
+        tag = f"init-{args.init}-{args.init_size}"
+        run = work / tag
+        model_note = (f"`landmarks init --pretrained {args.init} --image-size {args.init_size}`: ImageNet backbone + "
+                      "GeM (p = 3) + L2, no training")
+        label = args.label or f"{args.init}, no training (GeM)"
     else:
-        run = work / "run"
-        train_args = ["train", "--data", str(work / "index"), "--out", str(run), "--preset", "cpu",
+        tag = f"run-{args.preset}"
+        run = work / tag
+        model_note = f"`landmarks train --preset {args.preset} --time-budget {args.train_minutes:g}` on the index images"
+        label = args.label or f"`{args.preset}`, {args.train_minutes:g}-min budget"
+    if args.whiten:
+        label = args.label or f"{label} + PCA-whitening from the index"
+    timings_path = work / f"timings-{tag}{'-whiten' if args.whiten else ''}.json"
+    timings = load_json(timings_path)
+
+    def stage(name: str, done: bool, fn: Any) -> None:
+        if done:
+            log(f"{name}: already done, skipped ({timings.get(name, 0):.0f} s last time)")
+            return
+        t = time.perf_counter()
+        fn()
+        timings[name] = round(time.perf_counter() - t, 1)
+        save_json(timings_path, timings)
+        log(f"{name}: {timings[name]:.0f} s")
+
+    if args.init:
+        stage("init", (run / "meta.json").exists(), lambda: cli(
+            "init", "--pretrained", args.init, "--image-size", str(args.init_size), "--out", str(run)))
+    elif not args.skip_train:
+        train_args = ["train", "--data", str(work / "index"), "--out", str(run), "--preset", args.preset,
                       "--time-budget", f"{args.train_minutes:g}", "--seed", str(args.seed), "--device", args.device]
-        if args.local_mode == "joint" and local_flag:
+        if args.local_mode == "joint":
             train_args.append("--local")
         done = (run / "BENCH_DONE").exists()
         budget = run_record(run).get("budget_min") if done else None
@@ -497,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                           "stage": f"second stage `--init RUN --local-only`, {args.local_minutes:g} min",
                           "none": "none"}[args.local_mode]
         if args.local_mode == "stage":
-            run_local = work / "run-local"
+            run_local = work / f"{tag}-local"
             stage("train local", (run_local / "BENCH_DONE").exists(), lambda: (
                 (run_local / "BENCH_DONE").write_text(cli(
                     "train", "--data", str(work / "index"), "--out", str(run_local), "--init", str(run),
@@ -508,45 +573,50 @@ def main(argv: list[str] | None = None) -> int:
     record = run_record(run)
     log(f"run: {json.dumps(record)}")
 
-    # 3. index
-    local_index = has_flag("index", "--local")
-    rerank_flag = has_flag("recognize", "--rerank")
-    # Without ``index --local`` (an older build) the global-only index goes elsewhere, so that a later run
-    # with the flag builds the local-feature indexes instead of reusing it.
-    indexes = ({"sift": work / "index-sift", "model": work / "index-model"} if local_index
-               else {"sift": work / "index-global"})
-    for kind, out in indexes.items():
-        if not any(v.index == kind for v in variants):
+    # 3. index: with local features (SIFT / the model's) only when a re-ranking variant needs them; the global
+    # variants use a local-feature index when one was built, else a global-only one (cheaper on a loaded CPU)
+    suffix = f"{tag}{'-whiten' if args.whiten else ''}"
+    indexes = {"sift": work / f"index-sift-{suffix}", "model": work / f"index-model-{suffix}",
+               "global": work / f"index-global-{suffix}"}
+    needed = {v.index for v in variants if v.rerank}
+    if any(not v.rerank for v in variants) and not needed and not (indexes["sift"] / "meta.json").exists():
+        needed.add("global")
+    for kind in ("sift", "model", "global"):
+        if kind not in needed:
             continue
+        out = indexes[kind]
         if kind == "model" and not record.get("local_head"):
-            notes["global+ood+delg"] = "the run has no local head"
+            notes["global+ood+delg"] = "the model has no local head"
             continue
         argv = ["index", "--model", str(run), "--images", str(work / "index"), "--out", str(out),
                 "--non-landmarks", str(work / "nonlandmarks"), "--device", args.device]
-        if local_index:
+        if kind != "global":
             argv += ["--local", kind]
+        if args.whiten:
+            argv.append("--whiten")
         stage(f"index {kind}", (out / "meta.json").exists(), lambda argv=argv: cli(*argv))
 
     # 4. recognize + 5. evaluate
-    pred_dir = work / "predictions"
+    pred_dir = work / f"predictions-{suffix}"
     pred_dir.mkdir(exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     preds: dict[str, dict[str, tuple[str, float] | None]] = {}
+    shares: dict[str, dict[str, float]] = {}
+    extra = args.recognize_args.split()
     for v in variants:
-        if v.rerank and not (rerank_flag and local_index):
-            notes.setdefault(v.name, "`index --local` / `recognize --rerank local` not available")
-            continue
         index = indexes[v.index]
+        if not v.rerank and not (index / "meta.json").exists():
+            index = indexes["global"]
         if not (index / "meta.json").exists():
             continue
         csv_path, ret_path = pred_dir / f"{v.name}.csv", pred_dir / f"{v.name}.retrieval.csv"
+        nb_path = pred_dir / f"{v.name}.neighbours.jsonl"
         argv = ["recognize", "--index", str(index), str(work / "queries"), "--out", str(csv_path),
-                "--retrieval", str(ret_path), "--neighbours", str(pred_dir / f"{v.name}.neighbours.jsonl"),
-                "--device", args.device]
+                "--retrieval", str(ret_path), "--neighbours", str(nb_path), "--device", args.device]
         if not v.ood:
             argv.append("--no-ood")
         if v.rerank:
-            argv += ["--rerank", "local", "--seed", str(args.seed)]
+            argv += ["--rerank", "local", "--seed", str(args.seed), *extra]
         stage(f"recognize {v.name}", csv_path.exists() and ret_path.exists(), lambda argv=argv: cli(*argv))
         rec = json.loads(cli("evaluate", "recognition", "--solution", str(work / "recognition_solution.csv"),
                              "--predictions", str(csv_path), "--json", capture=True))["all"]
@@ -554,11 +624,18 @@ def main(argv: list[str] | None = None) -> int:
                              "--predictions", str(ret_path), "--json", capture=True))["all"]
         results[v.name] = {**rec, **ret}
         preds[v.name] = read_predictions(csv_path)
+        shares[v.name] = is_landmark_shares(split["queries"], nb_path)
     if not results:
         raise SystemExit("no variant could be run")
 
-    save_json(work / "summary.json", {"record": record, "timings": timings, "results": results, "notes": notes})
-    report = build_report(args, split, record, timings, results, preds, notes)
+    # The row's command line, with repo-relative data and no machine paths beyond the work folder.
+    cmd = "python bench/realworld.py" + "".join(f" {a}" for a in (argv_list(args)))
+    row = row_summary(label, cmd, split, record, timings, results, preds, shares, notes, model_note)
+    rows_path = args.rows or args.out.with_suffix(".json")
+    rows = load_json(rows_path).get("rows", {}) if rows_path.exists() else {}
+    rows[label] = row
+    save_json(rows_path, {"data": "../shared/data/realworld", "seed": args.seed, "rows": rows})
+    report = build_report(rows, split, args)
     old = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
     if NOTES in old:
         report += "\n" + old[old.index(NOTES):]
@@ -567,8 +644,30 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(report, encoding="utf-8")
     os.replace(tmp, args.out)
     print(report)
-    log(f"wrote {args.out}")
+    log(f"wrote {args.out} and {rows_path}")
     return 0
+
+
+def argv_list(args: argparse.Namespace) -> list[str]:
+    """The options that define a row, as a command line (paths outside the repo shown by name only)."""
+    out: list[str] = []
+    if args.skip_train:
+        out += ["--skip-train", f"RUN({args.skip_train.name})"]
+    elif args.init:
+        out += ["--init", args.init, "--init-size", str(args.init_size)]
+    else:
+        out += ["--preset", args.preset, "--train-minutes", f"{args.train_minutes:g}"]
+        if args.local_mode != "joint":
+            out += ["--local-mode", args.local_mode]
+    if args.whiten:
+        out.append("--whiten")
+    if args.seed:
+        out += ["--seed", str(args.seed)]
+    if args.recognize_args:
+        out += ["--recognize-args", repr(args.recognize_args)]
+    if args.variants != ap_default_variants():
+        out += ["--variants", args.variants]
+    return out
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_apply_centres_projects_and_normalises_like_a_loop() -> None:
 
 
 def test_dim_is_capped_by_the_rank_and_determinism() -> None:
-    assert effective_dim(1280, 50, None) == 49 and effective_dim(1280, 5000, None) == 512
+    assert effective_dim(1280, 50, None) == 49 and effective_dim(1280, 5000, None) == 256
     assert effective_dim(24, 5000, 100) == 24
     x = anisotropic(6)
     w = learn_whitening(x)
@@ -128,6 +128,8 @@ def test_whitened_index_search_add_ood_and_roundtrip(tmp_path: Path) -> None:
                               whiten=WhitenConfig(dim=12, shrinkage=0.2))
     w = idx.whitening
     assert w is not None and idx.d == 12 and idx.model_d == 24 and idx.info()["whitening"]["dim"] == 12
+    assert w.n_train == 120 + 15  # learned on the index and the non-landmark images (no labels)
+    np.testing.assert_allclose(w.mean, np.concatenate([x, nl]).astype(np.float64).mean(axis=0), atol=1e-9)
     xw, nlw = apply_whitening(x, w), apply_whitening(nl, w)
     np.testing.assert_allclose(np.asarray(idx.embeddings), xw, atol=1e-6)
     # the index-side penalty is computed in the whitened space (loop oracle)

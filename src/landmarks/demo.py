@@ -3,7 +3,8 @@
 Stages (each one is skipped when its output already exists, so a killed demo resumes):
 
 1. ``data/``: a synthetic GLDv2-shaped dataset (:mod:`landmarks.data.synth`);
-2. ``run/``: the ``cpu`` preset trained from random initialisation within a time budget;
+2. ``run/``: the ``cpu`` preset (EfficientNet-Lite0 fine-tuned from the ImageNet weights installed with the
+   package; ``preset="cpu-scratch"``: random initialisation) trained within a time budget;
 3. ``index/``: the training images embedded into a FAISS index with the non-landmark set and local
    features for re-ranking; ``retrieval-index/``: the unlabelled ``index.csv`` images, for mAP@100
    (:func:`landmarks.pipeline.build_index`, resumable);

@@ -260,7 +260,8 @@ class LandmarkIndex:
             model: the embedder's ``describe()`` (must hold ``fingerprint``).
             conf: index type and parameters. views: extraction views (``{"scales", "flip"}``).
             non_landmarks: ``(M, D)`` float32 embeddings of the non-landmark set N (None: no penalties).
-            whiten: learn PCA-whitening on ``embeddings`` (unlabelled) and store everything whitened
+            whiten: learn PCA-whitening on ``embeddings`` (and ``non_landmarks``, unless
+                ``whiten.with_non_landmarks`` is off; no labels used) and store everything whitened
                 (``(N, dim)``); queries are whitened by :meth:`project`. None: no whitening.
         """
         conf = conf or IndexConfig()
@@ -276,7 +277,10 @@ class LandmarkIndex:
         _check_rows(ids, landmarks, paths_list, len(xb))
         whitening = None
         if whiten is not None:
-            whitening = learn_whitening(xb, whiten.dim, whiten.shrinkage)
+            train = xb
+            if whiten.with_non_landmarks and non_landmarks is not None and len(non_landmarks):
+                train = np.concatenate([xb, as_xq(non_landmarks, d, "non-landmark embeddings")])
+            whitening = learn_whitening(train, whiten.dim, whiten.shrinkage)
             xb = apply_whitening(xb, whitening)
             d = whitening.dim
         labels = np.arange(len(xb), dtype=np.int64)

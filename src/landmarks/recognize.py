@@ -85,6 +85,8 @@ class RecognizeConfig:
     rerank_candidates: int = 20
     # c: the inlier bonus min(inliers, c) / c saturates at c inliers
     rerank_c: float = 70.0
+    # the saturated bonus in units of the global score: score = s + weight * min(inliers, c) / c
+    rerank_weight: float = 1.0
     # fewer inliers earn no bonus: a fundamental matrix always fits a few matches of unrelated images
     # (RootSIFT on the synthetic set: 2% of unrelated pairs reach 10, max 12; tuned there, see landmarks.rerank)
     rerank_min_inliers: int = 10
@@ -110,6 +112,8 @@ class RecognizeConfig:
             raise ConfigError(f"unknown rerank {self.rerank!r} (known: {', '.join(RERANK_CHOICES)})")
         if self.rerank_candidates < 1 or self.rerank_c <= 0 or self.rerank_max_iters < 1:
             raise ConfigError("rerank_candidates, rerank_c and rerank_max_iters must be positive")
+        if self.rerank_weight < 0:
+            raise ConfigError(f"rerank_weight must be >= 0, got {self.rerank_weight}")
         if self.rerank_model not in ("fundamental", "homography", "affine"):
             raise ConfigError(f"unknown rerank_model {self.rerank_model!r} (fundamental, homography or affine)")
 
@@ -247,7 +251,7 @@ class Recognizer:
             self.reranker = LocalReranker.for_index(
                 index, embedder, self.index_dir or "this index", workers=self.conf.rerank_workers,
                 seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters,
-                c=self.conf.rerank_c, min_inliers=self.conf.rerank_min_inliers)
+                c=self.conf.rerank_c, min_inliers=self.conf.rerank_min_inliers, weight=self.conf.rerank_weight)
         #: is_landmark means confidence >= this (None: a landmark was voted); and where it comes from
         self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         views = index.views
@@ -525,17 +529,9 @@ class Recognizer:
                                    skipped_csv=self.index_dir / "skipped.csv", num_workers=num_workers)
         n = self.index.add(res.embeddings, [r.id for r in recs], [str(r.landmark) for r in recs],
                            [str(Path(r.path).absolute()) for r in recs])
-        if self.index.meta.get("calibration"):  # new images and landmarks: calibrate again with the same targets
-            from landmarks.calibrate import CalibrationConfig, calibrate_index
+        from landmarks.calibrate import recalibrate
 
-            old = self.index.meta.pop("calibration")
-            v = old.get("voting", {})
-            entry = calibrate_index(self.index, CalibrationConfig(precision=old["precision_target"],
-                                                                  ood_share=old["ood_share"]),
-                                    k=v.get("k", 3), ood=v.get("ood", True), ood_weight=v.get("ood_weight", 1.0),
-                                    ood_query_k=v.get("ood_query_k", 10))
-            if entry is not None:
-                self.index.meta["calibration"] = entry
+        recalibrate(self.index)  # new images and landmarks: the is_landmark threshold is derived again
         self.index.save(self.index_dir)
         self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         import shutil

@@ -67,26 +67,31 @@ RERANK_MAX_ITERS = 2000
 
 # --- pure scoring -----------------------------------------------------------------------------------
 
-def local_scores(base: np.ndarray, inliers: np.ndarray, c: float = 70.0, min_inliers: int = 0) -> np.ndarray:
-    """Re-ranked candidate scores ``base + min(inliers, c) / c``; counts below ``min_inliers`` count as 0.
+def local_scores(base: np.ndarray, inliers: np.ndarray, c: float = 70.0, min_inliers: int = 0,
+                 weight: float = 1.0) -> np.ndarray:
+    """Re-ranked candidate scores ``base + weight * min(inliers, c) / c``; counts below ``min_inliers`` count as 0.
 
     Args:
         base: ``(nq, K)`` float32 global scores of the candidates (``-inf`` = no candidate).
         inliers: ``(nq, K)`` int inlier counts (negative = not verified, no bonus).
-        c: inlier count at which the bonus saturates at 1 (70 in the GLR-2019 solutions).
+        c: inlier count at which the bonus saturates (70 in the GLR-2019 solutions).
         min_inliers: smaller counts earn nothing (unrelated pairs always fit a few matches).
+        weight: the saturated bonus, in units of the global score (1: a verified candidate outranks any
+            unverified one; smaller: the global similarity keeps a say, for strong global descriptors).
 
     Returns:
         ``(nq, K)`` float32; ``-inf`` stays ``-inf``.
     """
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
     base = np.asarray(base, dtype=np.float32)
     n = np.asarray(inliers, dtype=np.float64)
     if n.shape != base.shape:
         raise ValueError(f"scores {base.shape} and inliers {n.shape} differ in shape")
     n = np.where(n >= max(min_inliers, 0), np.maximum(n, 0.0), 0.0)
-    return (base + (np.minimum(n, c) / c)).astype(np.float32)
+    return (base + weight * (np.minimum(n, c) / c)).astype(np.float32)
 
 
 def rerank_order(scores: np.ndarray) -> np.ndarray:
@@ -508,17 +513,19 @@ class LocalReranker:
         max_iters: RANSAC iterations at most per pair.
         c: the inlier bonus ``min(inliers, c) / c`` saturates at ``c`` inliers (:func:`local_scores`).
         min_inliers: fewer inliers earn no bonus and do not count as verified.
+        weight: the saturated bonus in units of the global score (:func:`local_scores`).
     """
 
     def __init__(self, index_dir: str | Path, local_meta: dict[str, Any], extractor: LocalExtractor, *,
                  workers: int | None = None, seed: int = 0, model: str = RERANK_MODEL,
-                 max_iters: int = RERANK_MAX_ITERS, c: float = 70.0, min_inliers: int = 10):
+                 max_iters: int = RERANK_MAX_ITERS, c: float = 70.0, min_inliers: int = 10, weight: float = 1.0):
         self.index_dir = Path(index_dir)
         self.meta = dict(local_meta)
         self.extractor = extractor
         self.verifier = PairVerifier(extractor, model=model, seed=int(seed), max_iters=int(max_iters))
         self.c = float(c)
         self.min_inliers = int(min_inliers)
+        self.weight = float(weight)
         self.store_root = self.index_dir / str(self.meta.get("dir", LOCAL_DIR))
         self.store = LocalFeatureStore.open(self.store_root)
         self.workers = default_rerank_workers() if workers is None else max(0, int(workers))
@@ -565,7 +572,7 @@ class LocalReranker:
         inl = np.full(candidates.scores.shape, -1, np.int64)
         for q, counts in enumerate(self.inliers(queries, candidates.ids)):
             inl[q, :len(counts)] = counts
-        scores = local_scores(candidates.scores, inl, self.c, self.min_inliers)
+        scores = local_scores(candidates.scores, inl, self.c, self.min_inliers, self.weight)
         retrieval = [retrieval_order(candidates.similarities[q, :len(ids)], inl[q, :len(ids)], self.min_inliers)
                      for q, ids in enumerate(candidates.ids)]
         return Reranked(scores=scores, inliers=inl, retrieval=retrieval)

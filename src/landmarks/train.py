@@ -107,6 +107,7 @@ class FinetuneConfig:
     frozen_levels: int = 0  # backbone feature levels (timm feature_info, stem first) frozen for the whole run
     head_only_fraction: float = 0.0  # share of the optimizer steps at the start with the whole backbone frozen
     freeze_bn: bool = False  # keep the backbone's BatchNorm layers in eval mode (pretrained statistics)
+    head_warmup_epochs: int = 0  # epochs of neck + heads on backbone features computed once, before step 0
 
 
 @dataclass
@@ -431,6 +432,15 @@ class Trainer:
                                      self.validator.num_images, conf.eval_every_epochs)
                        if conf.time_budget_min > 0 else None)
 
+    @property
+    def total(self) -> int:
+        """Optimizer steps of the whole run (``schedule.total``; 0 before :meth:`run` plans it)."""
+        return self.schedule.total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.schedule.total = int(value)
+
     # --- setup -----------------------------------------------------------------------------------------
     def _setup_data(self, data: str | Path | Sequence[ImageRecord]) -> None:
         c = self.conf
@@ -467,9 +477,9 @@ class Trainer:
         ft = c.finetune
         if not 0.0 <= ft.head_only_fraction <= 1.0:
             raise ConfigError(f"finetune.head_only_fraction must lie in [0, 1], got {ft.head_only_fraction}")
-        if ft.head_only_fraction > 0 and self.dist.world_size > 1:
-            raise ConfigError("finetune.head_only_fraction is not supported under torchrun (DDP cannot change "
-                              "the trainable parameters mid-run); use finetune.frozen_levels")
+        if (ft.head_only_fraction > 0 or ft.head_warmup_epochs > 0) and self.dist.world_size > 1:
+            raise ConfigError("finetune.head_only_fraction and head_warmup_epochs are not supported under torchrun "
+                              "(DDP cannot change the trainable parameters mid-run); use finetune.frozen_levels")
         #: Backbone parameters frozen for the whole run (names in ``net``), and the modules holding them.
         self.frozen_names = {f"backbone.model.{n}" for n in net.backbone.frozen_parameter_names(ft.frozen_levels)}
         for name, p in net.named_parameters():
@@ -627,6 +637,96 @@ class Trainer:
             self._optimizer_step(total, warmup)
         return stats, sync
 
+    # --- head warm-up -----------------------------------------------------------------------------------
+    def _cached_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The training images' GeM-pooled backbone features ``(N, C)`` float32, their labels ``(N,)`` and
+        (with a local head) their stride-16 maps, computed once (inference preprocessing, no augmentation)."""
+        net = self.net
+        net.eval()
+        pooled, maps, labels = [], [], []
+        with torch.no_grad():
+            for batch in self.validator.loader(self.train_records):
+                keep = batch["ok"].bool()
+                x = normalize_batch(batch["image"], self.mean, self.std, self.device)
+                with precision.autocast(self.device, self.amp_dtype):
+                    if net.local is not None:
+                        fmap, fmap16 = net.backbone.forward_with_local(x)
+                        maps.append(fmap16.float()[keep.to(x.device)])
+                    else:
+                        fmap = net.backbone(x)
+                    pooled.append(net.pool(fmap).float()[keep.to(x.device)])
+                labels.append(torch.as_tensor([self.labels[int(i)] for i in batch["index"]])[keep])
+        return torch.cat(pooled), torch.cat(labels).to(self.device), (torch.cat(maps) if maps else None)
+
+    def head_warmup(self) -> dict[str, float]:
+        """Train the neck, the margin head (and the local head) for ``finetune.head_warmup_epochs`` epochs on
+        backbone features computed once (inference preprocessing, no augmentation), before step 0.
+
+        With a time budget the warm-up steps stop at a quarter of it (measured after 3 steps).
+        One forward pass of the training images buys hundreds of cheap steps, so a short CPU budget never
+        leaves a random neck in front of pretrained features (which scores below no training at all). The
+        backbone and GeM's exponent are untouched; the local head learns on the cached stride-16 maps (it
+        sees them detached anyway). A separate AdamW at ``lr * head_lr_mult`` with cosine decay; seeded.
+        Returns ``{"epochs", "steps", "loss", "acc", "seconds"}`` (empty when off).
+        """
+        c = self.conf
+        epochs = c.finetune.head_warmup_epochs
+        if epochs <= 0 or c.local_only:
+            return {}
+        t0 = time.perf_counter()
+        net = self.net
+        xs, ys, ms = self._cached_features()
+        local, head = net.local, net.head
+        if head is None:
+            raise ConfigError("finetune.head_warmup_epochs needs a margin head (the model has none)")
+        modules: list[nn.Module] = [net.neck, head]
+        if local is not None:
+            modules.append(local)
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        base_lr = c.optim.lr * c.optim.head_lr_mult
+        opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=c.optim.weight_decay)
+        gen = torch.Generator().manual_seed(c.seed)
+        bs = min(c.batch_size, len(xs))
+        per_epoch = max(1, len(xs) // bs)
+        total = epochs * per_epoch
+        lc = c.model.local
+        budget_s = self.budget.budget_s if self.budget is not None else None
+        for m in modules:
+            m.train()
+        loss_sum = acc_sum = 0.0
+        step, t_steps = 0, time.perf_counter()
+        while step < total:
+            if step == 3 and budget_s is not None:
+                # A time budget caps the warm-up at a quarter of the budget (a loaded CPU may be 20x slower).
+                step_s = (time.perf_counter() - t_steps) / 3
+                left = 0.25 * budget_s - (time.perf_counter() - self.t_start)
+                total = max(step, min(total, int(left / max(step_s, 1e-6))))
+                if step >= total:
+                    break
+            if step % per_epoch == 0:
+                perm = torch.randperm(len(xs), generator=gen).to(self.device)
+                loss_sum = acc_sum = 0.0
+            i = perm[(step % per_epoch) * bs:(step % per_epoch + 1) * bs]
+            for g in opt.param_groups:
+                g["lr"] = base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+            logits = head(net.neck(xs[i]), ys[i])
+            loss = margin_cross_entropy(logits, ys[i], self.ce_weight)
+            if ms is not None and local is not None:
+                lo = local(ms[i])
+                loss = loss + lc.loss_weight * (F.cross_entropy(lo["logits"], ys[i]) + lc.recon_weight * lo["recon_loss"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach())
+            acc_sum += float((logits.detach().argmax(1) == ys[i]).float().mean())
+            step += 1
+        n = max(1, total - (total - 1) // per_epoch * per_epoch)
+        out = {"epochs": round(total / per_epoch, 2), "steps": total, "loss": round(loss_sum / n, 4),
+               "acc": round(acc_sum / n, 3), "seconds": round(time.perf_counter() - t0, 1)}
+        if self.dist.is_main:
+            logger.info("head warm-up on cached features of %d images: %s", len(xs), out)
+        return out
+
     # --- what is written ------------------------------------------------------------------------------
     def resolved_config(self) -> dict[str, Any]:
         """The config as run: ``conf`` with ``steps`` and ``epochs`` of the schedule (once planned)."""
@@ -717,6 +817,7 @@ class Trainer:
             sch.replan_every = int(st.get("replan_every", 0))
             return
         total = c.steps if c.steps > 0 else c.epochs * self.spe
+        self.head_warmup()
         rates = dist.broadcast(self.measure_rates(sampler, loader)) if self.budget is not None else None
         if c.eval_at_start and dist.is_main:
             m = self.validator.evaluate(self.net)

@@ -95,7 +95,8 @@ class Validator:
         """Images one validation embeds (queries + database)."""
         return len(self.val_records) + len(self.db_records)
 
-    def _loader(self, records: Sequence[ImageRecord]) -> torch.utils.data.DataLoader:
+    def loader(self, records: Sequence[ImageRecord]) -> torch.utils.data.DataLoader:
+        """Batches of ``records`` for inference (``EvalDataset``: squashed to S, no augmentation), pinned on a GPU."""
         workers = self.num_workers
         return torch.utils.data.DataLoader(EvalDataset(records, self.image_size), batch_size=self.batch_size,
                                            shuffle=False, num_workers=workers, collate_fn=collate,
@@ -123,7 +124,7 @@ class Validator:
         local_pred = np.zeros(len(records), np.int64) if net.has_local_head else None
         t_first, n_after = 0.0, 0
         try:
-            for batch in self._loader(records):
+            for batch in self.loader(records):
                 if t_first:
                     n_after += int(batch["image"].shape[0])
                 x = normalize_batch(batch["image"], self.mean, self.std, self.device)

@@ -31,15 +31,17 @@ import numpy as np
 from landmarks.errors import ConfigError, IncompatibleArtifactError
 
 #: Components kept by default: at most this many (and at most N − 1).
-DEFAULT_DIM = 512
+DEFAULT_DIM = 256
 
 
 @dataclass
 class WhitenConfig:
     """PCA-whitening learned on the index images at index time."""
 
-    dim: int | None = None  # components kept (None: min(512, D, N − 1))
-    shrinkage: float = 0.1  # s in 1/sqrt(λ + s · mean(λ)): 0 = full whitening; larger = closer to plain PCA
+    dim: int | None = None  # components kept (None: min(256, D, N − 1))
+    shrinkage: float = 1.0  # s in 1/sqrt(λ + s · mean(λ)): 0 = full whitening; larger = closer to plain PCA
+    # learn on the non-landmark set too (when the index has one): more images, the same "no labels"
+    with_non_landmarks: bool = True
 
     def __post_init__(self) -> None:
         if self.dim is not None and self.dim < 1:
@@ -84,12 +86,12 @@ class Whitening:
 
 
 def effective_dim(d: int, n: int, dim: int | None) -> int:
-    """Components that can be kept from ``n`` rows of width ``d``: ``min(dim or 512, d, n − 1)``, at least 1."""
+    """Components that can be kept from ``n`` rows of width ``d``: ``min(dim or 256, d, n − 1)``, at least 1."""
     want = DEFAULT_DIM if dim is None else dim
     return int(max(1, min(want, d, n - 1)))
 
 
-def learn_whitening(x: np.ndarray, dim: int | None = None, shrinkage: float = 0.1) -> Whitening:
+def learn_whitening(x: np.ndarray, dim: int | None = None, shrinkage: float = 1.0) -> Whitening:
     """Learn PCA-whitening on ``x (N, D)`` float32 (rows = images); see the module docstring.
 
     Raises :class:`ConfigError` when fewer than 2 rows are given.

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-minutes", type=float, default=None, help="training time budget (default 5)")
     parser.add_argument("--landmarks", type=int, default=None, help="synthetic landmarks (default 100)")
     parser.add_argument("--queries", type=int, default=None, help="test queries (default 1000)")
-    parser.add_argument("--preset", default=None, help="training preset (default cpu)")
+    parser.add_argument("--preset", default=None, help="training preset (default cpu: Lite0 fine-tuned from ImageNet weights; cpu-scratch: random init)")
     parser.add_argument("--local-features", choices=("sift", "model"), default=None,
                         help="local features for re-ranking (default sift)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")

@@ -51,11 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also store every image's local features in OUT/local/ for `recognize --rerank local`: "
                              "sift (RootSIFT, weight-free) or model (the run's DELG-style local head)")
     parser.add_argument("--whiten", nargs="?", type=int, const=0, default=None, metavar="DIM",
-                        help="learn PCA-whitening on the indexed images themselves (no labels) and apply it to "
-                             "index, non-landmark and query embeddings; DIM components (default: min(512, images - 1)). "
+                        help="learn PCA-whitening on the indexed images themselves (index and non-landmark images, "
+                             "no labels) and apply it to index, non-landmark and query embeddings; DIM components "
+                             "(default: min(256, images - 1)). "
                              "Helps a model that was not trained on landmarks (`landmarks init`)")
-    parser.add_argument("--whiten-shrinkage", type=float, default=0.1, metavar="S",
-                        help="whitening divides by sqrt(eigenvalue + S * mean eigenvalue) (default 0.1; 0: full)")
+    parser.add_argument("--whiten-shrinkage", type=float, default=1.0, metavar="S",
+                        help="whitening divides by sqrt(eigenvalue + S * mean eigenvalue) (default 1; 0: full)")
     parser.add_argument("--precision", type=float, default=0.9,
                         help="calibrate is_landmark (needs --non-landmarks) so that a 'yes' names the right landmark "
                              "with this precision, from leave-one-out queries of the index images (default 0.9)")

@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-rank the top candidates with local features and RANSAC (default: none)")
     parser.add_argument("--rerank-candidates", type=int, default=None, metavar="K",
                         help="top global candidates verified by --rerank local (default 20)")
+    parser.add_argument("--rerank-c", type=float, default=None, metavar="C",
+                        help="inlier count at which the re-ranking bonus saturates (default 70)")
+    parser.add_argument("--rerank-min-inliers", type=int, default=None, metavar="N",
+                        help="fewer inliers earn no bonus (default 10)")
+    parser.add_argument("--rerank-weight", type=float, default=None, metavar="W",
+                        help="the saturated bonus in units of the global score: score = s + W min(inliers, C) / C "
+                             "(default 1)")
     parser.add_argument("--rerank-workers", type=int, default=None, metavar="N",
                         help="verification processes of --rerank local (default: CPUs - 1, at most 8; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-ranking's RANSAC (default 0)")
@@ -73,6 +80,9 @@ def _config(args: argparse.Namespace) -> RecognizeConfig:
         conf.demote_penalty = args.demote_penalty
     if args.rerank_candidates is not None:
         conf.rerank_candidates = args.rerank_candidates
+    for key in ("rerank_c", "rerank_min_inliers", "rerank_weight"):
+        if getattr(args, key) is not None:
+            setattr(conf, key, getattr(args, key))
     conf.rerank_workers = args.rerank_workers
     conf.__post_init__()
     return conf

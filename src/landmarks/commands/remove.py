@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         raise LandmarksError(f"{len(missing)} {what} id(s) not in {args.index}: {', '.join(missing[:10])} "
                              "(pass --missing-ok to ignore them)")
     n = index.remove(ids)
+    from landmarks.calibrate import recalibrate
+
+    recalibrate(index)
     index.save(args.index)
     print(f"removed {n} images from {args.index}; it now holds {len(index)} images of "
           f"{index.num_landmarks} landmarks")

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="GLDv2 CSV (images in train/ beside it) or folder-per-landmark collection "
                                        "(optional with --resume)")
     parser.add_argument("--out", required=True, help="run folder to write (config, weights, meta, log)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: cpu)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: cpu = EfficientNet-Lite0 fine-tuned from its packaged "
+                                                            "ImageNet weights; cpu-scratch: resnet10t from random init; "
+                                                            "lite2-256: the offline GPU choice)")
     parser.add_argument("--config", help="JSON config file (e.g. another run's config.json)")
     parser.add_argument("--epochs", type=int, help="passes over the training split")
     parser.add_argument("--image-size", type=int, help="training / inference side in pixels")
@@ -50,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "(multi-stage training; the head is kept)")
     parser.add_argument("--local-only", action="store_true",
                         help="train only the DELG-style local head on a frozen model (use with --init)")
-    parser.add_argument("--local", action="store_true", help="also train the local head in this run")
+    parser.add_argument("--local", action="store_true", help="also train the DELG-style local head in this run (on the detached stride-16 map)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
