@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- in-process ------------------------------------------------------------------------------
     torch.set_num_threads(threads_per_worker)
     rec = Recognizer.load(index_dir)
-    size = rec.info()["size"]
+    size = rec.info().index.size
     # Like the server: decoding and recognition run in a FIFO pool of N worker threads.
     pool = ThreadPoolExecutor(max_workers=args.workers)
 

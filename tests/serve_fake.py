@@ -29,6 +29,7 @@ import numpy as np
 
 from landmarks.data.collection import ImageRecord
 from landmarks.data.decode import decode_image
+from landmarks.recognize import RecognizerInfo
 
 SLOW_SIZE = (37, 29)
 BUG_SIZE = (41, 31)
@@ -67,6 +68,20 @@ def make_image(colour: Sequence[int], size: tuple[int, int] = (48, 40)) -> np.nd
     return np.clip(np.asarray(colour, np.int16)[None, None] + rng.integers(-8, 9, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+def scan_bomb(width: int, height: int, repeats: int) -> bytes:
+    """A progressive JPEG of a flat image whose last scan is repeated ``repeats`` times (tiny, slow to decode:
+    2000 x 2000 with 2,000 repeats is 52 KB and decodes in ~8 s; 6000 x 6000 in ~65 s)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    last = data[data.rfind(b"\xff\xda"):-2]
+    return data[:-2] + last * repeats + b"\xff\xd9"
+
+
 class FakeRecognizer:
     """Implements ``landmarks.serve.RecognizerProtocol`` deterministically (see the module docstring)."""
 
@@ -74,6 +89,7 @@ class FakeRecognizer:
         from PIL import Image
 
         self.slow_s = slow_s
+        self.generation = 1
         self.db: list[tuple[str, str, np.ndarray, Path]] = []  # id, landmark, mean colour, path
         self._lock = threading.Lock()
         image_dir.mkdir(parents=True, exist_ok=True)
@@ -105,16 +121,29 @@ class FakeRecognizer:
                                    {"embed": 1000 * (time.perf_counter() - t0), "search": 0.01}))
         return out
 
-    def add(self, records: Sequence[ImageRecord]) -> int:
+    def add(self, records: Sequence[ImageRecord], *, num_workers: int | None = None, wait_s: float = 0.0,
+            command: str = "add", swap: bool = True, show_progress: bool = True) -> AddResult:
+        from landmarks.maintenance import IndexConflictError
+
         new = []
         for r in records:
             img = decode_image(r.path)
             new.append((r.id, str(r.landmark), img.reshape(-1, 3).astype(np.float64).mean(0), Path(r.path)))
         with self._lock:
-            known = {d[0] for d in self.db}
-            new = [n for n in new if n[0] not in known]
-            self.db.extend(new)
-        return len(new)
+            known = {d[0]: d[1] for d in self.db}
+            conflicts = [(n[0], known[n[0]], n[1]) for n in new if n[0] in known and known[n[0]] != n[1]]
+            if conflicts:
+                raise IndexConflictError(conflicts)
+            fresh = [n for n in new if n[0] not in known]
+            self.db.extend(fresh)
+            self.generation += 1
+        return AddResult([n[0] for n in fresh], [n[0] for n in new if n[0] in known], None)
+
+    def load_newer(self) -> None:
+        return None
+
+    def replace_index(self, index: object) -> bool:
+        return False
 
     def pair_verification(self, query: np.ndarray, image_id: str, image: np.ndarray) -> tuple:
         from landmarks.rerank import PairVerifier
@@ -123,10 +152,22 @@ class FakeRecognizer:
         fa, fb = v.features(query), v.features(image)
         return fa, fb, v.verify(fa, fb)
 
-    def info(self) -> dict:
+    def info(self) -> RecognizerInfo:
+        from landmarks.index import IndexInfo
+
         with self._lock:
-            return {"size": len(self.db), "landmarks": len({d[1] for d in self.db}), "model": "fake-colour",
-                    "fingerprint": "0" * 16}
+            n, lms = len(self.db), len({d[1] for d in self.db})
+        index = IndexInfo(path=None, size=n, landmarks=lms, non_landmarks=0, type="flat", embedding_dim=3,
+                          dtype="float32", index_bytes=0, model_fingerprint="0" * 16, model_name="fake-colour",
+                          views={}, created=None, updated=None, generation=self.generation, local_features=None)
+        return RecognizerInfo(index=index, recognize={}, ood_active=False)
+
+
+@dataclass
+class AddResult:
+    added: list[str]
+    known: list[str]
+    index: object
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,12 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pixels", type=int, default=4_000_000)
     p.add_argument("--token", default=None)
     p.add_argument("--upload-dir", default=None)
+    p.add_argument("--max-jpeg-scans", type=int, default=100)
+    p.add_argument("--header-timeout-s", type=float, default=10.0)
+    p.add_argument("--body-timeout-s", type=float, default=30.0)
+    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-inflight-upload-mb", type=float, default=256.0)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(verbose=args.verbose)
     conf = ServeConfig(host="127.0.0.1", port=args.port, workers=args.workers, queue_size=args.queue,
                        timeout_s=args.timeout_s, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                       token=args.token, upload_dir=args.upload_dir, graceful_timeout_s=3.0)
+                       token=args.token, upload_dir=args.upload_dir, graceful_timeout_s=3.0,
+                       max_jpeg_scans=args.max_jpeg_scans, header_timeout_s=args.header_timeout_s,
+                       body_timeout_s=args.body_timeout_s, max_connections=args.max_connections,
+                       max_inflight_upload_mb=args.max_inflight_upload_mb)
     serve(FakeRecognizer(args.images, slow_s=args.slow_s), conf)
     return 0
 
@@ -161,15 +210,6 @@ if __name__ == "__main__":
 # --------------------------------------------------------------------------------------------------
 # Test helpers: run the launcher (or `python -m landmarks serve`) as a real uvicorn process
 # --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -185,8 +225,14 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def run_server(cmd: list[str], log_path: Path, port: int, timeout_s: float = 60.0) -> Iterator[RunningServer]:
-    """Start ``cmd`` (which must listen on ``port``), wait for /healthz, always stop it (SIGTERM, then kill)."""
+def run_server(cmd: list[str], log_path: Path, port: int | None = None, timeout_s: float = 60.0,
+               ) -> Iterator[RunningServer]:
+    """Start ``cmd``, wait for /healthz, always stop it (SIGTERM, then kill).
+
+    ``port``: where ``cmd`` listens; None: ``cmd`` listens on port 0 (a free port chosen by the kernel,
+    no race with other tests) and the URL is read from its "serving on" log line.
+    """
+    import re
     import subprocess
 
     import httpx
@@ -194,14 +240,16 @@ def run_server(cmd: list[str], log_path: Path, port: int, timeout_s: float = 60.
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}" if port else ""
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
+            if not url and (m := re.search(r"serving on (http://127\.0\.0\.1:\d+)/", log_path.read_text(errors="replace"))):
+                url = m.group(1)
             try:
-                if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+                if url and httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -224,10 +272,10 @@ def fake_server(tmp: Path, *args: str) -> Iterator[RunningServer]:
     """Serve :class:`FakeRecognizer` (index images written under ``tmp``) with extra launcher ``args``."""
     import sys
 
-    port = free_port()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--images", str(tmp / "index-images"),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--port", "0", "--images", str(tmp / "index-images"),
            *args]
-    with run_server(cmd, tmp / f"server-{port}.log", port) as server:
+    n = len(list(tmp.glob("server-*.log")))
+    with run_server(cmd, tmp / f"server-{n}.log") as server:
         yield server
 
 

@@ -116,7 +116,7 @@ def test_index_calibrates_and_the_recognizer_says_no_to_a_photo_of_nothing_it_kn
     cal = idx.meta["calibration"]
     assert cal["landmark_queries"] == 24 and cal["nonlandmark_queries"] == 10 and cal["precision_target"] == 0.9
     rec = Recognizer(idx, TinyEmbedder(), RecognizeConfig(), index_dir=out)
-    assert rec.is_landmark_threshold == cal["threshold"] and rec.info()["is_landmark_threshold"]["source"] == "calibrated"
+    assert rec.is_landmark_threshold == cal["threshold"] and rec.info().is_landmark_threshold["source"] == "calibrated"
     known = [view(pattern(3), 777 + j) for j in range(3)]
     unknown = [view(pattern(900 + j), j) for j in range(20)]
     res = rec.recognize(known + unknown)

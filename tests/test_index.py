@@ -146,8 +146,9 @@ def test_float16_storage_and_info(tmp_path: Path) -> None:
     assert loaded.embeddings.dtype == np.float16
     np.testing.assert_allclose(loaded.embeddings, x, atol=2e-3)
     info = loaded.info()
-    assert info["size"] == 200 and info["landmarks"] == len(set(labels)) and info["model_fingerprint"] == "f" * 40
-    assert info["type"] == "flat" and info["dtype"] == "float16"
+    assert info.size == 200 and info.landmarks == len(set(labels)) and info.model_fingerprint == "f" * 40
+    assert info.type == "flat" and info.dtype == "float16" and info.generation == 1
+    assert info.to_dict()["size"] == 200
 
 
 def test_other_model_is_refused(tmp_path: Path) -> None:
@@ -200,6 +201,6 @@ def test_unlabelled_rows(tmp_path: Path) -> None:
     assert names == ["l1", "l2"] and codes.tolist() == [1, -1, 0, -1, 1, 0] and idx.num_landmarks == 2
     idx.save(tmp_path / "ix")
     loaded = LandmarkIndex.load(tmp_path / "ix")
-    assert loaded.landmarks == ["l2", None, "l1", None, "l2", "l1"] and loaded.info()["landmarks"] == 2
+    assert loaded.landmarks == ["l2", None, "l1", None, "l2", "l1"] and loaded.info().landmarks == 2
     with pytest.raises(LandmarksError, match="whitespace"):
         LandmarkIndex.build(x[:1], ["z"], ["bad id"], model=MODEL)

@@ -38,3 +38,18 @@ def test_skipped_log(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert [(r["path"], r["reason"]) for r in rows] == [("a.jpg", "truncated image"),
                                                         ("b.jpg", "not an image second line")]
+
+
+def test_remove_entries_removes_files_folders_and_links_only(tmp_path: Path) -> None:
+    from landmarks.utils.io import remove_entries
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "x.txt").write_text("x")
+    (tmp_path / "f.txt").write_text("f")
+    (tmp_path / "keep.txt").write_text("k")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "precious.txt").write_text("p")
+    (tmp_path / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    remove_entries(tmp_path, ["d", "f.txt", "link", "missing"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "outside"]
+    assert (tmp_path / "outside" / "precious.txt").read_text() == "p"  # a link is removed, not followed

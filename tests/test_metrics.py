@@ -14,6 +14,7 @@ from landmarks.metrics import (
     mean_precisions,
     recognition_metrics,
     retrieval_metrics,
+    retrieval_per_query,
     revisited_map,
     top1_accuracy,
 )
@@ -258,6 +259,15 @@ def test_map_hand_computed():
     # A repeated relevant id is counted once; the list is not "compacted".
     assert mean_average_precision({"q": ["b", "a", "a", "a"]}, {"q": ["a", "b"]}) == pytest.approx(1.0)
     assert mean_average_precision({"q": ["n", "a", "a", "b"]}, {"q": ["a", "b"]}) == pytest.approx((1 / 2 + 2 / 4) / 2)
+
+
+def test_retrieval_per_query_hand_computed():
+    got = retrieval_per_query(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION)
+    want = {"q1": (0.5, 1), "q2": (0.5, 2), "q3": (5 / 6, 1), "q4": (0.0, None)}  # see test_map_hand_computed
+    assert list(got) == list(want)
+    for q, (ap, first) in want.items():
+        assert got[q][0] == pytest.approx(ap, abs=1e-12) and got[q][1] == first
+    assert retrieval_per_query(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION, k=1)["q2"] == (0.0, None)
 
 
 def test_precisions_and_positions_hand_computed():

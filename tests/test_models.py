@@ -324,3 +324,26 @@ def test_pretrained_from_local_file(tmp_path: Path) -> None:
 
     with pytest.raises(LandmarksError):
         Backbone("test_resnet", pretrained=str(tmp_path / "missing_tag_or_file"))
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "efficientnet_b0"])
+def test_forward_with_local_equals_forward_and_the_stage_output(name: str) -> None:
+    """timm's forward_intermediates against the slow obvious version: forward_features + a hook on the stage."""
+    torch.manual_seed(0)
+    bb = Backbone(name, drop_path_rate=0.1)
+    captured: list[torch.Tensor] = []
+    assert bb.local_module is not None
+    handle = bb.model.get_submodule(bb.local_module).register_forward_hook(lambda m, i, o: captured.append(o))
+    x = torch.randn(2, 3, 64, 96)
+    for mode in ("eval", "train"):
+        getattr(bb, mode)()
+        torch.manual_seed(1)
+        want = bb.model.forward_features(x)
+        torch.manual_seed(1)
+        captured.clear()
+        out, local = bb.forward_with_local(x)
+        assert torch.equal(out, want) and torch.equal(local, captured[0]), mode
+        assert local.shape == (2, bb.local_channels, 4, 6)
+    handle.remove()
+    bb.eval()
+    torch.testing.assert_close(bb.forward_local(x), bb.forward_with_local(x)[1], rtol=0, atol=0)

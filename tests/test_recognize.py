@@ -190,7 +190,7 @@ def test_recognizer_on_images(index_dir: Path) -> None:
     out2 = strict.recognize(queries)
     assert out2[hi].is_landmark and not out2[lo].is_landmark and out2[lo].landmark == out[lo].landmark
     info = rec.info()
-    assert info["size"] == 12 and info["landmarks"] == 3 and info["ood_active"]
+    assert info.index.size == 12 and info.index.landmarks == 3 and info.ood_active
 
 
 def test_recognizer_refuses_other_model(index_dir: Path) -> None:
@@ -204,8 +204,9 @@ def test_add_new_landmark_makes_it_recognizable(index_dir: Path, tmp_path: Path)
     before = rec.recognize([query])[0]
     assert before.landmark != "tower"
     root = make_collection(tmp_path / "new", {"tower": 42}, per_landmark=3)
-    assert rec.add(load_folder_collection(root)) == 3
-    assert rec.add(load_folder_collection(root)) == 0  # already there
+    assert len(rec.add(load_folder_collection(root)).added) == 3
+    again_res = rec.add(load_folder_collection(root))
+    assert again_res.added == [] and len(again_res.known) == 3  # already there
     assert rec.recognize([query])[0].landmark == "tower"
     again = Recognizer.load(index_dir, embedder=TinyEmbedder())  # saved
     after = again.recognize([query])[0]

@@ -340,3 +340,25 @@ def test_config_bounds() -> None:
         ReportConfig(thumb_px=4096)
     with pytest.raises(LandmarksError, match="max_rows"):
         ReportConfig(max_rows=-1)
+
+
+def test_retrieval_figures_per_query_and_overall(case: Case, tmp_path: Path) -> None:
+    """mAP@k and each query's first correct position, by hand: q_fp finds b1 at 2, q_wrong has none in its list."""
+    ret = tmp_path / "ret.csv"
+    ret.write_text("id,images\nq_fp,x1 b1 b2\nq_wrong,x1 x2\nq_right_hi,a1 a2\n")
+    sol = tmp_path / "ret_solution.csv"
+    sol.write_text("id,images\nq_fp,b1 b2\nq_wrong,a1\nq_right_hi,a1\nq_other,z\n")
+    page = write_report(case.predictions, case.solution, tmp_path / "r.html", retrieval_csv=ret,
+                        retrieval_solution_csv=sol).read_text(encoding="utf-8")
+    ap_fp = (1 / 2 + 2 / 3) / 2  # b1 at 2, b2 at 3
+    want_map = (ap_fp + 0.0 + 1.0 + 0.0) / 4
+    assert f'<td data-metric="map_at_k">{want_map:.4f}</td>' in page
+    assert '<td data-metric="found">2</td>' in page and '<td data-metric="median_first">51.5</td>' in page  # median of 2, 101, 1, 101
+    cells = dict(re.findall(r'id="q-([^"]+)".*?<td class="ret">([^<]*)</td>', page, re.S))
+    assert cells["q_fp"] == f"AP@100 {ap_fp:.3f}, first correct at 2"
+    assert cells["q_wrong"] == "AP@100 0, none in the top 100"
+    assert cells["q_right_hi"] == "AP@100 1.000, first correct at 1"
+    assert cells["q_abst"] == "not a retrieval query"
+    assert _data(page)["retrieval"]["map"] == pytest.approx(want_map)
+    with pytest.raises(LandmarksError, match="both"):
+        write_report(case.predictions, case.solution, tmp_path / "x.html", retrieval_csv=ret)

@@ -34,7 +34,7 @@ from landmarks.serve import (
     decode_error_status,
     recognition_to_json,
 )
-from serve_fake import BUG_SIZE, COLOURS, SLOW_SIZE, RunningServer, fake_server, make_image
+from serve_fake import BUG_SIZE, COLOURS, SLOW_SIZE, RunningServer, fake_server, make_image, scan_bomb
 
 TOKEN = "s3cret-token"
 LIMIT_MB = 1.0  # the launcher's --max-upload-mb
@@ -139,18 +139,28 @@ def test_worker_pool_is_bounded() -> None:
 def test_read_write_lock_excludes_writer() -> None:
     lock = ReadWriteLock()
     events: list[str] = []
+    reader_in = threading.Event()
 
     def writer() -> None:
         with lock.write():
             events.append("w")
 
+    def late_reader() -> None:
+        with lock.read():
+            events.append("r2")
+        reader_in.set()
+
     with lock.read():
         t = threading.Thread(target=writer)
         t.start()
-        time.sleep(0.1)
-        assert events == []  # the writer waits for the reader
-    t.join(5)
-    assert events == ["w"]
+        assert lock.wait_for_writers(1, timeout_s=10)  # the writer is blocked inside write(), waiting
+        assert events == []  # ... for the reader
+        r = threading.Thread(target=late_reader)
+        r.start()  # a new reader queues behind the waiting writer (no writer starvation)
+        assert not reader_in.is_set() and events == []
+    t.join(10)
+    r.join(10)
+    assert events == ["w", "r2"]
 
 
 def test_recognition_to_json_is_strict_json() -> None:
@@ -386,7 +396,8 @@ def test_index_info(server: RunningServer) -> None:
     assert r.status_code == 200
     body = r.json()
     assert body["size"] >= 3 and body["landmarks"] >= 3 and body["model"] == "fake-colour"
-    assert body["adding_enabled"] is True and body["details"]["fingerprint"] == "0" * 16
+    assert body["adding_enabled"] is True and body["details"]["model_fingerprint"] == "0" * 16
+    assert body["generation"] == body["details"]["generation"] >= 1
 
 
 def test_thumbnails_only_for_index_ids(server: RunningServer) -> None:
@@ -445,6 +456,112 @@ def test_add_images_token_guard_and_effect(server: RunningServer) -> None:
     # Adding the same bytes again adds nothing new (content-addressed ids).
     r = httpx.post(url, data={"landmark": "golden-hall"}, files=files[:1], headers=auth, timeout=30)
     assert r.status_code == 200 and r.json()["added"] == 0
+    # ... and under another landmark it is refused: relabelling is remove + add
+    r = httpx.post(url, data={"landmark": "other-hall"}, files=files[:1], headers=auth, timeout=30)
+    assert r.status_code == 409 and "indexed as golden-hall, given other-hall" in r.json()["detail"], r.text
+    assert httpx.get(server.url + "/v1/index").json()["size"] == size0 + 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile clients: scan bombs, slow or vanishing clients, forged log lines, too many connections
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """1 worker, 1 queue slot, 1.5 s timeout, no scan limit (to test the kill), 1 s header / 2 s body timeouts."""
+    tmp = tmp_path_factory.mktemp("serve-guarded")
+    with fake_server(tmp, "--workers", "1", "--queue", "1", "--timeout-s", "1.5", "--max-jpeg-scans", "1000000",
+                     "--header-timeout-s", "1", "--body-timeout-s", "2") as s:
+        yield s
+
+
+def wait_for_log(server: RunningServer, needle: str, timeout_s: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while needle not in server.log():
+        assert time.monotonic() < deadline, f"{needle!r} not logged:\n{server.log()}"
+        time.sleep(0.02)
+    return server.log()
+
+
+def closed_by_server(sock: socket.socket, timeout_s: float) -> bool:
+    """True when the server closes ``sock`` (EOF or reset) within ``timeout_s``."""
+    sock.settimeout(timeout_s)
+    try:
+        while True:
+            if not sock.recv(4096):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_scan_bomb_is_refused_before_decoding(server: RunningServer) -> None:
+    r = recognize(server.url, scan_bomb(256, 256, 300))
+    assert r.status_code == 400 and "more than 100 scans" in r.json()["detail"], r.text
+
+
+def test_a_decode_past_the_timeout_is_killed_and_frees_its_worker(guarded_server: RunningServer) -> None:
+    bomb = scan_bomb(2000, 2000, 2000)  # ~8 s of decoding; the server's timeout is 1.5 s, 1 worker
+    t0 = time.monotonic()
+    r = recognize(guarded_server.url, bomb)
+    assert r.status_code == 504, r.text
+    r = recognize(guarded_server.url, RED_JPEG)  # the worker is free again: the decode was killed
+    assert r.status_code == 200 and r.json()["landmark"] == "tower-red", r.text
+    assert time.monotonic() - t0 < 6.0  # well before the bomb would have finished decoding
+
+
+def test_idle_and_slow_header_connections_are_closed(guarded_server: RunningServer) -> None:
+    host, port = guarded_server.url.removeprefix("http://").split(":")
+    idle = socket.create_connection((host, int(port)))
+    slow = socket.create_connection((host, int(port)))
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    try:
+        assert closed_by_server(idle, 10) and closed_by_server(slow, 10)
+    finally:
+        idle.close()
+        slow.close()
+    healthy(guarded_server.url)
+
+
+def test_slow_body_gets_408(guarded_server: RunningServer) -> None:
+    host, port = guarded_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 10000\r\n\r\n" + RED_JPEG[:100])
+        sock.settimeout(10)
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+
+
+def test_client_disconnect_is_one_quiet_line_and_log_lines_are_escaped(guarded_server: RunningServer) -> None:
+    host, port = guarded_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + RED_JPEG[:100])
+    log = wait_for_log(guarded_server, "POST /v1/recognize 499")
+    httpx.get(guarded_server.url + "/forged%0aINFO%20GET%20/admin%20200%0d%0aX")
+    log = wait_for_log(guarded_server, "/forged")
+    assert "Traceback" not in log and " 500 " not in log
+    [gone] = [line for line in log.splitlines() if "POST /v1/recognize 499" in line]
+    assert " INFO " in gone  # a quiet 4xx-class line, no traceback
+    [forged] = [line for line in log.splitlines() if "/forged" in line]
+    assert "/forged\\nINFO GET /admin 200\\r\\nX 404" in forged
+    assert not any(line.startswith("INFO GET /admin") for line in log.splitlines())
+
+
+def test_connections_beyond_the_cap_are_closed(tmp_path: Path) -> None:
+    with fake_server(tmp_path, "--max-connections", "3", "--header-timeout-s", "30") as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        socks = [socket.create_connection((host, int(port))) for _ in range(6)]
+        try:
+            assert [closed_by_server(x, 2) for x in socks[3:]] == [True] * 3
+            assert not any(closed_by_server(x, 0.2) for x in socks[:3])
+        finally:
+            for x in socks:
+                x.close()
+        healthy(s.url)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,14 +615,13 @@ def test_cli_refuses_a_missing_index(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
-    from serve_fake import build_tiny_index, free_port, run_server
+    from serve_fake import build_tiny_index, run_server
 
     root = tmp_path_factory.mktemp("serve-real")
     index_dir = build_tiny_index(root)
-    port = free_port()
-    cmd = [sys.executable, "-m", "landmarks", "serve", "--index", str(index_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "landmarks", "serve", "--index", str(index_dir), "--port", "0",
            "--workers", "2", "--token", TOKEN, "--timeout-s", "60"]
-    with run_server(cmd, root / "server.log", port, timeout_s=120) as s:
+    with run_server(cmd, root / "server.log", timeout_s=120) as s:
         yield s, root
 
 
@@ -557,3 +673,35 @@ def test_listening_socket_says_tcp() -> None:
         assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[1] > 0
     finally:
         sock.close()
+
+
+def test_cli_writes_while_serving_are_served_and_kept(real_server: tuple[RunningServer, Path]) -> None:
+    """A CLI add is answered by the running service and survives the service's next HTTP add; a CLI removal
+    is not resurrected (issue 11: the service used to write from its stale copy and erase the CLI's images)."""
+    import contextlib as _ctx
+
+    from landmarks.cli import main as landmarks_main
+    from landmarks.index import LandmarkIndex
+
+    server, root = real_server
+    cli_img = make_image((10, 240, 250), size=(96, 72))
+    path = root / "cli-new" / "cli-place" / "a.jpg"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(cli_img).save(path, quality=95)
+    with _ctx.redirect_stdout(io.StringIO()):
+        assert landmarks_main(["add", str(root / "index"), str(root / "cli-new"), "--workers", "0"]) == 0
+    top = recognize(server.url, encode(cli_img)).json()["neighbours"][0]
+    assert (top["id"], top["landmark"]) == ("cli-place/a", "cli-place")
+    size = httpx.get(server.url + "/v1/index").json()["size"]
+    other = encode(make_image((250, 120, 10), size=(88, 66)))
+    r = httpx.post(server.url + "/v1/index/images", data={"landmark": "http-place"},
+                   files={"files": ("h.jpg", other, "image/jpeg")}, headers={"authorization": f"Bearer {TOKEN}"},
+                   timeout=120)
+    assert r.status_code == 200 and r.json()["added"] == 1, r.text
+    on_disk = LandmarkIndex.load(root / "index")
+    assert on_disk.row_of("cli-place/a") is not None and on_disk.row_of(r.json()["ids"][0]) is not None
+    assert len(on_disk) == size + 1 == httpx.get(server.url + "/v1/index").json()["size"]
+    with _ctx.redirect_stdout(io.StringIO()):
+        assert landmarks_main(["remove", str(root / "index"), "cli-place/a"]) == 0
+    ids = [n["id"] for n in recognize(server.url, encode(cli_img)).json()["neighbours"]]
+    assert "cli-place/a" not in ids and httpx.get(server.url + "/v1/index").json()["size"] == size

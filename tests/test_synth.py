@@ -270,3 +270,14 @@ def test_photos_of_every_kind() -> None:
         s = R.build_landmark(np.random.default_rng(5), template)
         cam = R.sample_landmark_camera(np.random.default_rng(6), s, 64, 48)
         assert not R._inside(cam.C, s)
+
+
+def test_every_template_has_a_builder_and_unknown_ones_fail() -> None:
+    from landmarks.data import synth_render as render
+
+    assert tuple(render.LANDMARK_BUILDERS) == render.TEMPLATES
+    for name in render.TEMPLATES:  # each builder adds its structure and reports a plausible height
+        scene = render.build_landmark(np.random.default_rng(3), name)
+        assert scene.faces and 5.0 < scene.height < 250.0, name
+    with pytest.raises(ValueError, match="pagoda"):
+        render.build_landmark(np.random.default_rng(0), "pagoda")

@@ -163,8 +163,11 @@ def test_run_folder_contents(trained: Path) -> None:
 
 
 def test_training_learns(trained: Path) -> None:
+    """Both, not either: the loss falls clearly (4.28 -> 1.43 with this seed) and validation does not get worse
+    (7 queries: GAP 0.857 before training already)."""
     log = read_log(trained)
-    assert log[-1]["train_loss"] < log[1]["train_loss"] or log[-1]["val_gap"] > log[0]["val_gap"]
+    assert log[-1]["train_loss"] < 0.6 * log[1]["train_loss"]
+    assert log[-1]["val_gap"] >= log[0]["val_gap"] and log[-1]["val_top1"] >= log[0]["val_top1"]
 
 
 def test_same_seed_same_weights(trained: Path, shapes: Path, tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_whitened_index_search_add_ood_and_roundtrip(tmp_path: Path) -> None:
                               non_landmarks=nl, non_landmark_ids=[f"n{j}" for j in range(15)],
                               whiten=WhitenConfig(dim=12, shrinkage=0.2))
     w = idx.whitening
-    assert w is not None and idx.d == 12 and idx.model_d == 24 and idx.info()["whitening"]["dim"] == 12
+    assert w is not None and idx.d == 12 and idx.model_d == 24 and idx.info().whitening["dim"] == 12
     assert w.n_train == 120 + 15  # learned on the index and the non-landmark images (no labels)
     np.testing.assert_allclose(w.mean, np.concatenate([x, nl]).astype(np.float64).mean(axis=0), atol=1e-9)
     xw, nlw = apply_whitening(x, w), apply_whitening(nl, w)

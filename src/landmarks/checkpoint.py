@@ -151,9 +151,30 @@ def _read_safetensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.
             metadata = dict(f.metadata() or {})
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise IncompatibleArtifactError(f"{path}: not a readable safetensors file ({e})") from e
+    except _SAFETENSORS_ERRORS as e:
+        raise IncompatibleArtifactError(f"{path}: not a readable safetensors file ({_reason(e)})") from None
     return tensors, metadata
+
+
+def _safetensors_errors() -> tuple[type[BaseException], ...]:
+    """What reading a bad safetensors file raises (``SafetensorError`` derives from none of the builtins)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:  # pragma: no cover - older safetensors
+        pass
+    return errors
+
+
+_SAFETENSORS_ERRORS = _safetensors_errors()
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300]
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -197,18 +218,37 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     weights = resolve_checkpoint(path)
     beside = weights.parent / META_FILE
     if beside.is_file() and weights.name == MODEL_FILE:
-        with open(beside, encoding="utf-8") as f:
-            return dict(json.load(f))
+        try:
+            with open(beside, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: truncated JSON, not UTF-8
+            raise IncompatibleArtifactError(f"{beside}: unreadable run metadata ({_reason(e)})") from None
+        return _checked_meta(meta, beside)
     from safetensors import safe_open
 
     try:
         with safe_open(str(weights), framework="pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise IncompatibleArtifactError(f"{weights}: not a readable safetensors file ({e})") from e
+    except _SAFETENSORS_ERRORS as e:
+        raise IncompatibleArtifactError(f"{weights}: not a readable safetensors file ({_reason(e)})") from None
     if raw is None:
         raise IncompatibleArtifactError(f"{weights}: no landmarks metadata (not a landmarks checkpoint)")
-    return dict(json.loads(raw))
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise IncompatibleArtifactError(f"{weights}: corrupt landmarks metadata ({_reason(e)})") from None
+    return _checked_meta(meta, weights)
+
+
+def _checked_meta(meta: Any, where: Path) -> dict[str, Any]:
+    """``meta`` when it has what loading a model needs; else one clear error naming ``where``."""
+    if not isinstance(meta, dict):
+        raise IncompatibleArtifactError(f"{where}: run metadata is not a JSON object")
+    missing = [k for k in ("config", "num_classes", "preprocessing") if k not in meta]
+    if missing:
+        raise IncompatibleArtifactError(f"{where}: run metadata lacks {', '.join(missing)} (not a landmarks run, "
+                                        "or written by an incompatible version)")
+    return dict(meta)
 
 
 def build_model(meta: Mapping[str, Any]) -> nn.Module:
@@ -218,8 +258,8 @@ def build_model(meta: Mapping[str, Any]) -> nn.Module:
     try:
         model_conf = from_dict(ModelConfig, dict(meta["config"]["model"]))
         num_classes = int(meta["num_classes"])
-    except (KeyError, TypeError) as e:
-        raise IncompatibleArtifactError(f"checkpoint metadata lacks {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise IncompatibleArtifactError(f"checkpoint metadata lacks or has a bad {e}") from None
     if meta.get("local"):
         model_conf.local.enabled = True
     net = LandmarkNet(model_conf, num_classes, pretrained="")
@@ -254,12 +294,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     except RuntimeError as e:
         raise IncompatibleArtifactError(f"{weights}: weights do not fit the model in its metadata: {e}") from e
     preprocessing = dict(meta["preprocessing"])
+    try:
+        preprocess = Preprocess.from_dict(preprocessing)
+    except (KeyError, TypeError, ValueError) as e:
+        raise IncompatibleArtifactError(f"{weights}: bad 'preprocessing' in the run metadata ({_reason(e)})") from None
     fp = model_fingerprint(net, preprocessing)
     if meta.get("fingerprint") and meta["fingerprint"] != fp:
         raise IncompatibleArtifactError(f"{weights}: weights do not match the fingerprint in the metadata "
                                         f"(file corrupt or replaced)")
     net.to(device).eval()
-    return LoadedModel(model=net, meta=meta, fingerprint=fp, preprocess=Preprocess.from_dict(preprocessing))
+    return LoadedModel(model=net, meta=meta, fingerprint=fp, preprocess=preprocess)
 
 
 # --- training state ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ VERBS: list[tuple[str, str]] = [
     ("remove", "remove images from an index by id"),
     ("recognize", "recognize query images: kNN voting, out-of-domain handling, optional re-ranking"),
     ("match", "match two images with local features and RANSAC; print or draw the inliers"),
-    ("evaluate", "score Kaggle recognition (GAP) or retrieval (mAP@k) CSVs against a solution"),
+    ("evaluate", "score Kaggle recognition (GAP) or retrieval (mAP@k) CSVs, or run the Revisited Oxford/Paris protocol"),
     ("report", "write a self-contained HTML report of predictions with neighbours and matches"),
     ("serve", "serve recognition over HTTP (FastAPI + uvicorn) with a page to try it"),
     ("demo", "end to end on this machine: synth, train, index, recognize, evaluate, report"),

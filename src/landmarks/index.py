@@ -14,6 +14,9 @@ An index folder::
                             non-landmark set N (0 without N): the GLR-2020 index-side penalty
         nonlandmarks.npy    (M, D) float32 embeddings of N (absent without N)
         nonlandmarks.json   {"ids": [...]}
+        raw_embeddings.npy  (N, D) the embeddings before database-side augmentation (only with DBA:
+                            ``embeddings.npy`` and FAISS then hold the augmented rows; meta.json's
+                            ``dba`` = {"n", "alpha"}; see :mod:`landmarks.expansion`)
         whitening.safetensors  (with ``--whiten``) PCA-whitening learned on the index images at build
                             time (:mod:`landmarks.whiten`); its SHA-256 is in meta.json["whitening"]
       skipped.csv           images that could not be read
@@ -71,7 +74,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +217,32 @@ def index_memory_bytes(index: faiss.Index) -> int:
 
 # --- the index --------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class IndexInfo:
+    """What :meth:`LandmarkIndex.info` reports (JSON-ready with :meth:`to_dict`)."""
+
+    path: str | None  # the index folder (None: not saved yet)
+    size: int  # indexed images
+    landmarks: int  # distinct landmark ids (unlabelled images not counted)
+    non_landmarks: int  # images of the non-landmark set (0: no out-of-domain penalties)
+    type: str  # FAISS index type: flat, ivfpq or hnsw
+    embedding_dim: int  # D
+    dtype: str  # storage type of embeddings.npy
+    index_bytes: int  # estimated RAM of the FAISS index
+    model_fingerprint: str  # fingerprint of the model the index was built with
+    model_name: str | None  # its name (e.g. the backbone), when recorded
+    views: dict[str, Any]  # extraction views ({"scales", "flip"})
+    created: str | None  # ISO time of the build
+    updated: str | None  # ISO time of the last save
+    generation: int  # committed generation (increases with every add/remove)
+    local_features: str | None  # "sift" or "model" when the index stores local features, else None
+    whitening: dict[str, Any] | None = None  # the PCA-whitening learned on the index images (meta.json entry)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
 class LandmarkIndex:
     """Labelled embeddings with a FAISS index and the out-of-domain penalties.
 
@@ -224,7 +253,8 @@ class LandmarkIndex:
     def __init__(self, *, ids: list[str], landmarks: list[str | None], paths: list[str | None], labels: np.ndarray,
                  embeddings: np.ndarray, faiss_index: faiss.Index, penalty: np.ndarray,
                  non_landmarks: np.ndarray | None, non_landmark_ids: list[str], meta: dict[str, Any],
-                 conf: IndexConfig, path: Path | None = None, whitening: Whitening | None = None):
+                 conf: IndexConfig, path: Path | None = None, whitening: Whitening | None = None,
+                 raw_embeddings: np.ndarray | None = None):
         self.ids = ids
         self.whitening = whitening
         self.landmarks = landmarks
@@ -238,6 +268,8 @@ class LandmarkIndex:
         self.meta = meta
         self.conf = conf
         self.path = path
+        # (N, D) embeddings before DBA (None: no DBA; then ``embeddings`` are the raw ones)
+        self.raw_embeddings = raw_embeddings
         self._row_of: dict[str, int] | None = None
         self._codes: tuple[np.ndarray, list[str]] | None = None
         self._nl_index: faiss.Index | None = None
@@ -365,25 +397,23 @@ class LandmarkIndex:
         """Distinct landmark ids among the rows (unlabelled rows not counted)."""
         return len(self.landmark_codes()[1])
 
-    def info(self) -> dict[str, Any]:
-        """Size, landmarks, non-landmarks, type, memory, the model's fingerprint and name."""
+    @property
+    def generation(self) -> int:
+        """The generation of this index on disk (its ``data-NNNNNN`` number; 0 before the first save)."""
+        m = _GEN_RE.match(str(self.meta.get("generation", "")))
+        return int(m.group(1)) if m else 0
+
+    def info(self) -> IndexInfo:
+        """Size, landmarks, non-landmarks, type, memory, the model's fingerprint and name, generation."""
         model = self.meta["model"]
-        return {
-            "path": str(self.path) if self.path else None,
-            "size": len(self),
-            "landmarks": self.num_landmarks,
-            "non_landmarks": 0 if self.non_landmarks is None else len(self.non_landmarks),
-            "type": self.conf.type,
-            "embedding_dim": self.d,
-            "dtype": self.conf.dtype,
-            "index_bytes": self.memory_bytes(),
-            "model_fingerprint": model["fingerprint"],
-            "model_name": model.get("name"),
-            "views": self.views,
-            "whitening": self.meta.get("whitening"),
-            "created": self.meta.get("created"),
-            "updated": self.meta.get("updated"),
-        }
+        return IndexInfo(
+            path=str(self.path) if self.path else None, size=len(self), landmarks=self.num_landmarks,
+            non_landmarks=0 if self.non_landmarks is None else len(self.non_landmarks), type=self.conf.type,
+            embedding_dim=self.d, dtype=self.conf.dtype, index_bytes=self.memory_bytes(),
+            model_fingerprint=str(model["fingerprint"]), model_name=model.get("name"), views=self.views,
+            created=self.meta.get("created"), updated=self.meta.get("updated"), generation=self.generation,
+            local_features=(self.meta.get("local") or {}).get("features"),
+            whitening=self.meta.get("whitening"))
 
     def memory_bytes(self) -> int:
         """An estimate of the FAISS index's RAM (codes, vectors, links, ids; not the memory-mapped embeddings)."""
@@ -531,6 +561,9 @@ class LandmarkIndex:
         self.landmarks.extend(landmarks)
         self.paths.extend(paths_list)
         self._row_of, self._codes = None, None
+        if self.raw_embeddings is not None:  # DBA: new rows change their neighbours' sums (see expansion)
+            self.raw_embeddings = np.concatenate([np.asarray(self.raw_embeddings), xb.astype(self.conf.dtype)])
+            self._refresh_dba()
         return len(xb)
 
     def remove(self, ids: Sequence[str]) -> int:
@@ -567,7 +600,46 @@ class LandmarkIndex:
         self.paths = [x for x, k in zip(self.paths, keep_list) if k]
         self._row_of, self._codes = None, None
         self.set_search_params()
+        if self.raw_embeddings is not None:  # DBA: rows that had a removed neighbour change (see expansion)
+            self.raw_embeddings = np.asarray(self.raw_embeddings)[keep]
+            self._refresh_dba()
         return len(rows)
+
+    # -- database-side augmentation --------------------------------------------------------------------
+
+    @property
+    def dba(self) -> dict[str, Any] | None:
+        """``{"n", "alpha"}`` of the database-side augmentation the rows carry, or None."""
+        dba = self.meta.get("dba")
+        return dict(dba) if dba else None
+
+    def replace_vectors(self, xb: np.ndarray) -> None:
+        """Replace every row's vector (``(N, D)`` float32, L2-normalised; ids and order unchanged).
+
+        FAISS is refilled (IVF-PQ keeps its trained quantizer) and the out-of-domain penalties recomputed.
+        """
+        xb = as_xq(xb, self.d, "vectors")
+        if len(xb) != len(self):
+            raise LandmarksError(f"{len(xb)} vectors for an index of {len(self)} rows")
+        if self.conf.type == "ivfpq":
+            findex: Any = self.faiss_index
+            findex.reset()
+        else:
+            findex = _new_index(self.conf, self.d, xb)
+        for s in range(0, len(xb), 262_144):
+            findex.add_with_ids(xb[s:s + 262_144], self.labels[s:s + 262_144])
+        self.faiss_index = findex
+        self.embeddings = xb.astype(self.conf.dtype)
+        self.penalty = self._penalty_of(xb)
+        self.set_search_params()
+
+    def _refresh_dba(self) -> None:
+        """Recompute the DBA of every row from ``raw_embeddings`` (the simplest correct rule after add/remove)."""
+        from landmarks.expansion import ExpansionConfig, apply_dba
+
+        dba = self.dba
+        assert dba is not None and self.raw_embeddings is not None
+        apply_dba(self, ExpansionConfig(n=int(dba["n"]), alpha=float(dba["alpha"])))
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -592,6 +664,9 @@ class LandmarkIndex:
             write_json(tmp / "nonlandmarks.json", {"ids": self.non_landmark_ids})
         if self.whitening is not None:
             save_whitening(tmp / "whitening.safetensors", self.whitening)
+        if self.raw_embeddings is not None:
+            raw = self.raw_embeddings
+            atomic_save(tmp / "raw_embeddings.npy", lambda p: np.save(p, np.asarray(raw, dtype=self.conf.dtype)))
         os.replace(tmp, path / gen)
         self.meta.update({
             "generation": gen,
@@ -622,32 +697,67 @@ class LandmarkIndex:
             if (path / "work").exists():
                 raise LandmarksError(f"{path}: the index was not finished (run `landmarks index` again to resume)")
             raise LandmarksError(f"{path}: not an index folder (no meta.json)")
-        meta = read_json(meta_path)
-        if meta.get("format") != INDEX_FORMAT:
-            raise IncompatibleArtifactError(f"{path}: meta.json is not a landmarks index")
-        if int(meta.get("version", 0)) > INDEX_VERSION:
+        meta = _read(meta_path, read_json)
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            raise IncompatibleArtifactError(f"{meta_path}: not a landmarks index")
+        try:
+            version = int(meta.get("version", 0))
+            conf = from_dict(IndexConfig, meta["index"])
+            data = path / str(meta["generation"])
+            str(meta["model"]["fingerprint"])
+            int(meta["embedding_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise IncompatibleArtifactError(f"{meta_path}: incomplete or invalid index metadata ({type(e).__name__}: "
+                                            f"{e}); rebuild the index") from None
+        if version > INDEX_VERSION:
             raise IncompatibleArtifactError(
-                f"{path}: index format version {meta.get('version')} is newer than this software's "
+                f"{path}: index format version {version} is newer than this software's "
                 f"({INDEX_VERSION}); upgrade landmarks")
-        conf = from_dict(IndexConfig, meta["index"])
-        data = path / meta["generation"]
-        images = read_json(data / "images.json")
-        emb = np.load(data / "embeddings.npy", mmap_mode="r" if mmap else None)
-        nl = np.load(data / "nonlandmarks.npy") if (data / "nonlandmarks.npy").exists() else None
-        nl_ids = read_json(data / "nonlandmarks.json")["ids"] if nl is not None else []
+        images = _read(data / "images.json", read_json)
+        try:
+            ids, landmarks, paths = list(images["ids"]), list(images["landmarks"]), list(images["paths"])
+        except (KeyError, TypeError) as e:
+            raise IncompatibleArtifactError(f"{data / 'images.json'}: missing or invalid {e}; rebuild the index") from None
+        emb = _read(data / "embeddings.npy", lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+        has_nl = (data / "nonlandmarks.npy").exists()
+        nl = _read(data / "nonlandmarks.npy", lambda p: np.load(p, allow_pickle=False)) if has_nl else None
+        nl_ids = list(_read(data / "nonlandmarks.json", read_json)["ids"]) if nl is not None else []
+        labels = _read(data / "labels.npy", lambda p: np.load(p, allow_pickle=False))
+        findex = _read(data / "faiss.index", lambda p: faiss.read_index(str(p)))
+        penalty = _read(data / "penalty.npy", lambda p: np.load(p, allow_pickle=False))
+        n = len(ids)
+        if not (len(landmarks) == len(paths) == n and labels.shape == (n,) and penalty.shape == (n,)
+                and emb.ndim == 2 and emb.shape == (n, int(meta["embedding_dim"])) and findex.ntotal == n
+                and (nl is None or (nl.ndim == 2 and nl.shape[1] == emb.shape[1] and len(nl_ids) == len(nl)))):
+            raise IncompatibleArtifactError(f"{data}: the index files disagree in size; rebuild the index")
         whitening = None
         if meta.get("whitening"):
-            whitening = load_whitening(data / "whitening.safetensors", expect_sha256=meta["whitening"].get("sha256"))
-        idx = cls(ids=list(images["ids"]), landmarks=list(images["landmarks"]), paths=list(images["paths"]),
-                  labels=np.load(data / "labels.npy"), embeddings=emb,
-                  faiss_index=faiss.read_index(str(data / "faiss.index")),
-                  penalty=np.load(data / "penalty.npy"), non_landmarks=nl, non_landmark_ids=nl_ids,
-                  meta=meta, conf=conf, path=path, whitening=whitening)
-        if idx.faiss_index.ntotal != len(idx.ids) or emb.shape != (len(idx.ids), idx.d):
-            raise IncompatibleArtifactError(f"{path}: the index files disagree in size; rebuild the index")
+            whitening = _read(data / "whitening.safetensors",
+                              lambda p: load_whitening(p, expect_sha256=meta["whitening"].get("sha256")))
+        raw = None
+        if meta.get("dba") and (data / "raw_embeddings.npy").exists():
+            raw = _read(data / "raw_embeddings.npy",
+                        lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+            if raw.shape != emb.shape:
+                raise IncompatibleArtifactError(f"{data}: raw_embeddings.npy disagrees with embeddings.npy; "
+                                                "rebuild the index")
+        idx = cls(ids=ids, landmarks=landmarks, paths=paths, labels=labels, embeddings=emb, faiss_index=findex,
+                  penalty=penalty, non_landmarks=nl, non_landmark_ids=nl_ids, meta=meta, conf=conf, path=path,
+                  whitening=whitening, raw_embeddings=raw)
         if fingerprint is not None:
             idx.check_model(fingerprint, model_name)
         return idx
+
+
+def _read(path: Path, reader: Any) -> Any:
+    """``reader(path)``, turning a missing, truncated or foreign file into one error naming it."""
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise IncompatibleArtifactError(f"{path}: missing from the index folder; rebuild the index") from None
+    except (OSError, ValueError, EOFError, RuntimeError, TypeError, KeyError) as e:  # RuntimeError: FAISS
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise IncompatibleArtifactError(f"{path}: unreadable or corrupt ({reason}); rebuild the index") from None
 
 
 def _check_rows(ids: list[str], landmarks: list[str | None], paths: list[str | None], n: int) -> None:
@@ -663,16 +773,12 @@ def _check_rows(ids: list[str], landmarks: list[str | None], paths: list[str | N
         raise LandmarksError(f"images with an empty landmark id or one with whitespace: {', '.join(bad[:5])}")
 
 
-def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
-    """An empty FAISS index with id mapping (IVF-PQ trained on a seeded sample of ``xtrain``)."""
+def _factory_string(conf: IndexConfig, d: int, n: int) -> str:
+    """The ``faiss.index_factory`` description of an empty index of type ``conf.type`` for ``n`` rows of width ``d``."""
     if conf.type == "flat":
-        return faiss.IndexIDMap(faiss.IndexFlatIP(d))
+        return "IDMap,Flat"
     if conf.type == "hnsw":
-        inner = faiss.IndexHNSWFlat(d, conf.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        inner.hnsw.efConstruction = conf.ef_construction
-        inner.hnsw.efSearch = conf.ef_search
-        return faiss.IndexIDMap(inner)
-    n = len(xtrain)
+        return f"IDMap,HNSW{conf.hnsw_m},Flat"
     nlist = conf.nlist or auto_nlist(n)
     m = conf.pq_m or auto_pq_m(d)
     if d % m:
@@ -682,14 +788,30 @@ def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
         raise LandmarksError(
             f"an IVF-PQ index needs at least {need} images to train ({nlist} lists); this one has {n}: "
             f"use the exact 'flat' index (best below ~100k images)")
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFPQFastScan(quantizer, d, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = conf.seed
-    index.pq.cp.seed = conf.seed
-    rng = np.random.default_rng(conf.seed)
-    sample = xtrain if n <= conf.max_train_points else xtrain[np.sort(rng.choice(n, conf.max_train_points, replace=False))]
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    index.nprobe = conf.nprobe
+    return f"IVF{nlist},PQ{m}x4fs"  # IndexIVFPQFastScan: m sub-quantizers of 4 bits
+
+
+def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
+    """An empty FAISS index with id mapping (IVF-PQ trained on a seeded sample of ``xtrain``).
+
+    Built by ``faiss.index_factory`` from :func:`_factory_string`; the type's own parameters are set
+    on the result (HNSW search depths, IVF-PQ k-means seeds and ``nprobe``).
+    """
+    # index_factory returns the concrete class (IndexIDMap, IndexIVFPQFastScan); this object owns it.
+    index: Any = faiss.index_factory(d, _factory_string(conf, d, len(xtrain)), faiss.METRIC_INNER_PRODUCT)
+    if conf.type == "hnsw":
+        inner: Any = faiss.downcast_index(index.index)  # owned by the IDMap, which we return
+        inner.hnsw.efConstruction = conf.ef_construction
+        inner.hnsw.efSearch = conf.ef_search
+    elif conf.type == "ivfpq":
+        index.cp.seed = conf.seed
+        index.pq.cp.seed = conf.seed
+        n = len(xtrain)
+        rng = np.random.default_rng(conf.seed)
+        sample = xtrain if n <= conf.max_train_points else xtrain[np.sort(rng.choice(n, conf.max_train_points,
+                                                                                      replace=False))]
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        index.nprobe = conf.nprobe
     return index
 
 

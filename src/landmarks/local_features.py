@@ -183,6 +183,8 @@ class SiftExtractor:
     ransac_threshold_px: float | None = None
     #: Constructor arguments recorded by :meth:`to_info` (the rest of the info is derived).
     PARAMS: ClassVar[tuple[str, ...]] = ("max_features", "max_side_px", "contrast_threshold", "edge_threshold", "root")
+    #: The argument that caps the features per image.
+    COUNT_PARAM: ClassVar[str] = "max_features"
 
     def __init__(self, max_features: int = 1000, max_side_px: int | None = 1024,
                  contrast_threshold: float = 0.02, edge_threshold: float = 10.0, root: bool = True):
@@ -268,6 +270,8 @@ class DelgExtractor:
     #: Constructor arguments recorded by :meth:`to_info` (the rest is derived from the model).
     PARAMS: ClassVar[tuple[str, ...]] = ("scales", "max_side_px", "top_n", "threshold", "mean", "std",
                                          "ransac_threshold_px")
+    #: The argument that caps the features per image.
+    COUNT_PARAM: ClassVar[str] = "top_n"
 
     def __init__(self, loaded_model: Any, scales: Sequence[float] = DEFAULT_SCALES, max_side_px: int = 1024,
                  top_n: int = 1000, threshold: float = 0.0, *, mean: Sequence[float] | None = None,
@@ -460,14 +464,19 @@ def extractor_from_info(info: dict[str, Any], loaded_model: Any = None) -> Local
     return cls.from_info(info, loaded_model)
 
 
-def build_local_extractor(name_or_run: str | Path, device: str = "cpu", **kwargs: Any) -> LocalExtractor:
+def build_local_extractor(name_or_run: str | Path, device: str = "cpu", *, max_features: int | None = None,
+                          **kwargs: Any) -> LocalExtractor:
     """An extractor for ``landmarks match --features``: ``"sift"`` or a run directory with a local head.
 
-    ``kwargs`` override the extractor's defaults. Raises ``LandmarksError`` when the name is
-    neither, ``IncompatibleArtifactError`` when the model has no local head.
+    ``max_features`` caps the features per image (the class's ``COUNT_PARAM``); ``kwargs`` override
+    the extractor's defaults. Raises ``LandmarksError`` when the name is neither,
+    ``IncompatibleArtifactError`` when the model has no local head.
     """
     key = str(name_or_run)
-    if key.lower() in ("sift", SiftExtractor.name):
+    features = "sift" if key.lower() in ("sift", SiftExtractor.name) else "model"
+    if max_features is not None:
+        kwargs[LOCAL_FEATURES[features].COUNT_PARAM] = max_features
+    if features == "sift":
         return make_local_extractor("sift", **kwargs)
     path = Path(key)
     if not path.exists():

@@ -355,6 +355,21 @@ def mean_median_position(
     return float(positions.mean()), float(np.median(positions))
 
 
+def retrieval_per_query(
+    predictions: Mapping[str, Sequence[str]], solution: Mapping[str, Sequence[str]], k: int = 100
+) -> dict[str, tuple[float, int | None]]:
+    """Per query of ``solution``: ``(AP@k, first)``, ``first`` the 1-based rank of the first relevant
+    result within the first ``k`` (None when there is none).
+
+    Same definitions as :func:`mean_average_precision` (whose value is the mean of these APs) and
+    :func:`mean_median_position`.
+    """
+    k = _check_k(k)
+    hits = _RankedHits(predictions, solution, k)
+    ap, first = hits.average_precisions(k), hits.first_positions(k)
+    return {q: (float(ap[i]), int(first[i]) if first[i] <= k else None) for i, q in enumerate(hits.query_ids)}
+
+
 def retrieval_metrics(
     predictions: Mapping[str, Sequence[str]],
     solution: Mapping[str, Sequence[str]],

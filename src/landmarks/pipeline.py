@@ -20,8 +20,10 @@ a finished index unless ``overwrite``; :func:`recognize_queries` writes its outp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ from typing import Any
 from landmarks.data.collection import ImageRecord
 from landmarks.errors import LandmarksError
 from landmarks.utils.dist import dist_env, resolve_device
+from landmarks.utils.io import remove_entries
 
 logger = logging.getLogger("landmarks")
 
@@ -57,15 +60,10 @@ def _as_sources(src: Source | Sequence[Source]) -> list[str | Path]:
 
 def _clear_index(out: Path) -> None:
     """Remove what an earlier index left in ``out`` (only the index's own files)."""
-    for name in _INDEX_FILES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    remove_entries(out, _INDEX_FILES)
     if out.is_dir():
         for p in out.iterdir():
-            if p.is_dir() and (p.name.startswith("data-") or p.name.startswith(".data-")):
+            if p.is_dir() and (p.name.startswith(("data-", ".data-")) or re.match(r"^local-\d{6}$", p.name)):
                 shutil.rmtree(p)
 
 
@@ -103,7 +101,8 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                 local: str | None = None, index_conf: Any = None, extract_conf: Any = None,
                 device: str = "cpu", overwrite: bool = False, image_dir: Source | None = None,
                 local_workers: int | None = None, show_progress: bool = True, whiten: Any = None,
-                calibration: Any = None) -> Path:
+                calibration: Any = None, dba: Any = None, wait_s: float = 0.0,
+                command: str = "index") -> Path:
     """Embed a collection and write an index folder; returns ``out``.
 
     Args:
@@ -125,10 +124,31 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
             store it in the index (applied to index, non-landmark and query embeddings). None: none.
         calibration: :class:`~landmarks.calibrate.CalibrationConfig` of the ``is_landmark`` threshold
             (default: calibrate when there is a non-landmark set); stored in ``meta.json["calibration"]``.
+        dba: :class:`~landmarks.expansion.ExpansionConfig` of a database-side augmentation computed once
+            here and stored with the index (resumable in ``out/work/dba``; None or ``n == 0``: none).
+        wait_s: how long to wait when another process is writing ``out`` (0: refuse at once).
+        command: what the writer lock says is writing (:func:`landmarks.maintenance.index_writer`).
 
     Unreadable images are skipped into ``out/skipped.csv``. Under ``torchrun`` every rank embeds its
-    share and rank 0 extracts the local features and writes the index. Raises :class:`LandmarksError`.
+    share and rank 0 extracts the local features and writes the index; rank 0 holds the folder's writer
+    lock throughout. Raises :class:`LandmarksError`.
     """
+    from landmarks.maintenance import index_writer
+
+    rank = dist_env().rank
+    lock = index_writer(out, command, wait_s) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _build_index(model, images, Path(out), non_landmarks=non_landmarks, unlabelled=unlabelled,
+                            local=local, index_conf=index_conf, extract_conf=extract_conf, device=device,
+                            overwrite=overwrite, image_dir=image_dir, local_workers=local_workers,
+                            show_progress=show_progress, whiten=whiten, calibration=calibration, dba=dba)
+
+
+def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, *,
+                 non_landmarks: Source | Sequence[Source] | None, unlabelled: bool, local: str | None,
+                 index_conf: Any, extract_conf: Any, device: str, overwrite: bool, image_dir: Source | None,
+                 local_workers: int | None, show_progress: bool, whiten: Any, calibration: Any,
+                 dba: Any) -> Path:
     from landmarks import extract
     from landmarks.data.collection import load_images
     from landmarks.index import IndexConfig, LandmarkIndex
@@ -190,6 +210,10 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
                                 whiten=whiten)
     if local_entry is not None:
         index.meta["local"] = local_entry
+    if dba is not None and dba.active:
+        from landmarks.expansion import apply_dba
+
+        apply_dba(index, dba, work_dir=out / "work" / "dba", show_progress=show_progress)
     _calibrate(index, calibration)
     index.save(out)
     shutil.rmtree(out / "work", ignore_errors=True)
@@ -304,10 +328,10 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
         "recognized": len(done),
         "with_landmark": sum(v is not None for v in predictions.values()),
         "is_landmark": sum(bool(x.is_landmark) for x in recs),
-        "is_landmark_threshold": info.get("is_landmark_threshold"),
+        "is_landmark_threshold": info.is_landmark_threshold,
         "unreadable": len(res.skipped),
-        "ood_active": bool(info.get("ood_active")),
-        "non_landmarks": int(info.get("non_landmarks", 0)),
+        "ood_active": info.ood_active,
+        "non_landmarks": info.index.non_landmarks,
         "rerank": rec.conf.rerank,
         "seconds": round(seconds, 3),
         "ms_per_query": round(1000 * seconds / max(1, len(records)), 3),

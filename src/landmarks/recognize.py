@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,10 @@ from landmarks.rerank import (
     rerank_order,
 )
 from landmarks.verify import Verification
+
+if TYPE_CHECKING:
+    from landmarks.index import IndexInfo
+    from landmarks.maintenance import AddResult
 
 logger = logging.getLogger("landmarks")
 
@@ -100,6 +104,10 @@ class RecognizeConfig:
     seed: int = 0
     # images per forward pass when embedding queries
     batch_size: int = 32
+    # alpha-QE: nearest index rows added to each query before the search (0: off; landmarks.expansion)
+    qe_n: int = 0
+    # alpha-QE: exponent of the similarity weight (0: plain average)
+    qe_alpha: float = 3.0
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -116,6 +124,9 @@ class RecognizeConfig:
             raise ConfigError(f"rerank_weight must be >= 0, got {self.rerank_weight}")
         if self.rerank_model not in ("fundamental", "homography", "affine"):
             raise ConfigError(f"unknown rerank_model {self.rerank_model!r} (fundamental, homography or affine)")
+        from landmarks.expansion import ExpansionConfig
+
+        ExpansionConfig(self.qe_n, self.qe_alpha)  # validates
 
 
 @dataclass
@@ -148,6 +159,24 @@ class Recognition:
     timings_ms: dict[str, float] = field(default_factory=dict)
     # ids of the nearest index images when asked for (``retrieval_k``); re-ranked: verified first, by inliers
     retrieval: list[str] | None = None
+
+
+@dataclass
+class RecognizerInfo:
+    """What :meth:`Recognizer.info` reports."""
+
+    index: IndexInfo  # the index being searched
+    recognize: dict[str, Any]  # the RecognizeConfig in use
+    ood_active: bool  # the out-of-domain handling is on and the index has a non-landmark set
+    #: is_landmark means confidence >= ``value``: {"value", "source": "configured" | "calibrated" | "none",
+    #: "calibration": the index's calibration entry when calibrated}
+    is_landmark_threshold: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the index's fields at the top level, plus ``recognize``, ``ood_active`` and
+        ``is_landmark_threshold``."""
+        return {**self.index.to_dict(), "recognize": dict(self.recognize), "ood_active": self.ood_active,
+                "is_landmark_threshold": dict(self.is_landmark_threshold)}
 
 
 # --- pure scoring -----------------------------------------------------------------------------------
@@ -242,6 +271,7 @@ class Recognizer:
         self.conf = conf or RecognizeConfig()
         self.reranker = reranker
         self.index_dir = Path(index_dir) if index_dir is not None else getattr(index, "path", None)
+        self._meta_stamp: tuple[int, int, int] | None = None
         if self.conf.rerank not in RERANK_CHOICES and reranker is None:
             raise ConfigError(f"unknown rerank {self.conf.rerank!r} (known: {', '.join(RERANK_CHOICES)})")
         index.check_model(embedder.fingerprint, embedder.describe().get("name"))
@@ -299,16 +329,60 @@ class Recognizer:
             return None, "none"
         return float(entry["threshold"]), "calibrated"
 
-    def info(self) -> dict[str, Any]:
-        """Index size, landmark count, model fingerprint and name, views, OOD availability, config, and the
-        ``is_landmark`` threshold (``{"value", "source": "configured" | "calibrated" | "none", ...}``)."""
-        info = dict(self.index.info())
-        info["is_landmark_threshold"] = {"value": self.is_landmark_threshold, "source": self.threshold_source,
-                                         **({"calibration": self.index.meta["calibration"]}
-                                            if self.threshold_source == "calibrated" else {})}
-        info["recognize"] = asdict(self.conf)
-        info["ood_active"] = bool(self.conf.ood and self.index.has_non_landmarks)
-        return info
+    def info(self) -> RecognizerInfo:
+        """The index's :class:`~landmarks.index.IndexInfo`, the recognition settings, OOD availability."""
+        thr: dict[str, Any] = {"value": self.is_landmark_threshold, "source": self.threshold_source}
+        if self.threshold_source == "calibrated":
+            thr["calibration"] = self.index.meta["calibration"]
+        return RecognizerInfo(index=self.index.info(), recognize=asdict(self.conf),
+                              ood_active=bool(self.conf.ood and self.index.has_non_landmarks), is_landmark_threshold=thr)
+
+    # -- following the index on disk ------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """The generation of the index in memory (see :func:`landmarks.maintenance.index_generation`)."""
+        return int(self.index.generation)
+
+    def load_newer(self) -> Any:
+        """The committed index of ``index_dir`` when it is newer than the one in memory, else None.
+
+        Cheap when nothing changed (one ``stat`` of meta.json). Does not change this recognizer: pass
+        the result to :meth:`replace_index` (a server does that under its write lock).
+        """
+        from landmarks.index import LandmarkIndex
+        from landmarks.maintenance import index_generation
+
+        if self.index_dir is None:
+            return None
+        try:
+            st = (self.index_dir / "meta.json").stat()
+        except OSError:
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._meta_stamp:
+            return None
+        if index_generation(self.index_dir) <= self.generation:
+            self._meta_stamp = stamp
+            return None
+        index = LandmarkIndex.load(self.index_dir)
+        index.check_model(self.embedder.fingerprint, self.embedder.describe().get("name"))
+        return index
+
+    def replace_index(self, index: Any) -> bool:
+        """Use ``index`` (a newer generation of the same folder) from now on; False when it is not newer.
+
+        The local re-ranker follows the new index's local-feature store. Not thread-safe against
+        concurrent :meth:`recognize` calls: callers serialise (the service holds its write lock).
+        """
+        if index.generation <= self.generation:
+            return False
+        index.check_model(self.embedder.fingerprint, self.embedder.describe().get("name"))
+        self.index = index
+        if self.local is not None:
+            self.local.follow(index.meta.get("local") or {})
+        self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
+        return True
 
     # -- embedding + recognition --------------------------------------------------------------------
 
@@ -355,7 +429,13 @@ class Recognizer:
         k_search = max(conf.k, k_rerank, retrieval_k)
         t = time.perf_counter()
         xq = self.index.project(xq, "query embeddings")
-        sims, rows = self.index.search(xq, k_search)
+        xq_search = xq
+        if conf.qe_n > 0:  # alpha-QE with the index's rows (augmented ones when the index has DBA)
+            from landmarks.expansion import ExpansionConfig, query_expansion
+
+            xq_search = query_expansion(xq, self.index.embeddings, self.index.search,
+                                        ExpansionConfig(conf.qe_n, conf.qe_alpha))
+        sims, rows = self.index.search(xq_search, k_search)
         timings["search"] = (time.perf_counter() - t) * 1000.0
 
         t = time.perf_counter()
@@ -493,53 +573,23 @@ class Recognizer:
 
     # -- growing the index ---------------------------------------------------------------------------
 
-    def add(self, records: Sequence[ImageRecord], *, work_dir: str | Path | None = None,
-            num_workers: int | None = None) -> int:
-        """Embed labelled ``records`` (new images or new landmarks), add them and save the index atomically.
+    def add(self, records: Sequence[ImageRecord], *, num_workers: int | None = None, wait_s: float = 0.0,
+            command: str = "add", swap: bool = True, show_progress: bool = True) -> AddResult:
+        """Add labelled ``records`` to the index on disk (:func:`landmarks.maintenance.add_to_index`).
 
-        Ids already in the index are left alone (logged); unreadable images go to the index's
-        ``skipped.csv``. Returns the number of images added.
+        The stage holds the folder's writer lock and starts from the committed index (never from this
+        recognizer's copy). With ``swap`` the committed index then replaces the one in memory; a server
+        passes ``swap=False`` and calls :meth:`replace_index` under its own write lock.
         """
-        from landmarks.extract import ExtractConfig, extract_resumable
+        from landmarks.maintenance import add_to_index
 
         if self.index_dir is None:
             raise LandmarksError("this recognizer's index has no folder to save to")
-        unlabelled = [r.id for r in records if not r.landmark]
-        if unlabelled:
-            raise LandmarksError(f"images to add need a landmark id: {', '.join(unlabelled[:5])}")
-        known = [r for r in records if self.index.row_of(r.id) is not None]
-        if known:
-            logger.info("%d image(s) already in the index are left alone (e.g. %s)", len(known), known[0].id)
-        todo = [r for r in records if self.index.row_of(r.id) is None]
-        if not todo:
-            return 0
-        work = Path(work_dir) if work_dir is not None else self.index_dir / "work" / "add"
-        ext_conf = ExtractConfig(batch_size=self.extract_conf.batch_size, scales=self.extract_conf.scales,
-                                 flip=self.extract_conf.flip, num_workers=num_workers)
-        res = extract_resumable(self.embedder, todo, work, ext_conf, skipped_csv=self.index_dir / "skipped.csv",
-                                desc="add")
-        recs = [todo[i] for i in res.rows]
-        if self.index.meta.get("local"):  # the index re-ranks with local features: store the new images' too
-            from landmarks.rerank import add_local_features
-
-            if self.local is not None:
-                self.local.add(recs, skipped_csv=self.index_dir / "skipped.csv", num_workers=num_workers)
-            else:
-                add_local_features(self.index_dir, self.index.meta, self.embedder, recs,
-                                   skipped_csv=self.index_dir / "skipped.csv", num_workers=num_workers)
-        n = self.index.add(res.embeddings, [r.id for r in recs], [str(r.landmark) for r in recs],
-                           [str(Path(r.path).absolute()) for r in recs])
-        from landmarks.calibrate import recalibrate
-
-        recalibrate(self.index)  # new images and landmarks: the is_landmark threshold is derived again
-        self.index.save(self.index_dir)
-        self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
-        if work.parent.name == "work" and work.parent.exists() and not any(work.parent.iterdir()):
-            work.parent.rmdir()
-        return n
+        res = add_to_index(self.index_dir, records, self.embedder, batch_size=self.conf.batch_size,
+                           num_workers=num_workers, wait_s=wait_s, command=command, show_progress=show_progress)
+        if swap:
+            self.replace_index(res.index)
+        return res
 
 
 def neighbours_row(query_id: str, path: str | None, rec: Recognition) -> dict[str, Any]:

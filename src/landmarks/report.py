@@ -82,6 +82,7 @@ class ReportConfig:
     max_match_drawings: int = 50  # rows (worst first) whose top verified neighbour gets its inliers drawn
     match_max_side_px: int = 512  # match drawings show the images downscaled to this longer side (features come from the full images, as at indexing)
     match_drawing_px: int = 480  # longer side of an embedded match drawing, pixels
+    retrieval_k: int = 100  # rank cut-off of the retrieval figures (mAP@k; GLDv2: 100)
     max_image_pixels: int = 100_000_000  # decoder pixel limit (decompression-bomb guard)
     title: str = "landmarks report"  # page title
 
@@ -95,6 +96,8 @@ class ReportConfig:
                 raise LandmarksError(f"report: {name} must be in 8..{hi} pixels, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 95:
             raise LandmarksError(f"report: jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+        if self.retrieval_k < 1:
+            raise LandmarksError(f"report: retrieval_k must be >= 1, got {self.retrieval_k}")
 
 
 # --- pure scoring pieces ----------------------------------------------------------------------------
@@ -686,6 +689,57 @@ def _row_view(rank: int, r: QueryResult, nrow: dict[str, Any] | None, conf: Repo
     return view, attempted
 
 
+@dataclass
+class _RetrievalView:
+    """The retrieval summary of the page (the template's ``retrieval``)."""
+
+    k: int  # rank cut-off of mAP@k
+    queries: int  # queries of the retrieval solution
+    map_at_k: float  # mAP@k over them (landmarks.metrics.mean_average_precision)
+    found: int  # queries with a correct image within the first k
+    median_first: str  # median 1-based position of the first correct image (k + 1 when none), formatted
+
+    @property
+    def map_text(self) -> str:
+        """mAP@k, 4 decimals."""
+        return f"{self.map_at_k:.4f}" if math.isfinite(self.map_at_k) else "n/a"
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures for the page's JSON data."""
+        return {"k": self.k, "queries": self.queries, "map": self.map_at_k, "found": self.found}
+
+
+def _retrieval_figures(retrieval_csv: str | Path | None, solution_csv: str | Path | None,
+                       k: int) -> tuple[_RetrievalView | None, dict[str, tuple[float, int | None]] | None]:
+    """The retrieval summary and ``{query: (AP@k, first correct position)}``, or ``(None, None)``.
+
+    Raises :class:`LandmarksError` when only one of the two files is given.
+    """
+    if retrieval_csv is None and solution_csv is None:
+        return None, None
+    if retrieval_csv is None or solution_csv is None:
+        raise LandmarksError("retrieval figures need both the retrieval predictions and the retrieval solution")
+    from landmarks.metrics import retrieval_per_query
+    from landmarks.submission import read_retrieval_predictions, read_retrieval_solution
+
+    solution = read_retrieval_solution(solution_csv)
+    per_query = retrieval_per_query(read_retrieval_predictions(retrieval_csv, solution), solution.truth, k)
+    firsts = [k + 1 if f is None else f for _, f in per_query.values()]
+    view = _RetrievalView(k=k, queries=len(per_query),
+                          map_at_k=float(np.mean([ap for ap, _ in per_query.values()])) if per_query else math.nan,
+                          found=sum(f is not None for _, f in per_query.values()),
+                          median_first=f"{np.median(firsts):g}" if firsts else "n/a")
+    return view, per_query
+
+
+def _retrieval_cell(figures: tuple[float, int | None] | None, k: int) -> str:
+    """A row's retrieval cell: its AP@k and first correct position."""
+    if figures is None:
+        return "not a retrieval query"
+    ap, first = figures
+    return f"AP@{k} {ap:.3f}, first correct at {first}" if first is not None else f"AP@{k} 0, none in the top {k}"
+
+
 def _template_text(name: str) -> str:
     """A file of ``landmarks/templates`` (package data)."""
     from importlib.resources import files
@@ -719,9 +773,61 @@ def _json_for_script(obj: Any) -> str:
     return json.dumps(_json_safe(obj), sort_keys=True, allow_nan=False).replace("</", "<\\/")
 
 
+def _neighbour_rows(predictions_csv: Path, neighbours_jsonl: str | Path | None, notes: list[str],
+                    ) -> tuple[Path | None, dict[str, dict[str, Any]], list[Path]]:
+    """``(neighbours file, its rows by query id, folders relative image paths resolve against)``.
+
+    The file defaults to ``<predictions stem>.neighbours.jsonl`` beside the predictions; without one a
+    note is added to ``notes``.
+    """
+    if neighbours_jsonl is None:
+        default = predictions_csv.with_name(predictions_csv.stem + ".neighbours.jsonl")
+        neighbours_jsonl = default if default.is_file() else None
+    base_dirs = [predictions_csv.parent]
+    if neighbours_jsonl is None:
+        notes.append("no neighbours file: rows show predictions only (pass --neighbours from "
+                     "`landmarks recognize --neighbours`)")
+        return None, {}, base_dirs
+    return Path(neighbours_jsonl), read_neighbours_jsonl(neighbours_jsonl), [Path(neighbours_jsonl).parent, *base_dirs]
+
+
+def _metrics_by_part(predictions: Mapping[str, Prediction | None], solution: Mapping[str, Sequence[str]],
+                     usage: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
+    """:func:`summarize` of all queries, and of the Public and Private ones when the solution has Usage."""
+    metrics: dict[str, dict[str, Any]] = {"all": summarize(predictions, solution)}
+    if usage is not None:
+        for part in ("Public", "Private"):
+            sub = {k: v for k, v in solution.items() if usage.get(k, "").lower() == part.lower()}
+            if sub:
+                metrics[part] = summarize(predictions, sub)
+    return metrics
+
+
+def _row_views(shown: Sequence[QueryResult], nrows: Mapping[str, dict[str, Any]], conf: ReportConfig,
+               images: _Images, index_paths: _IndexPaths, drawer: _MatchDrawer | None, no_drawing: str,
+               per_query: Mapping[str, tuple[float, int | None]] | None) -> tuple[list[_RowView], int, int]:
+    """``(rows, match drawings attempted, shown queries missing from the neighbours file)``."""
+    rows: list[_RowView] = []
+    drawings = missing_rows = 0
+    with Progress(len(shown), "report", "query") as bar:
+        for rank, r in enumerate(shown, 1):
+            nrow = nrows.get(r.id)
+            if nrows and nrow is None:
+                missing_rows += 1
+            active = drawer if drawings < conf.max_match_drawings else None
+            row, attempted = _row_view(rank, r, nrow, conf, images, index_paths, active, no_drawing)
+            if per_query is not None:
+                row.retrieval = _retrieval_cell(per_query.get(r.id), conf.retrieval_k)
+            drawings += int(attempted)
+            rows.append(row)
+            bar.update(1)
+    return rows, drawings, missing_rows
+
+
 def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html: str | Path,
                  neighbours_jsonl: str | Path | None = None, index_dir: str | Path | None = None,
-                 conf: ReportConfig | None = None) -> Path:
+                 conf: ReportConfig | None = None, retrieval_csv: str | Path | None = None,
+                 retrieval_solution_csv: str | Path | None = None) -> Path:
     """Write the self-contained HTML report of a recognition run; returns ``out_html``.
 
     Args:
@@ -731,8 +837,12 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
         neighbours_jsonl: ``landmarks recognize --neighbours`` output; default
             ``<predictions stem>.neighbours.jsonl`` beside the predictions when it exists. Without it
             the rows show no images.
-        index_dir: an index folder, used only for image paths the JSONL lacks.
+        index_dir: an index folder: image paths the JSONL lacks, and the local-feature settings the
+            match drawings verify with (those it recorded).
         conf: :class:`ReportConfig`.
+        retrieval_csv, retrieval_solution_csv: retrieval predictions (``id,images``, ``landmarks
+            recognize --retrieval``) and their solution (``id,images[,Usage]``): given both, the page
+            shows mAP@``retrieval_k`` and each query's AP and first correct position.
     """
     conf = conf or ReportConfig()
     predictions_csv, solution_csv, out_html = Path(predictions_csv), Path(solution_csv), Path(out_html)
@@ -741,17 +851,7 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
     if extra:
         notes.append(f"{len(extra)} prediction row(s) for ids not in the solution were ignored "
                      f"(e.g. {', '.join(extra[:3])})")
-    if neighbours_jsonl is None:
-        default = predictions_csv.with_name(predictions_csv.stem + ".neighbours.jsonl")
-        neighbours_jsonl = default if default.is_file() else None
-    nrows: dict[str, dict[str, Any]] = {}
-    base_dirs = [predictions_csv.parent]
-    if neighbours_jsonl is not None:
-        nrows = read_neighbours_jsonl(neighbours_jsonl)
-        base_dirs.insert(0, Path(neighbours_jsonl).parent)
-    else:
-        notes.append("no neighbours file: rows show predictions only (pass --neighbours from "
-                     "`landmarks recognize --neighbours`)")
+    neighbours_jsonl, nrows, base_dirs = _neighbour_rows(predictions_csv, neighbours_jsonl, notes)
     if index_dir is not None and not Path(index_dir).is_dir():
         notes.append(f"index {index_dir}: not a folder; ignored")
         logger.warning("report: index %s is not a folder; ignored", index_dir)
@@ -759,13 +859,9 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
     index_paths = _IndexPaths(Path(index_dir) if index_dir is not None else None)
 
     # Metrics.
-    metrics: dict[str, dict[str, Any]] = {"all": summarize(predictions, solution)}
-    if usage is not None:
-        for part in ("Public", "Private"):
-            sub = {k: v for k, v in solution.items() if usage.get(k, "").lower() == part.lower()}
-            if sub:
-                metrics[part] = summarize(predictions, sub)
+    metrics = _metrics_by_part(predictions, solution, usage)
     results = score_queries(predictions, solution, usage)
+    retrieval, per_query = _retrieval_figures(retrieval_csv, retrieval_solution_csv, conf.retrieval_k)
     curves = {"all queries": precision_recall_curve(predictions, solution),
               "ignoring non-landmarks": precision_recall_curve(predictions, solution, ignore_non_landmarks=True)}
     pr_png = figure_png(pr_curve_figure(curves))
@@ -783,19 +879,7 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
         notes.append(drawer.unavailable)
         no_drawing = "match drawing unavailable"
         drawer = None
-    rows: list[_RowView] = []
-    drawings = 0
-    missing_rows = 0
-    with Progress(len(shown), "report", "query") as bar:
-        for rank, r in enumerate(shown, 1):
-            nrow = nrows.get(r.id)
-            if nrows and nrow is None:
-                missing_rows += 1
-            active = drawer if drawings < conf.max_match_drawings else None
-            row, attempted = _row_view(rank, r, nrow, conf, images, index_paths, active, no_drawing)
-            drawings += int(attempted)
-            rows.append(row)
-            bar.update(1)
+    rows, drawings, missing_rows = _row_views(shown, nrows, conf, images, index_paths, drawer, no_drawing, per_query)
     if missing_rows:
         notes.append(f"{missing_rows} shown quer{'y' if missing_rows == 1 else 'ies'} not in the neighbours file")
     if images.failures:
@@ -805,13 +889,14 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
 
     counts = {tag: sum(1 for r in shown if tag == "all" or tag in r.tags) for tag, _ in FILTERS}
     data = {"metrics": metrics, "rows_shown": len(shown), "rows_omitted": omitted, "queries": len(ranked),
-            "match_drawings": drawings, "inputs": {"predictions": str(predictions_csv), "solution": str(solution_csv),
-                                                   "neighbours": None if neighbours_jsonl is None else str(neighbours_jsonl)}}
+            "match_drawings": drawings, "retrieval": None if retrieval is None else retrieval.to_json(),
+            "inputs": {"predictions": str(predictions_csv), "solution": str(solution_csv),
+                       "neighbours": None if neighbours_jsonl is None else str(neighbours_jsonl)}}
     page = _render_page(
         title=conf.title, thumb_styles=Markup("\n".join(images.styles)), predictions_name=predictions_csv.name,
         solution_name=solution_csv.name, neighbours_name=None if neighbours_jsonl is None else Path(neighbours_jsonl).name,
         metric_columns=_METRIC_COLUMNS, metric_rows=_metric_rows(metrics), notes=notes, pr_uri=_png_uri(pr_png),
-        hist_uri=_png_uri(hist_png), retrieval=None, filters=[(tag, label, counts[tag]) for tag, label in FILTERS],
+        hist_uri=_png_uri(hist_png), retrieval=retrieval, filters=[(tag, label, counts[tag]) for tag, label in FILTERS],
         omitted=omitted, total=len(ranked), top_k=conf.top_k, rows=rows, data_json=Markup(_json_for_script(data)))
     with atomic_write(out_html) as f:
         f.write(page)

@@ -635,6 +635,17 @@ class LocalReranker:
 
     # -- growing ------------------------------------------------------------------------------------------
 
+    def follow(self, local_meta: dict[str, Any]) -> None:
+        """Read the store a newer generation of the index names (``meta["local"]``) from now on.
+
+        Worker processes re-open it on their next job (the store is keyed by folder and generation).
+        """
+        with self._lock:
+            self.meta = dict(local_meta)
+            self.store_root = self.index_dir / str(self.meta.get("dir", LOCAL_DIR))
+            self.store = LocalFeatureStore.open(self.store_root)
+            self.generation += 1
+
     def add(self, records: Sequence[ImageRecord], *, skipped_csv: str | Path | None = None,
             num_workers: int | None = None) -> LocalExtraction:
         """Extract and store the local features of images added to the index (workers then re-read the store)."""

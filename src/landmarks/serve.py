@@ -20,16 +20,29 @@ Endpoints (OpenAPI at ``/openapi.json``, interactive docs at ``/docs``):
 
 Errors are JSON ``{"detail": reason, "status": code}``: 413 upload too large (enforced while the body is
 read, and before reading when Content-Length says so), 415 not an image / unsupported Content-Type,
-400 corrupt, truncated, empty or too many pixels, 503 all workers and queue slots busy (with
-``Retry-After``), 504 the request took longer than ``timeout_s``. Bad input never answers 500; an
-unexpected exception is logged with its traceback and answered as a JSON 500.
+400 corrupt, truncated, empty, too many pixels or too many JPEG scans, 408 body not received within
+``body_timeout_s``, 409 an add would relabel an indexed image, 503 all workers and queue slots busy, too
+many upload bytes in flight or another process writing the index (with ``Retry-After``), 504 the request
+took longer than ``timeout_s``. Bad input never answers 500; an unexpected exception is logged with its
+traceback and answered as a JSON 500. A client that disconnects mid-upload is one 499 log line.
 
 Thread model: decoding and recognition run in a ``ThreadPoolExecutor`` of ``workers`` threads with at
 most ``queue_size`` more requests waiting; the event loop only reads bodies and writes answers, so
-``/healthz`` stays responsive while every worker is busy. A request that times out gets its 504 at
-once; if its work had already started it finishes in the background and holds its worker until then
-(Python threads cannot be interrupted), which the pool's capacity accounts for. Recognition calls share
-a read lock and ``add`` takes the write lock, so the index never changes under a search.
+``/healthz`` stays responsive while every worker is busy. Uploads are decoded in ``decode_processes``
+child processes (:class:`~landmarks.data.decode_pool.DecoderPool`): a decode still running at the
+request's deadline is killed, so a request that timed out frees its worker (recognition itself is
+bounded by the model's input size). Recognition calls share a read lock; swapping in a newer index
+takes the write lock, so a request sees one index, never a mix.
+
+The index on disk is the truth: before answering or writing, the service checks the index's generation
+(one ``stat`` of meta.json) and swaps in a newer one written by another process (``landmarks add``,
+``remove``). An HTTP add runs :func:`landmarks.maintenance.add_to_index` under the folder's writer lock,
+from the committed index, then swaps the result in.
+
+Connections (uvicorn + :func:`guarded_h11`): request headers must arrive within ``header_timeout_s``,
+bodies within ``body_timeout_s``, idle keep-alive connections close after ``keep_alive_s``, at most
+``max_connections`` are open and ``max_inflight_upload_mb`` of bodies are held at once. Log lines escape
+control characters (a ``%0a`` in a path cannot forge a line).
 """
 
 from __future__ import annotations
@@ -38,10 +51,10 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import inspect
 import io
 import logging
 import math
+import os
 import signal
 import socket
 import threading
@@ -52,7 +65,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -62,13 +75,19 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from landmarks import __version__
 from landmarks.data.collection import ImageRecord
 from landmarks.data.decode import decode_image, image_info, open_image
+from landmarks.data.decode_pool import DecoderPool, DecodeTimeoutError
 from landmarks.errors import ImageDecodeError, ImageTooLargeError, LandmarksError
+from landmarks.maintenance import IndexBusyError, IndexConflictError
 from landmarks.utils.dist import cpu_count
+
+if TYPE_CHECKING:
+    from landmarks.recognize import RecognizerInfo
 
 log = logging.getLogger("landmarks")
 
@@ -115,6 +134,17 @@ class RecognitionLike(Protocol):
     def timings_ms(self) -> Mapping[str, float]: ...
 
 
+class AddResultLike(Protocol):
+    """What an add returns (``landmarks.maintenance.AddResult``)."""
+
+    @property
+    def added(self) -> list[str]: ...
+    @property
+    def known(self) -> list[str]: ...
+    @property
+    def index(self) -> Any: ...
+
+
 class RecognizerProtocol(Protocol):
     """The methods of ``landmarks.recognize.Recognizer`` the service calls; tests pass a fake."""
 
@@ -122,8 +152,12 @@ class RecognizerProtocol(Protocol):
         """Recognize ``(H, W, 3)`` uint8 RGB images; one answer per image, in order."""
         ...
 
-    def add(self, records: Sequence[ImageRecord]) -> int:
-        """Embed and add labelled images to the index (saved atomically); returns how many were added."""
+    def add(self, records: Sequence[ImageRecord], *, num_workers: int | None = None, wait_s: float = 0.0,
+            command: str = "add", swap: bool = True, show_progress: bool = True) -> AddResultLike:
+        """Add labelled images to the index on disk under its writer lock; ``swap=False``: do not use it yet.
+
+        Raises ``IndexConflictError`` (an id indexed under another landmark) or ``IndexBusyError``.
+        """
         ...
 
     def pair_verification(self, query: np.ndarray, image_id: str, image: np.ndarray) -> tuple[Any, Any, Any]:
@@ -131,8 +165,16 @@ class RecognizerProtocol(Protocol):
         (decoded: ``image``), as re-ranking verifies them."""
         ...
 
-    def info(self) -> dict[str, Any]:
-        """Index size, landmark count, model name/fingerprint."""
+    def load_newer(self) -> Any:
+        """The committed index when it is newer than the one in memory, else None (changes nothing)."""
+        ...
+
+    def replace_index(self, index: Any) -> bool:
+        """Use ``index`` from now on when it is newer (the service calls this under its write lock)."""
+        ...
+
+    def info(self) -> RecognizerInfo:
+        """The index's :class:`~landmarks.index.IndexInfo`, the recognition settings, OOD availability."""
         ...
 
 
@@ -164,6 +206,14 @@ class ServeConfig:
     match_side_px: int = 800  # match drawings: both images are shrunk to this longest side first
     max_known_ids: int = 200_000  # index ids remembered (id -> image path) for thumbnails and match drawings
     graceful_timeout_s: float = 10.0  # on SIGINT/SIGTERM, how long in-flight requests may finish
+    decode_processes: int | None = None  # killable processes decoding uploads (None: one per worker; 0: decode in the worker thread)
+    max_jpeg_scans: int = 100  # JPEGs with more scans are 400 (progressive-decoding bombs; libjpeg writes 10)
+    header_timeout_s: float = 10.0  # a connection must send a request's headers within this (else closed)
+    body_timeout_s: float = 30.0  # a request body must arrive within this (else 408 and closed)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 256  # open connections at most; more are closed at once (requests beyond: 503)
+    max_inflight_upload_mb: float = 256.0  # request bodies held in memory at once, all requests together (503 beyond)
+    lock_wait_s: float = 30.0  # an HTTP add waits this long for another writer of the index (then 503)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,9 +262,10 @@ class HealthOut(BaseModel):
 class IndexOut(BaseModel):
     """What is being served."""
 
-    size: int | None = Field(description="images in the index")
-    landmarks: int | None = Field(description="distinct landmarks in the index")
-    model: str | None = Field(description="model name or fingerprint")
+    size: int = Field(description="images in the index")
+    landmarks: int = Field(description="distinct landmarks in the index")
+    model: str = Field(description="model name, or its fingerprint when it has no name")
+    generation: int = Field(description="committed generation of the index (grows with every add/remove)")
     adding_enabled: bool
     details: dict[str, Any] = Field(description="everything Recognizer.info() reports")
 
@@ -231,6 +282,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text}
     for code, text in [
         (400, "corrupt, truncated, empty or too large image; malformed request"),
+        (408, "the request body did not arrive in time"),
         (413, "upload larger than the limit"),
         (415, "not an image, or unsupported Content-Type"),
         (503, "all workers busy and the queue full; retry later"),
@@ -368,11 +420,17 @@ class ReadWriteLock:
                 if self._readers == 0:
                     self._cond.notify_all()
 
+    def wait_for_writers(self, n: int, timeout_s: float) -> bool:
+        """Block until at least ``n`` writers wait for the lock (True), or ``timeout_s`` passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._writers_waiting >= n, timeout=timeout_s)
+
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         """Hold the lock exclusively."""
         with self._cond:
             self._writers_waiting += 1
+            self._cond.notify_all()  # wakes wait_for_writers
             try:
                 while self._writer or self._readers:
                     self._cond.wait()
@@ -442,23 +500,70 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, limit_bytes: int) -> bytes:
+class UploadBudget:
+    """Bytes of request bodies held in memory, all requests together, bounded (503 beyond)."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = max(1, limit_bytes)
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False (nothing reserved) when that would exceed the limit."""
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        """Release ``n`` reserved bytes."""
+        with self._lock:
+            self.used -= n
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was read (logged as one quiet 499 line)."""
+
+
+async def read_body(request: Request, limit_bytes: int, budget: UploadBudget | None = None,
+                    timeout_s: float | None = None) -> bytes:
     """The request body, refusing (413) more than ``limit_bytes``: first by the declared
-    Content-Length, then while reading, so at most ``limit_bytes`` plus one chunk is ever held."""
+    Content-Length, then while reading, so at most ``limit_bytes`` plus one chunk is ever held.
+
+    ``budget``: the bytes held by all requests together (503 when exhausted); released when the
+    request ends. ``timeout_s``: the whole body must arrive within it (408 otherwise: slow senders).
+    """
     declared = request.headers.get("content-length")
     too_big = f"upload too large: the limit is {limit_bytes} bytes ({limit_bytes / 2**20:.1f} MiB)"
     if declared is not None:
         try:
             n = int(declared)
         except ValueError:
-            raise ApiError(400, f"invalid Content-Length header {declared!r}") from None
+            raise ApiError(400, f"invalid Content-Length header {declared[:40]!r}") from None
         if n > limit_bytes:
             raise ApiError(413, f"{too_big}, Content-Length says {n}", {"Connection": "close"})
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit_bytes:
-            raise ApiError(413, too_big, {"Connection": "close"})
+    held = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                if budget is not None:
+                    if not budget.take(len(chunk)):
+                        raise ApiError(503, "busy: too many uploads in flight; retry shortly",
+                                       {"Retry-After": "1", "Connection": "close"})
+                    held += len(chunk)
+                buf += chunk
+                if len(buf) > limit_bytes:
+                    raise ApiError(413, too_big, {"Connection": "close"})
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s",
+                       {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+    finally:
+        if budget is not None and held:
+            budget.give(held)
     return bytes(buf)
 
 
@@ -476,11 +581,12 @@ async def parse_multipart(request: Request, body: bytes, max_files: int) -> list
     return list(form.multi_items())
 
 
-async def read_image_upload(request: Request, limit_bytes: int) -> tuple[bytes, str]:
+async def read_image_upload(request: Request, limit_bytes: int, budget: UploadBudget | None = None,
+                            timeout_s: float | None = None) -> tuple[bytes, str]:
     """The image bytes and a name for them, from a multipart ``file`` field or a raw image body."""
     media = _media_type(request)
     if media == "multipart/form-data":
-        body = await read_body(request, limit_bytes)
+        body = await read_body(request, limit_bytes, budget, timeout_s)
         items = await parse_multipart(request, body, max_files=1)
         for name, value in items:
             if name == "file":
@@ -493,7 +599,7 @@ async def read_image_upload(request: Request, limit_bytes: int) -> tuple[bytes, 
     if media and not (media.startswith("image/") or media in RAW_CONTENT_TYPES):
         raise ApiError(415, f"unsupported Content-Type {media!r}: send multipart/form-data with a 'file' "
                             "field, or the raw image bytes with an image/* Content-Type")
-    body = await read_body(request, limit_bytes)
+    body = await read_body(request, limit_bytes, budget, timeout_s)
     return body, "upload"
 
 
@@ -510,6 +616,12 @@ def _check_landmark(value: str) -> str:
     if not value or len(value) > 200 or any(c.isspace() or not c.isprintable() for c in value):
         raise ApiError(400, f"landmark {value[:50]!r} must be 1-200 printable characters without whitespace")
     return value
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """``text`` safe for one log line: control and non-printable characters escaped (``\\n``, ``\\x1b``), bounded."""
+    out = text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 def _static_page() -> str:
@@ -542,8 +654,8 @@ class _AccessLog:
         finally:
             code = status[0] or 500  # 0: an exception escaped, the error middleware answers 500
             level = logging.DEBUG if 0 < code < 400 else logging.INFO if code < 500 else logging.ERROR
-            log.log(level, "%s %s %d %.1fms", scope.get("method"), scope.get("path"), code,
-                    1000 * (time.perf_counter() - t0))
+            log.log(level, "%s %s %d %.1fms", _printable(str(scope.get("method"))), _printable(str(scope.get("path"))),
+                    code, 1000 * (time.perf_counter() - t0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,33 +671,60 @@ class _Service:
         self.conf = conf
         self.pool = WorkerPool(conf.workers, conf.queue_size)
         self.lock = ReadWriteLock()
+        self.refresh_lock = threading.Lock()
         self.paths = PathBook(conf.max_known_ids)
         self.started = time.monotonic()
         self.thumbs: OrderedDict[str, bytes] = OrderedDict()
         self.thumbs_lock = threading.Lock()
         self.upload_limit = int(conf.max_upload_mb * 2**20)
         self.add_limit = int(conf.max_add_upload_mb * 2**20)
-        # Recognizer.add may decode in DataLoader worker processes; forking a server full of threads
-        # (event loop, workers, torch) can deadlock the child, and a few uploaded images do not need it.
-        self.add_kwargs: dict[str, Any] = {}
-        with contextlib.suppress(TypeError, ValueError):
-            if "num_workers" in inspect.signature(recognizer.add).parameters:
-                self.add_kwargs["num_workers"] = 0
+        self.uploads = UploadBudget(int(conf.max_inflight_upload_mb * 2**20))
+        n_dec = conf.workers if conf.decode_processes is None else conf.decode_processes
+        self.decoders: DecoderPool | None = None
+        if n_dec > 0:
+            self.decoders = DecoderPool(n_dec, max_pixels=conf.max_pixels, min_side_px=conf.decode_min_side_px,
+                                        max_scans=conf.max_jpeg_scans)
+
+    def close(self) -> None:
+        """Stop the worker pool and the decoding processes."""
+        self.pool.shutdown()
+        if self.decoders is not None:
+            self.decoders.close()
 
     # -- helpers run in worker threads --------------------------------------------------------------
 
-    def decode(self, data: bytes, name: str) -> np.ndarray:
-        """Decode an upload; any decoder failure is the upload's fault (ImageDecodeError), never a 500."""
+    def decode(self, data: bytes, name: str, deadline: float | None = None) -> np.ndarray:
+        """Decode an upload (in a killable process when configured); any failure is the upload's fault (400/415)."""
+        if self.decoders is not None:
+            try:
+                return self.decoders.decode(data, name, deadline if deadline is not None
+                                            else time.monotonic() + self.conf.timeout_s)
+            except DecodeTimeoutError as e:
+                raise ApiError(504, f"timed out: {e}") from None
         try:
             return decode_image(data, name=name, max_pixels=self.conf.max_pixels,
-                                min_side_px=self.conf.decode_min_side_px)
+                                min_side_px=self.conf.decode_min_side_px, max_scans=self.conf.max_jpeg_scans)
         except ImageDecodeError:
             raise
         except MemoryError:
             raise ImageTooLargeError(name, "refused: out of memory while decoding") from None
         except Exception as e:  # a decoder bug on hostile bytes: log it, answer 400
-            log.error("decoder failed on %s (%d bytes)", name, len(data), exc_info=e)
+            log.error("decoder failed on %s (%d bytes): %s", name, len(data), _printable(repr(e)))
             raise ImageDecodeError(name, f"cannot decode: {type(e).__name__}: {e}") from None
+
+    def refresh(self) -> None:
+        """Follow the index on disk: when another process committed a newer generation, swap it in.
+
+        The new index is loaded without blocking requests, then swapped under the write lock, so a
+        request sees the old or the new index, never a mix.
+        """
+        with self.refresh_lock:
+            newer = self.recognizer.load_newer()
+            if newer is None:
+                return
+            with self.lock.write():
+                if self.recognizer.replace_index(newer):
+                    log.info("reloaded the index from disk (generation %d)", int(newer.generation))
 
     def remember(self, rec: RecognitionLike) -> None:
         for n in rec.neighbours:
@@ -595,17 +734,20 @@ class _Service:
                     p = Path(self.conf.index_dir) / p
                 self.paths.put(str(n.id), p)
 
-    def recognize_job(self, data: bytes, name: str, submitted: float) -> dict[str, Any]:
+    def recognize_job(self, data: bytes, name: str, submitted: float, deadline: float) -> dict[str, Any]:
         t0 = time.perf_counter()
         queue_ms = 1000 * (t0 - submitted)
-        img = self.decode(data, name)
+        img = self.decode(data, name, deadline)
         t1 = time.perf_counter()
+        if time.monotonic() >= deadline:
+            raise ApiError(504, "timed out before recognition started")
+        self.refresh()
         with self.lock.read():
             rec = self.recognizer.recognize([img], ids=[name])[0]
         self.remember(rec)
         return recognition_to_json(rec, {"decode": 1000 * (t1 - t0), "queue": queue_ms})
 
-    def matches_job(self, data: bytes, name: str, neighbour: str) -> tuple[bytes, int]:
+    def matches_job(self, data: bytes, name: str, neighbour: str, deadline: float) -> tuple[bytes, int]:
         path = self.paths.get(neighbour)
         if path is None:
             raise ApiError(404, f"unknown neighbour id {neighbour!r} (only ids returned by this index)")
@@ -613,21 +755,23 @@ class _Service:
             from landmarks.viz import draw_verification
         except ImportError as e:
             raise ApiError(501, f"match drawing is not available in this build: {e}") from None
-        query = self.decode(data, name)
+        query = self.decode(data, name, deadline)
         try:
             ref = decode_image(path, name=neighbour, max_pixels=self.conf.max_pixels)
         except ImageDecodeError as e:
             raise ApiError(404, f"index image {neighbour!r} cannot be read: {e.reason}") from None
-        fa, fb, ver = self.recognizer.pair_verification(query, neighbour, ref)  # what re-ranking verifies
+        self.refresh()
+        with self.lock.read():  # the verification re-ranking runs, on the index generation being served
+            fa, fb, ver = self.recognizer.pair_verification(query, neighbour, ref)
         canvas = draw_verification(query, ref, fa, fb, ver, max_side_px=self.conf.match_side_px)
         return _png(canvas), int(ver.num_inliers)
 
-    def add_job(self, files: list[tuple[str, bytes]], landmark: str) -> dict[str, Any]:
+    def add_job(self, files: list[tuple[str, bytes]], landmark: str, deadline: float) -> dict[str, Any]:
         upload_dir = Path(self.conf.upload_dir or ".")
         staged: list[tuple[str, Path, bytes]] = []
         for name, data in files:
-            info = image_info(data, name=name, max_pixels=self.conf.max_pixels)
-            self.decode(data, name)  # the whole image must decode, not only its header
+            info = image_info(data, name=name, max_pixels=self.conf.max_pixels, max_scans=self.conf.max_jpeg_scans)
+            self.decode(data, name, deadline)  # the whole image must decode, not only its header
             image_id = "http-" + hashlib.sha256(data).hexdigest()[:20]
             ext = {"JPEG": "jpg", "MPO": "jpg"}.get(info.format, info.format.lower())
             staged.append((image_id, upload_dir / f"{image_id}.{ext}", data))
@@ -638,12 +782,22 @@ class _Service:
             if not path.exists():
                 atomic_write_bytes(path, data)
             records.append(ImageRecord(id=image_id, path=path, landmark=landmark))
+        try:
+            # under the index's writer lock, from the committed index (never from this process's copy);
+            # num_workers=0: forking a server full of threads can deadlock the child
+            res = self.recognizer.add(records, num_workers=0, wait_s=self.conf.lock_wait_s,
+                                      command=f"serve (PID {os.getpid()}): HTTP add", swap=False, show_progress=False)
+        except IndexConflictError as e:
+            raise ApiError(409, str(e)) from None
+        except IndexBusyError as e:
+            raise ApiError(503, str(e), {"Retry-After": "5"}) from None
         with self.lock.write():
-            added = int(cast(Any, self.recognizer).add(records, **self.add_kwargs))
+            self.recognizer.replace_index(res.index)
         for r in records:
             self.paths.put(r.id, r.path)
-        log.info("added %d image(s) of landmark %s over HTTP", added, landmark)
-        return {"added": added, "ids": [r.id for r in records], "landmark": landmark}
+        log.info("added %d image(s) of landmark %s over HTTP (%d already there)", len(res.added), landmark,
+                 len(res.known))
+        return {"added": len(res.added), "ids": [r.id for r in records], "landmark": landmark}
 
     def thumbnail(self, image_id: str) -> bytes:
         with self.thumbs_lock:
@@ -685,18 +839,6 @@ class _Service:
             raise ApiError(400, str(e)) from None
 
 
-def _shrink(img: np.ndarray, max_side_px: int) -> np.ndarray:
-    """``img`` resized (area-averaged) so that its longer side is at most ``max_side_px``."""
-    h, w = img.shape[:2]
-    if max(h, w) <= max_side_px:
-        return img
-    from PIL import Image
-
-    s = max_side_px / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX), dtype=np.uint8)
-
-
 def _png(img: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -724,7 +866,7 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
         if url:
             log.info("serving on %s (docs at %sdocs); Ctrl-C to stop", url, url)
         yield
-        svc.pool.shutdown()
+        svc.close()
         log.info("stopped")
 
     app = FastAPI(title="landmarks", version=__version__, lifespan=lifespan,
@@ -745,9 +887,17 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
         parts = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())), e.get("msg")) for e in exc.errors()]
         return _error(422, "invalid request: " + "; ".join(parts))
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        return _error(499, "client closed the connection")  # nobody reads it; the access log says 499
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return _error(499, "client closed the connection")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        log.error("%s %s failed", request.method, _printable(request.url.path), exc_info=exc)
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -768,8 +918,9 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
     async def recognize(request: Request) -> dict[str, Any]:
         """Which landmark is in this photo? Send a multipart ``file`` or the raw image bytes."""
         t0 = time.perf_counter()
-        data, name = await read_image_upload(request, svc.upload_limit)
-        out = await svc.run(conf.timeout_s, svc.recognize_job, data, name, time.perf_counter())
+        data, name = await read_image_upload(request, svc.upload_limit, svc.uploads, conf.body_timeout_s)
+        out = await svc.run(conf.timeout_s, svc.recognize_job, data, name, time.perf_counter(),
+                            time.monotonic() + conf.timeout_s)
         out["timings_ms"]["server_total"] = round(1000 * (time.perf_counter() - t0), 3)
         return out
 
@@ -779,30 +930,27 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
               response_class=Response, openapi_extra=_IMAGE_BODY, tags=["recognition"])
     async def matches(request: Request, neighbour: str) -> Response:
         """The local-feature inlier matches between the uploaded photo and index image ``neighbour`` (PNG)."""
-        data, name = await read_image_upload(request, svc.upload_limit)
-        png, inliers = await svc.run(conf.timeout_s, svc.matches_job, data, name, neighbour)
+        data, name = await read_image_upload(request, svc.upload_limit, svc.uploads, conf.body_timeout_s)
+        png, inliers = await svc.run(conf.timeout_s, svc.matches_job, data, name, neighbour,
+                                     time.monotonic() + conf.timeout_s)
         return Response(png, media_type="image/png", headers={"X-Inliers": str(inliers)})
 
     @app.get("/v1/index", response_model=IndexOut, tags=["index"])
-    def index_info() -> dict[str, Any]:
+    async def index_info() -> dict[str, Any]:
         """Index size, landmark count and model."""
+        await svc.run(conf.timeout_s, svc.refresh)
         with svc.lock.read():  # not while an add is changing the index
-            info = dict(svc.recognizer.info())
-
-        def first(*keys: str) -> Any:
-            return next((info[k] for k in keys if info.get(k) is not None), None)
-
-        size, landmarks, model = first("size", "ntotal", "num_images"), first("landmarks", "num_landmarks"), \
-            first("model", "model_name", "model_fingerprint", "fingerprint")
-        return {"size": None if size is None else int(size),
-                "landmarks": None if landmarks is None else int(landmarks),
-                "model": None if model is None else str(model),
+            info = svc.recognizer.info()
+        return {"size": info.index.size, "landmarks": info.index.landmarks,
+                "model": info.index.model_name or info.index.model_fingerprint,
+                "generation": info.index.generation,
                 "adding_enabled": bool(conf.token and conf.upload_dir),
-                "details": _jsonable(info)}
+                "details": _jsonable(info.to_dict())}
 
     @app.post("/v1/index/images", response_model=AddOut, openapi_extra=_ADD_BODY, tags=["index"],
               responses={**_ERRORS, 401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
-                         403: {"model": ErrorOut, "description": "adding is off (no token at start-up)"}})
+                         403: {"model": ErrorOut, "description": "adding is off (no token at start-up)"},
+                         409: {"model": ErrorOut, "description": "an image is already indexed under another landmark"}})
     async def add_images(request: Request) -> dict[str, Any]:
         """Add labelled images to the index (``Authorization: Bearer <token>``; multipart ``files`` + ``landmark``)."""
         if not conf.token:
@@ -815,7 +963,7 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
             raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         if _media_type(request) != "multipart/form-data":
             raise ApiError(415, "send multipart/form-data with 'landmark' and one or more 'files'")
-        body = await read_body(request, svc.add_limit)
+        body = await read_body(request, svc.add_limit, svc.uploads, conf.body_timeout_s)
         items = await parse_multipart(request, body, max_files=conf.max_add_files)
         landmark = None
         files: list[tuple[str, bytes]] = []
@@ -829,7 +977,7 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
             raise ApiError(400, "missing the 'landmark' field")
         if not files:
             raise ApiError(400, "no 'files' in the request")
-        return await svc.run(conf.add_timeout_s, svc.add_job, files, landmark)
+        return await svc.run(conf.add_timeout_s, svc.add_job, files, landmark, time.monotonic() + conf.timeout_s)
 
     @app.get("/v1/thumbnail/{image_id:path}", response_class=Response, tags=["index"],
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorOut}})
@@ -907,6 +1055,7 @@ def serve(recognizer: RecognizerProtocol, conf: ServeConfig, sock: socket.socket
                     signal.signal(s, h)
 
     app = create_app(recognizer, conf)
+    app.state.service.decoders and app.state.service.decoders.start()  # spawn the decoders before the first request
     if sock is None:
         sock = bind_socket(conf.host, conf.port)
     port = sock.getsockname()[1]
@@ -914,13 +1063,69 @@ def serve(recognizer: RecognizerProtocol, conf: ServeConfig, sock: socket.socket
     app.state.url = f"http://{shown}:{port}/"
     config = uvicorn.Config(app, log_config=None, access_log=False, server_header=False, ws="none",
                             lifespan="on", timeout_graceful_shutdown=max(1, int(math.ceil(conf.graceful_timeout_s))),
-                            timeout_keep_alive=5)
+                            timeout_keep_alive=max(1, int(math.ceil(conf.keep_alive_s))), http=guarded_h11(conf),
+                            limit_concurrency=conf.max_connections, h11_max_incomplete_event_size=16 * 1024)
     server = _Server(config)
     try:
         server.run(sockets=[sock])
     finally:
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def guarded_h11(conf: ServeConfig) -> type[Any]:
+    """uvicorn's h11 protocol with a header deadline and a connection cap (uvicorn has neither).
+
+    - a connection must deliver each request's headers within ``conf.header_timeout_s`` of connecting
+      (or of its previous response): idle, half-open and 1-byte-per-second clients are closed;
+    - beyond ``conf.max_connections`` open connections a new one is closed at once.
+
+    Body reads are bounded by :func:`read_body` (``conf.body_timeout_s``) and keep-alive idling by
+    uvicorn's ``timeout_keep_alive``.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > conf.max_connections:
+                log.warning("refused a connection: %d open (--max-connections)", len(self.connections) - 1)
+                transport.abort()
+                return
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(conf.header_timeout_s, self._header_timeout)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no (complete) request headers in time
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._cancel_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+    return GuardedH11
 
 
 def default_workers() -> int:

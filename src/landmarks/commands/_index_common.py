@@ -6,7 +6,7 @@ import argparse
 
 from landmarks.utils.dist import cpu_count, default_workers, dist_env, resolve_device
 
-__all__ = ["add_extraction_arguments", "rank_world", "resolve_device", "setup_threads"]
+__all__ = ["add_extraction_arguments", "add_wait_argument", "rank_world", "resolve_device", "setup_threads"]
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +18,13 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the forward pass (default on CPU: cores minus decoding workers, "
                              "so decoding and the forward pass do not fight over cores)")
+
+
+def add_wait_argument(parser: argparse.ArgumentParser) -> None:
+    """``--wait SECONDS``: how long a writer waits for another writer of the same index."""
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="when another process is writing the index, wait up to this long for it "
+                             "(default 0: refuse at once)")
 
 
 def setup_threads(device: str, threads: int | None, workers: int | None) -> int:

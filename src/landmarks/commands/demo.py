@@ -29,8 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print its summary; returns 0."""
     from landmarks.demo import DemoConfig, print_summary, run_demo
+    from landmarks.errors import LandmarksError
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LandmarksError(f"--out {out}: is a file, not a folder")
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     conf = DemoConfig(seed=args.seed, device=args.device)

@@ -1,10 +1,17 @@
-"""``landmarks evaluate recognition|retrieval``: score Kaggle CSVs against a solution file.
+"""``landmarks evaluate recognition|retrieval|revisited``: score Kaggle CSVs, or run the Revisited protocol.
 
 Recognition reports GAP, GAP ignoring non-landmark queries and top-1 accuracy; retrieval reports
 mAP@k, mean precision@{1,5,10,50,100} and the mean/median rank of the first correct result. Scores
 are given for all scored queries and, when the solution has a ``Usage`` column, for its Public and
 Private parts. ``--json`` prints one object ``{"all": {...}, "public": {...}, "private": {...}}``
 (an undefined figure, e.g. GAP of a split without landmark queries, is ``null``).
+
+``revisited`` runs a model on Revisited Oxford/Paris as revisitop publishes them (``ROOT/jpg/`` and
+``ROOT/gnd_<dataset>.pkl`` or ``.json``): queries cropped to their boxes, mAP and mP@{1,5,10} for Easy,
+Medium and Hard, ``+R1M`` with ``--distractors`` (see :mod:`landmarks.retrieval`)::
+
+    landmarks evaluate revisited --data datasets/roxford5k --dataset roxford5k --model runs/b3 [--qe 2] [--dba 2]
+    landmarks evaluate revisited --data datasets --dataset rparis6k --index index/ --distractors revisitop1m/jpg
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from landmarks import metrics, submission
+from landmarks.commands._index_common import add_extraction_arguments, resolve_device, setup_threads
+from landmarks.errors import LandmarksError
 
 log = logging.getLogger("landmarks")
 
@@ -51,6 +60,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--solution", required=True, type=Path, metavar="S.csv", help=f"solution: id,{cols},Usage")
         p.add_argument("--predictions", required=True, type=Path, metavar="P.csv", help=f"submission: id,{cols}")
         p.add_argument("--json", action="store_true", help='print {"all": {...}, "public": {...}, "private": {...}}')
+    rev = sub.add_parser(
+        "revisited",
+        help="Revisited Oxford/Paris protocol: Easy/Medium/Hard mAP and mP@1,5,10 (+R1M)",
+        description="Run a model on roxford5k / rparis6k in revisitop layout (ROOT/jpg/*.jpg and "
+        "ROOT/gnd_<dataset>.pkl or .json; the pickle is read with a restricted unpickler): queries cropped "
+        "to their boxes, embeddings resumable in --work.",
+    )
+    rev.add_argument("--data", required=True, type=Path, metavar="ROOT",
+                     help="the dataset folder (holding jpg/ and gnd_<dataset>.pkl), or the folder above it")
+    rev.add_argument("--dataset", default="roxford5k", metavar="NAME",
+                     help="roxford5k (default), rparis6k or another name with gnd_NAME.pkl/.json")
+    src = rev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", default=None, help="trained run folder (or checkpoint file)")
+    src.add_argument("--index", default=None, help="an index folder: its model and views are used")
+    dis = rev.add_mutually_exclusive_group()
+    dis.add_argument("--distractors", nargs="+", default=None, metavar="SRC",
+                     help="+R1M: distractor images (folders, list files) appended to the database")
+    dis.add_argument("--distractor-features", type=Path, default=None, metavar="F.npy",
+                     help="+R1M: the distractors' features already extracted with this model, (M, D) .npy")
+    rev.add_argument("--work", type=Path, default=None,
+                     help="crops and resumable embeddings (default: ROOT/.landmarks-work/<model fingerprint>)")
+    rev.add_argument("--qe", type=_nonnegative_int, default=0, metavar="N", help="alpha-QE with N neighbours (0: off)")
+    rev.add_argument("--qe-alpha", type=float, default=3.0, metavar="A", help="alpha of --qe (default 3)")
+    rev.add_argument("--dba", type=_nonnegative_int, default=0, metavar="N", help="DBA with N neighbours (0: off)")
+    rev.add_argument("--dba-alpha", type=float, default=3.0, metavar="A", help="alpha of --dba (default 3)")
+    rev.add_argument("--multiscale", action="store_true", help="embed at scales 0.707, 1, 1.414 (with --model)")
+    rev.add_argument("--depth", type=_positive_int, default=10_000,
+                     help="ranks kept per query when the database is larger (default 10000)")
+    rev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_extraction_arguments(rev)
     ret.add_argument(
         "--k",
         type=_positive_int,
@@ -58,6 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="cut-off of mAP@K and of the first-correct rank (K+1 when none); default 100",
     )
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _splits(sol: submission.Solution) -> dict[str, dict[str, list[str]]]:
@@ -137,6 +186,8 @@ def evaluate(
 
 def run(args: argparse.Namespace) -> int:
     """Score the files and print a table (or JSON with ``--json``). Bad files raise DataFormatError (exit 2)."""
+    if args.task == "revisited":
+        return run_revisited(args)
     k = getattr(args, "k", 100)
     results, counts = evaluate(args.task, args.solution, args.predictions, k=k)
     if args.json:
@@ -158,4 +209,52 @@ def run(args: argparse.Namespace) -> int:
     units = "scores in %" if args.task == submission.RECOGNITION else "scores in %, positions in ranks"
     print(f"{args.task}: {args.predictions} against {args.solution} ({units})")
     print(_table(results, counts, columns))
+    return 0
+
+
+def run_revisited(args: argparse.Namespace) -> int:
+    """``landmarks evaluate revisited``: print Easy/Medium/Hard mAP and mP@k (or JSON); returns 0."""
+    from landmarks import extract
+    from landmarks.data.revisited import find_dataset
+    from landmarks.expansion import ExpansionConfig
+    from landmarks.retrieval import KAPPAS, evaluate_revisited
+
+    dataset = find_dataset(args.data, args.dataset)
+    device = resolve_device(args.device)
+    setup_threads(device, args.threads, args.workers)
+    scales: tuple[float, ...] = extract.MULTISCALE if args.multiscale else (1.0,)
+    flip = False
+    if args.index is not None:
+        from landmarks.index import LandmarkIndex
+
+        index = LandmarkIndex.load(args.index)
+        source = index.meta["model"].get("source")
+        if not source or not Path(source).exists():
+            raise LandmarksError(f"{args.index}: the model recorded in meta.json ({source}) is not "
+                                             "there; pass --model")
+        embedder = extract.load_embedder(source, device=device)
+        index.check_model(embedder.fingerprint)
+        scales, flip = tuple(index.views.get("scales", [1.0])), bool(index.views.get("flip"))
+    else:
+        embedder = extract.load_embedder(args.model, device=device)
+    conf = extract.ExtractConfig(batch_size=args.batch_size, num_workers=args.workers, scales=scales, flip=flip)
+    work = args.work or dataset.root / ".landmarks-work" / embedder.fingerprint[:16]
+    res = evaluate_revisited(embedder, dataset, work, extract_conf=conf,
+                             qe=ExpansionConfig(args.qe, args.qe_alpha), dba=ExpansionConfig(args.dba, args.dba_alpha),
+                             distractors=args.distractors, distractor_features=args.distractor_features,
+                             depth=args.depth)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+        return 0
+    name = dataset.name + ("+R1M" if res.distractors else "")
+    table = {split.capitalize(): {"map": v["map"], **{f"mp@{k}": p for k, p in zip(KAPPAS, v["mp@k"])}}
+             for split, v in res.results.items()}
+    counts = {split.capitalize(): sum(1 for g in dataset.truth.gnd
+                                      if any(len(getattr(g, key)) for key in metrics.REVISITED_PROTOCOLS[split][0]))
+              for split in res.results}
+    print(f"{name}: {res.queries} queries, {res.database} images"
+          + (f" + {res.distractors} distractors" if res.distractors else "")
+          + f", model {embedder.describe().get('name')}"
+          + (f", QE n={args.qe}" if args.qe else "") + (f", DBA n={args.dba}" if args.dba else "") + " (scores in %)")
+    print(_table(table, counts, [("map", "mAP", True), *[(f"mp@{k}", f"mP@{k}", True) for k in KAPPAS]]))
     return 0

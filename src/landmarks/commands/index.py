@@ -17,6 +17,7 @@ from pathlib import Path
 
 from landmarks.commands._index_common import (
     add_extraction_arguments,
+    add_wait_argument,
     rank_world,
     resolve_device,
     setup_threads,
@@ -63,15 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ood-share", type=float, default=0.5,
                         help="share of queries expected to show no landmark, the prior behind --precision (default 0.5)")
     parser.add_argument("--no-calibrate", action="store_true", help="do not calibrate is_landmark")
+    parser.add_argument("--dba", type=int, default=0, metavar="N",
+                        help="database-side augmentation: replace every index image's embedding by the "
+                             "similarity^alpha-weighted sum of itself and its N nearest index images, once, "
+                             "stored with the index (default 0: off)")
+    parser.add_argument("--dba-alpha", type=float, default=3.0, metavar="A", help="alpha of --dba (default 3)")
     parser.add_argument("--local-workers", type=int, default=None,
                         help="processes decoding (and running SIFT) for --local (default: CPUs - 1, at most 8)")
+    add_wait_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Embed, build, save (:func:`landmarks.pipeline.build_index`); returns 0."""
     from landmarks import extract
     from landmarks.calibrate import CalibrationConfig
+    from landmarks.expansion import ExpansionConfig
     from landmarks.index import IndexConfig, LandmarkIndex
+    from landmarks.maintenance import command_line
     from landmarks.pipeline import build_index
     from landmarks.whiten import WhitenConfig
 
@@ -87,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
                       unlabelled=args.unlabelled, local=args.local,
                       index_conf=IndexConfig(type=args.type, dtype=args.dtype), extract_conf=ext_conf,
                       device=device, overwrite=args.overwrite, image_dir=args.image_dir,
-                      local_workers=args.local_workers, whiten=whiten, calibration=calibration)
+                      local_workers=args.local_workers, whiten=whiten, calibration=calibration,
+                      dba=ExpansionConfig(args.dba, args.dba_alpha),
+                      wait_s=args.wait, command=command_line())
     if rank != 0:
         return 0
     index = LandmarkIndex.load(out)
@@ -98,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
           f"({index.conf.type}, {index.d}-d" + (f", {n_nl} non-landmarks" if n_nl else "")
           + (f", local features: {local['features']}" if local else "")
           + (f", whitened {index.whitening.in_dim} -> {index.whitening.dim}" if index.whitening is not None else "")
+          + (f", DBA n={index.dba['n']} alpha={index.dba['alpha']:g}" if index.dba else "")
           + f"); skipped {skipped}" + (f" (see {out / 'skipped.csv'})" if skipped else ""))
     cal = index.meta.get("calibration")
     if cal:

@@ -80,11 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if extractor is None:
             raise LandmarksError(f"--index {args.index}: the index has no local features (`landmarks index --local`)")
     else:
-        features = args.features or "sift"
-        kwargs: dict[str, Any] = {}
-        if args.max_features is not None:
-            kwargs["max_features" if features.lower() in ("sift", "rootsift") else "top_n"] = args.max_features
-        extractor = build_local_extractor(features, device=args.device, **kwargs)
+        extractor = build_local_extractor(args.features or "sift", device=args.device, max_features=args.max_features)
     t0 = time.perf_counter()
     fa = extractor(img_a)
     fb = extractor(img_b)

@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank-workers", type=int, default=None, metavar="N",
                         help="verification processes of --rerank local (default: CPUs - 1, at most 8; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-ranking's RANSAC (default 0)")
+    parser.add_argument("--qe", type=int, default=None, metavar="N",
+                        help="alpha query expansion: add each query's N nearest index images (weighted by "
+                             "similarity^alpha) and search again (default 0: off)")
+    parser.add_argument("--qe-alpha", type=float, default=None, metavar="A", help="alpha of --qe (default 3)")
     parser.add_argument("--model", default=None, help="the model run (default: the one recorded in the index)")
     add_extraction_arguments(parser)
 
@@ -84,6 +88,10 @@ def _config(args: argparse.Namespace) -> RecognizeConfig:
         if getattr(args, key) is not None:
             setattr(conf, key, getattr(args, key))
     conf.rerank_workers = args.rerank_workers
+    if args.qe is not None:
+        conf.qe_n = args.qe
+    if args.qe_alpha is not None:
+        conf.qe_alpha = args.qe_alpha
     conf.__post_init__()
     return conf
 

@@ -1,6 +1,7 @@
 """``landmarks remove INDEX IDS...``: remove images from an index by id (or whole landmarks with --landmarks).
 
-Each argument is an id, or a file with one id per line (blank lines and ``#`` comments skipped).
+Each argument is an id, or a file with one id per line (blank lines and ``#`` comments skipped). The
+removal holds the index's writer lock and also drops the removed images' local features.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from landmarks.errors import LandmarksError
+from landmarks.commands._index_common import add_wait_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,15 +18,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ids", metavar="IDS", nargs="+", help="image ids, or files with one id per line")
     parser.add_argument("--landmarks", action="store_true", help="the ids are landmark ids: remove all their images")
     parser.add_argument("--missing-ok", action="store_true", help="ignore ids that are not in the index")
+    add_wait_argument(parser)
 
 
 def read_ids(args: list[str]) -> list[str]:
-    """Ids from the command line, expanding arguments that name files."""
+    """Ids from the command line, expanding arguments that name files (UTF-8 text)."""
+    from landmarks.data.collection import read_text_file
+
     out: list[str] = []
     for a in args:
         p = Path(a)
         if p.is_file():
-            for line in p.read_text(encoding="utf-8").splitlines():
+            for line in read_text_file(p).splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     out.append(line.split(",")[0].strip())
@@ -35,28 +39,12 @@ def read_ids(args: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Remove and save; returns 0."""
-    from landmarks.index import LandmarkIndex
+    """Remove and save (:func:`landmarks.maintenance.remove_from_index`); returns 0."""
+    from landmarks.maintenance import command_line, remove_from_index
 
-    index = LandmarkIndex.load(args.index)
-    wanted = read_ids(args.ids)
-    if args.landmarks:
-        known = set(index.landmarks)
-        missing = [lm for lm in wanted if lm not in known]
-        sel = set(wanted)
-        ids = [i for i, lm in zip(index.ids, index.landmarks) if lm in sel]
-    else:
-        missing = [i for i in wanted if index.row_of(i) is None]
-        ids = [i for i in wanted if index.row_of(i) is not None]
-    if missing and not args.missing_ok:
-        what = "landmark" if args.landmarks else "image"
-        raise LandmarksError(f"{len(missing)} {what} id(s) not in {args.index}: {', '.join(missing[:10])} "
-                             "(pass --missing-ok to ignore them)")
-    n = index.remove(ids)
-    from landmarks.calibrate import recalibrate
-
-    recalibrate(index)
-    index.save(args.index)
-    print(f"removed {n} images from {args.index}; it now holds {len(index)} images of "
-          f"{index.num_landmarks} landmarks")
+    res = remove_from_index(args.index, read_ids(args.ids), landmarks=args.landmarks, missing_ok=args.missing_ok,
+                            wait_s=args.wait, command=command_line())
+    assert res.index is not None
+    print(f"removed {len(res.removed)} images from {args.index}; it now holds {len(res.index)} images of "
+          f"{res.index.num_landmarks} landmarks")
     return 0

@@ -20,7 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="neighbours written by `landmarks recognize --neighbours` "
                              "(default: <predictions stem>.neighbours.jsonl beside the predictions, if present)")
     parser.add_argument("--index", type=Path, default=None, metavar="INDEX",
-                        help="index folder; used only for image paths the neighbours file lacks")
+                        help="index folder: image paths the neighbours file lacks, and the local-feature settings "
+                             "the match drawings verify with")
+    parser.add_argument("--retrieval", type=Path, default=None, metavar="R.csv",
+                        help="retrieval predictions (id,images: `landmarks recognize --retrieval`); with "
+                             "--retrieval-solution the page shows mAP@100 and each query's first correct image")
+    parser.add_argument("--retrieval-solution", type=Path, default=None, metavar="RS.csv",
+                        help="the retrieval solution (id,images[,Usage])")
     parser.add_argument("--max-rows", type=int, default=d.max_rows,
                         help=f"query rows shown, worst first (default {d.max_rows}); the page says how many were omitted")
     parser.add_argument("--top-k", type=int, default=d.top_k, help=f"neighbours shown per query (default {d.top_k})")
@@ -39,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     conf = ReportConfig(max_rows=args.max_rows, top_k=args.top_k, thumb_px=args.thumb_px,
                         max_match_drawings=args.max_match_drawings, title=args.title)
     out = write_report(args.predictions, args.solution, args.out, neighbours_jsonl=args.neighbours,
-                       index_dir=args.index, conf=conf)
+                       index_dir=args.index, conf=conf, retrieval_csv=args.retrieval,
+                       retrieval_solution_csv=args.retrieval_solution)
     print(out)
     return 0

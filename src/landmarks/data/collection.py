@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote
 
 from landmarks.errors import DataFormatError, LandmarksError
@@ -63,6 +64,24 @@ def is_image_file(path: Path) -> bool:
         path.suffix.lower() in IMAGE_EXTENSIONS or path.suffix == "")
 
 
+def read_text_file(path: str | Path) -> str:
+    """The text of a UTF-8 file (a BOM is dropped); a missing or non-UTF-8 file raises one clear error."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LandmarksError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start})") from None
+    except OSError as e:
+        raise LandmarksError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataFormatError:
+    return DataFormatError(f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} in the file)")
+
+
 def _split_of(csv_path: Path) -> str:
     stem = csv_path.stem.lower()
     for split in GLDV2_SPLITS:
@@ -95,41 +114,51 @@ def load_gldv2_csv(csv_path: str | Path, image_dir: str | Path | None = None) ->
     root = Path(image_dir) if image_dir is not None else csv_path.parent / split
     records: list[ImageRecord] = []
     seen: set[str] = set()
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataFormatError(f"{csv_path}: empty file (no header)")
-        cols = [h.strip() for h in header]
-
-        def add(image_id: str, landmark: str | None, line: int) -> None:
-            image_id = _check_token(image_id, "image id", f"{csv_path}:{line}")
-            if image_id in seen:
-                raise DataFormatError(f"{csv_path}:{line}: image id {image_id!r} appears twice")
-            seen.add(image_id)
-            records.append(ImageRecord(image_id, gldv2_image_path(root.parent, root.name, image_id), landmark))
-
-        if "images" in cols and "landmark_id" in cols:
-            li, ii = cols.index("landmark_id"), cols.index("images")
-            for n, row in enumerate(reader, start=2):
-                if not row or not any(c.strip() for c in row):
-                    continue
-                lm = _check_token(row[li], "landmark id", f"{csv_path}:{n}")
-                for image_id in row[ii].split():
-                    add(image_id, lm, n)
-        elif "id" in cols:
-            idi = cols.index("id")
-            lj = cols.index("landmark_id") if "landmark_id" in cols else None
-            for n, row in enumerate(reader, start=2):
-                if not row or not any(c.strip() for c in row):
-                    continue
-                if len(row) < len(cols):
-                    raise DataFormatError(f"{csv_path}:{n}: expected {len(cols)} columns, got {len(row)}")
-                label = _check_token(row[lj], "landmark id", f"{csv_path}:{n}") if lj is not None else None
-                add(row[idi], label, n)
-        else:
-            raise DataFormatError(f"{csv_path}: header {cols} has neither an 'id' column nor 'landmark_id,images'")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            _read_gldv2_rows(csv_path, csv.reader(f), root, records, seen)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(csv_path, e) from None
+    except csv.Error as e:
+        raise DataFormatError(f"{csv_path}: malformed CSV: {e}") from None
     return records
+
+
+def _read_gldv2_rows(csv_path: Path, reader: Any, root: Path, records: list[ImageRecord], seen: set[str]) -> None:
+    header = next(reader, None)
+    if header is None:
+        raise DataFormatError(f"{csv_path}: empty file (no header)")
+    cols = [h.strip() for h in header]
+
+    def add(image_id: str, landmark: str | None, line: int) -> None:
+        image_id = _check_token(image_id, "image id", f"{csv_path}:{line}")
+        if image_id in seen:
+            raise DataFormatError(f"{csv_path}:{line}: image id {image_id!r} appears twice")
+        seen.add(image_id)
+        records.append(ImageRecord(image_id, gldv2_image_path(root.parent, root.name, image_id), landmark))
+
+    if "images" in cols and "landmark_id" in cols:
+        li, ii = cols.index("landmark_id"), cols.index("images")
+        for n, row in enumerate(reader, start=2):
+            if not row or not any(c.strip() for c in row):
+                continue
+            if len(row) <= max(li, ii):
+                raise DataFormatError(f"{csv_path}:{n}: expected {len(cols)} columns, got {len(row)}")
+            lm = _check_token(row[li], "landmark id", f"{csv_path}:{n}")
+            for image_id in row[ii].split():
+                add(image_id, lm, n)
+    elif "id" in cols:
+        idi = cols.index("id")
+        lj = cols.index("landmark_id") if "landmark_id" in cols else None
+        for n, row in enumerate(reader, start=2):
+            if not row or not any(c.strip() for c in row):
+                continue
+            if len(row) < len(cols):
+                raise DataFormatError(f"{csv_path}:{n}: expected {len(cols)} columns, got {len(row)}")
+            label = _check_token(row[lj], "landmark id", f"{csv_path}:{n}") if lj is not None else None
+            add(row[idi], label, n)
+    else:
+        raise DataFormatError(f"{csv_path}: header {cols} has neither an 'id' column nor 'landmark_id,images'")
 
 
 def _walk_images(root: Path) -> list[Path]:
@@ -183,20 +212,19 @@ def load_list_file(list_path: str | Path) -> list[ImageRecord]:
     base = list_path.parent
     records = []
     seen: Counter[str] = Counter()
-    with open(list_path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(None, 1) if "\t" in line or (" " in line and not Path(base / line).exists()) else [line]
-            p = Path(parts[0])
-            p = p if p.is_absolute() else base / p
-            lm = _check_token(parts[1], "landmark id", f"{list_path}:{n}") if len(parts) > 1 else None
-            image_id = encode_id(p.stem)
-            seen[image_id] += 1
-            if seen[image_id] > 1:
-                image_id = f"{image_id}~{seen[image_id] - 1}"
-            records.append(ImageRecord(image_id, p, lm))
+    for n, line in enumerate(read_text_file(list_path).splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1) if "\t" in line or (" " in line and not Path(base / line).exists()) else [line]
+        p = Path(parts[0])
+        p = p if p.is_absolute() else base / p
+        lm = _check_token(parts[1], "landmark id", f"{list_path}:{n}") if len(parts) > 1 else None
+        image_id = encode_id(p.stem)
+        seen[image_id] += 1
+        if seen[image_id] > 1:
+            image_id = f"{image_id}~{seen[image_id] - 1}"
+        records.append(ImageRecord(image_id, p, lm))
     return records
 
 

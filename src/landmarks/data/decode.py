@@ -6,7 +6,9 @@
   BMP, TIFF; MPO is read as its first JPEG frame);
 - EXIF orientation is applied;
 - grayscale, CMYK, palette, alpha (composited on white) and 16-bit images become 8-bit RGB;
-- a pixel-count limit refuses decompression bombs before any pixel is decoded;
+- a pixel-count limit refuses decompression bombs before any pixel is decoded, and a limit on the
+  scans of a progressive JPEG refuses scan bombs (a 376 KB 6000x6000 JPEG whose last scan is repeated
+  2,000 times decodes for ~55 s; every scan costs a pass over all coefficients);
 - truncated, corrupt, zero-byte and non-image inputs raise :class:`ImageDecodeError` naming the source.
 
 Nothing here changes Pillow's global state (``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``).
@@ -15,6 +17,8 @@ Nothing here changes Pillow's global state (``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCAT
 from __future__ import annotations
 
 import io
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,44 @@ SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
 #: Default pixel-count limit (width × height): 100 megapixels.
 DEFAULT_MAX_PIXELS = 100_000_000
 
+#: Default limit on the scans (SOS markers) of a JPEG. libjpeg's standard progression writes 10 scans for
+#: colour and 6 for greyscale; baseline JPEGs have 1 (or 1 per component).
+DEFAULT_MAX_JPEG_SCANS = 100
+
 ImageSource = str | Path | bytes | bytearray | memoryview
+
+# a marker: 0xFF followed by neither 0x00 (stuffing), 0xFF (fill) nor RST0-7 (inside entropy-coded data)
+_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+
+
+def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
+    """The number of scans (SOS segments) of the first image of a JPEG stream, without decoding it.
+
+    Segments are skipped by their length (a thumbnail inside EXIF is not counted) and entropy-coded
+    data is searched for the next marker. Counting stops after ``stop_after`` + 1 scans.
+    Returns 0 for data that does not start like a JPEG.
+    """
+    if data[:2] != b"\xff\xd8":
+        return 0
+    n, pos, scans = len(data), 2, 0
+    while pos < n - 1:
+        m = _MARKER.search(data, pos)
+        if m is None:
+            break
+        code = data[m.start() + 1]
+        pos = m.start() + 2
+        if code == 0xD9:  # EOI
+            break
+        if code == 0x01 or 0xD0 <= code <= 0xD8:  # markers without a length
+            continue
+        if pos + 2 > n:
+            break
+        if code == 0xDA:
+            scans += 1
+            if stop_after is not None and scans > stop_after:
+                break
+        pos += int.from_bytes(data[pos:pos + 2], "big")
+    return scans
 
 
 @dataclass(frozen=True)
@@ -56,7 +97,25 @@ def _name(source: ImageSource, name: str | None) -> str:
     return "<bytes>"
 
 
-def _open(source: ImageSource, name: str, max_pixels: int | None) -> Image.Image:
+def _check_scans(img: Image.Image, source: ImageSource, name: str, max_scans: int | None) -> None:
+    if max_scans is None or img.format not in ("JPEG", "MPO"):
+        return
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise ImageDecodeError(name, f"cannot read file: {e.strerror or e}") from None
+    scans = count_jpeg_scans(data, max_scans)
+    if scans > max_scans:
+        img.close()
+        raise ImageTooLargeError(name, f"refused: a JPEG with more than {max_scans} scans (a progressive "
+                                       "decoding bomb; re-encode the image)")
+
+
+def _open(source: ImageSource, name: str, max_pixels: int | None,
+          max_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
@@ -83,21 +142,24 @@ def _open(source: ImageSource, name: str, max_pixels: int | None) -> Image.Image
         raise ImageTooLargeError(name, f"refused: too many pixels ({e})") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(name, "not a recognised image (supported: JPEG, PNG, WebP, AVIF, GIF, BMP, TIFF)") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageDecodeError(name, f"corrupt image header: {e}") from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, TypeError, KeyError,
+            ZeroDivisionError) as e:
+        raise ImageDecodeError(name, f"corrupt image header: {e or type(e).__name__}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageDecodeError(name, f"invalid size {w}x{h}")
     if max_pixels is not None and w * h > max_pixels:
         img.close()
         raise ImageTooLargeError(name, f"refused: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    _check_scans(img, source, name, max_scans)
     return img
 
 
-def image_info(source: ImageSource, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Read the format and size from the header only. Raises :class:`ImageDecodeError`."""
+def image_info(source: ImageSource, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> ImageInfo:
+    """Read the format and size from the header only (JPEG scans are counted). Raises :class:`ImageDecodeError`."""
     label = _name(source, name)
-    img = _open(source, label, max_pixels)
+    img = _open(source, label, max_pixels, max_scans)
     try:
         return ImageInfo(format=str(img.format), width=img.size[0], height=img.size[1], mode=img.mode)
     finally:
@@ -132,14 +194,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(source: ImageSource, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               min_side_px: int | None = None) -> Image.Image:
+               min_side_px: int | None = None, max_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
     """Decode to an RGB ``PIL.Image`` (EXIF orientation applied).
 
     ``min_side_px``: when set, JPEG decoding may use DCT scaling (``draft``) to any size whose shorter
-    side stays at least this large; a speed-up for stages that resize anyway.
+    side stays at least this large; a speed-up for stages that resize anyway. ``max_scans``: refuse
+    JPEGs with more scans (None: no limit).
     """
     label = _name(source, name)
-    img = _open(source, label, max_pixels)
+    img = _open(source, label, max_pixels, max_scans)
     try:
         if img.format == "GIF":
             img.seek(0)
@@ -157,7 +220,8 @@ def open_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(label, f"refused: too many pixels ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError, KeyError,
+            struct.error) as e:  # struct.error: a corrupt EXIF block
         msg = str(e) or type(e).__name__
         if "truncated" in msg.lower():
             raise ImageDecodeError(label, f"truncated image ({msg})") from None
@@ -167,7 +231,7 @@ def open_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
 
 
 def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 min_side_px: int | None = None) -> np.ndarray:
+                 min_side_px: int | None = None, max_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> np.ndarray:
     """Decode an image file or bytes to an ``(H, W, 3)`` uint8 RGB array.
 
     Args:
@@ -175,11 +239,12 @@ def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: in
         name: how errors name the source (default: the path, or ``<bytes>``).
         max_pixels: refuse images with more than this many pixels (None: no limit).
         min_side_px: allow faster reduced-size JPEG decoding down to this shorter side.
+        max_scans: refuse JPEGs with more scans than this (progressive-decoding bombs; None: no limit).
 
     Raises:
         ImageDecodeError: (or its subclass ImageTooLargeError) with ``.source`` and ``.reason``.
     """
-    img = open_image(source, name=name, max_pixels=max_pixels, min_side_px=min_side_px)
+    img = open_image(source, name=name, max_pixels=max_pixels, min_side_px=min_side_px, max_scans=max_scans)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageDecodeError(_name(source, name), f"unexpected decoded shape {arr.shape}")

@@ -38,7 +38,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from landmarks.data.collection import gldv2_image_path
 from landmarks.data.scan import long_tail_histogram
 from landmarks.errors import ConfigError, LandmarksError
 from landmarks.utils.dist import cpu_count
-from landmarks.utils.io import atomic_write, write_json
+from landmarks.utils.io import atomic_write, remove_entries, write_json
 from landmarks.utils.progress import Progress
 
 logger = logging.getLogger("landmarks")
@@ -295,12 +294,7 @@ def _prepare_out(out: Path, conf: SynthConfig, overwrite: bool) -> None:
                 raise LandmarksError(f"{out}: holds a synthetic dataset made with other parameters; "
                                      "use --overwrite or another folder")
         if overwrite or old != params:
-            for name in _OUTPUTS:
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            remove_entries(out, _OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     write_json(marker, params)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cv2
@@ -1113,123 +1114,166 @@ TEMPLATES = ("palace", "cathedral", "tower", "gate", "temple", "modern", "monume
 TEMPLATE_WEIGHTS = (0.18, 0.16, 0.14, 0.09, 0.13, 0.12, 0.08, 0.10)
 
 
+def _build_palace(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
+    """A palace: a long block, maybe wings, a dome and a portico. Returns the height of the structure (m)."""
+    w, d = rng.uniform(30, 70), rng.uniform(14, 25)
+    h = style.floor_h * int(rng.integers(2, 5))
+    add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0,
+              roof=str(rng.choice(["flat", "gable"])), roof_h=d * 0.25, share_textures=True)
+    height = h
+    if rng.random() < 0.6:  # wings
+        ww = w * rng.uniform(0.25, 0.45)
+        wd = rng.uniform(15, 30)
+        wh = h * rng.uniform(0.6, 1.0)
+        for side in (-1, 1):
+            add_prism(scene, rng, style, _box(side * (w / 2 - ww / 2), -d / 2 - wd / 2 + 0.01, ww, wd), 0, wh,
+                      roof="flat", share_textures=True)
+    if rng.random() < 0.5:
+        dr = min(d, w) * rng.uniform(0.2, 0.35)
+        drum_h = dr * rng.uniform(0.5, 1.0)
+        add_prism(scene, rng, style, _ngon(0, 0, dr, 12), h, h + drum_h, kind="plain", roof="dome",
+                  roof_h=dr * rng.uniform(0.9, 1.4), share_textures=True)
+        height = h + drum_h + dr
+    if rng.random() < 0.4:
+        add_portico(scene, rng, style, -w * 0.18, w * 0.18, -d / 2 - 3.0, h * 0.85)
+    return height
+
+
+def _build_cathedral(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
+    """A cathedral: a gabled nave, zero to two towers, maybe a crossing dome. Returns the height of the structure (m)."""
+    w, d = rng.uniform(18, 32), rng.uniform(40, 80)
+    h = rng.uniform(15, 28)
+    add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0, roof="gable", roof_h=w * 0.4,
+              share_textures=True)
+    height = h + w * 0.4
+    n_towers = int(rng.choice([0, 1, 2, 2]))
+    tr = rng.uniform(3.0, 5.5)
+    th = h * rng.uniform(1.4, 2.4)
+    cap = str(rng.choice(["spire", "pyramid", "flat", "onion"]))
+    if n_towers == 2:
+        for side in (-1, 1):
+            height = max(height, add_tower(scene, rng, style, side * (w / 2 - tr * 0.6), -d / 2 + tr, tr, 0, th,
+                                           sides=4, cap=cap))
+    elif n_towers == 1:
+        height = max(height, add_tower(scene, rng, style, 0, -d / 2 - tr * 0.9, tr, 0, th, cap=cap))
+    if rng.random() < 0.4:
+        r = w * 0.3
+        add_lathe(scene, np.array([0, h + w * 0.3, d * 0.15]), [(r, 0), (r * 0.8, r * 0.6), (0, r)], style.roof)
+    return height
+
+
+def _build_tower(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
+    """A tower, maybe with a base building and a balcony band. Returns the height of the structure (m)."""
+    r = rng.uniform(4, 9)
+    th = rng.uniform(35, 90)
+    height = add_tower(scene, rng, style, 0, 0, r, 0, th)
+    if rng.random() < 0.6:
+        bw = r * rng.uniform(3, 6)
+        bh = rng.uniform(6, 12)
+        add_prism(scene, rng, style, _box(0, r * 1.2, bw, bw * 0.6), 0, bh, front_side=0,
+                  roof=str(rng.choice(["flat", "gable"])), roof_h=bw * 0.15, share_textures=True)
+    if rng.random() < 0.3:  # balcony band
+        y = th * rng.uniform(0.5, 0.8)
+        add_prism(scene, rng, style, _ngon(0, 0, r * 1.25, 8), y, y + 1.5, kind="plain", roof="flat")
+    return height
+
+
+def _build_gate(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
+    """A triumphal gate, maybe with a block on top. Returns the height of the structure (m)."""
+    w, d, h = rng.uniform(18, 35), rng.uniform(6, 12), rng.uniform(15, 30)
+    add_gate(scene, rng, style, 0, 0, w, d, h)
+    height = h
+    if rng.random() < 0.5:  # a quadriga-like block on top
+        add_prism(scene, rng, style, _box(0, 0, w * 0.3, d * 0.5), h, h + h * 0.12, kind="plain", roof="flat")
+        height = h * 1.12
+    return height
+
+
+def _build_temple(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
+    """A domed temple, maybe with minarets and a portico. Returns the height of the structure (m)."""
+    w = rng.uniform(25, 45)
+    h = rng.uniform(10, 18)
+    add_prism(scene, rng, style, _box(0, 0, w, w), 0, h, front_side=0, roof="flat", share_textures=True)
+    dr = w * rng.uniform(0.28, 0.4)
+    drum_h = rng.uniform(2, 8)
+    add_prism(scene, rng, style, _ngon(0, 0, dr, 12), h, h + drum_h, kind="plain", roof="dome",
+              roof_h=dr * rng.uniform(0.8, 1.5), share_textures=True)
+    height = h + drum_h + dr
+    n_min = int(rng.choice([0, 2, 4]))
+    mh = rng.uniform(1.5, 2.6) * (h + drum_h)
+    corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)][:n_min]
+    for sx, sz in corners:
+        height = max(height, add_tower(scene, rng, style, sx * (w / 2 + 4), sz * (w / 2 + 4), 1.8, 0, mh,
+                                       sides=8, cap=str(rng.choice(["spire", "onion"]))))
+    if rng.random() < 0.5:
+        add_portico(scene, rng, style, -w * 0.25, w * 0.25, -w / 2 - 3.0, h * 0.9)
+    return height
+
+
+def _build_modern(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
+    """One to three modern blocks, maybe an older low building in front. Returns the height of the structure (m)."""
+    height = 10.0
+    n = int(rng.integers(1, 4))
+    for k in range(n):
+        bw, bd = rng.uniform(15, 35), rng.uniform(15, 30)
+        bh = rng.uniform(30, 110)
+        cx = (k - (n - 1) / 2) * rng.uniform(25, 40)
+        cz = rng.uniform(-5, 15) * (k % 2)
+        sides = int(rng.choice([4, 4, 6, 8]))
+        base = _box(cx, cz, bw, bd) if sides == 4 else _ngon(cx, cz, bw / 2, sides, rng.uniform(0, 1))
+        add_prism(scene, rng, style, base, 0, bh, front_side=0 if k == 0 and sides == 4 else None,
+                  roof=str(rng.choice(["flat", "pyramid"])), roof_h=bw * 0.3, share_textures=True)
+        height = max(height, bh)
+    if rng.random() < 0.5:
+        add_prism(scene, rng, make_style(rng, modern=False), _box(0, -20, 20, 6), 0, 5, front_side=0,
+                  roof="flat", share_textures=True)
+    return height
+
+
+def _build_monument(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
+    """An obelisk-like column on a plinth, maybe flanked by gates. Returns the height of the structure (m)."""
+    r = rng.uniform(1.5, 4.0)
+    mh = rng.uniform(20, 60)
+    add_prism(scene, rng, style, _box(0, 0, r * 5, r * 5), 0, r * 1.5, kind="plain", front_side=0, roof="flat")
+    height = add_tower(scene, rng, style, 0, 0, r, r * 1.5, mh, sides=4, cap=str(rng.choice(["pyramid", "spire"])))
+    for side in (-1, 1):
+        if rng.random() < 0.7:
+            add_gate(scene, rng, style, side * r * 6, 0, r * 3, r * 1.5, r * 3)
+    return height
+
+
+def _build_house(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
+    """An ordinary but specific building, maybe with a corner tower. Returns the height of the structure (m)."""
+    w, d = rng.uniform(10, 25), rng.uniform(8, 16)
+    h = style.floor_h * int(rng.integers(2, 6))
+    add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0,
+              roof=str(rng.choice(["gable", "flat", "pyramid"])), roof_h=d * 0.35, share_textures=True)
+    height = h + d * 0.35
+    if rng.random() < 0.5:
+        height = max(height, add_tower(scene, rng, style, w / 2, -d / 2, rng.uniform(2, 3.5), 0, h * 1.5))
+    return height
+
+
+#: The structure of each template: ``builder(scene, rng, style) -> height`` adds its faces to ``scene``.
+LANDMARK_BUILDERS: dict[str, Callable[[Scene, Rng, FacadeStyle], float]] = {
+    "palace": _build_palace, "cathedral": _build_cathedral, "tower": _build_tower, "gate": _build_gate,
+    "temple": _build_temple, "modern": _build_modern, "monument": _build_monument, "house": _build_house}
+
+
 def build_landmark(rng: Rng, template: str | None = None) -> Scene:
     """A random landmark scene (3-D faces, textures and framing hints).
 
     The main facade faces -z (a camera at negative z looking +z sees it); the structure stands on y = 0
-    around the origin.
+    around the origin. ``template``: a key of :data:`LANDMARK_BUILDERS` (default: drawn with
+    :data:`TEMPLATE_WEIGHTS`).
     """
     template = template or str(rng.choice(TEMPLATES, p=TEMPLATE_WEIGHTS))
+    builder = LANDMARK_BUILDERS.get(template)
+    if builder is None:
+        raise ValueError(f"unknown landmark template {template!r} (known: {', '.join(TEMPLATES)})")
     scene = Scene()
     style = make_style(rng, modern=template == "modern")
-    height = 10.0
-    if template == "palace":
-        w, d = rng.uniform(30, 70), rng.uniform(14, 25)
-        h = style.floor_h * int(rng.integers(2, 5))
-        add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0,
-                  roof=str(rng.choice(["flat", "gable"])), roof_h=d * 0.25, share_textures=True)
-        height = h
-        if rng.random() < 0.6:  # wings
-            ww = w * rng.uniform(0.25, 0.45)
-            wd = rng.uniform(15, 30)
-            wh = h * rng.uniform(0.6, 1.0)
-            for side in (-1, 1):
-                add_prism(scene, rng, style, _box(side * (w / 2 - ww / 2), -d / 2 - wd / 2 + 0.01, ww, wd), 0, wh,
-                          roof="flat", share_textures=True)
-        if rng.random() < 0.5:
-            dr = min(d, w) * rng.uniform(0.2, 0.35)
-            drum_h = dr * rng.uniform(0.5, 1.0)
-            add_prism(scene, rng, style, _ngon(0, 0, dr, 12), h, h + drum_h, kind="plain", roof="dome",
-                      roof_h=dr * rng.uniform(0.9, 1.4), share_textures=True)
-            height = h + drum_h + dr
-        if rng.random() < 0.4:
-            add_portico(scene, rng, style, -w * 0.18, w * 0.18, -d / 2 - 3.0, h * 0.85)
-    elif template == "cathedral":
-        w, d = rng.uniform(18, 32), rng.uniform(40, 80)
-        h = rng.uniform(15, 28)
-        add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0, roof="gable", roof_h=w * 0.4,
-                  share_textures=True)
-        height = h + w * 0.4
-        n_towers = int(rng.choice([0, 1, 2, 2]))
-        tr = rng.uniform(3.0, 5.5)
-        th = h * rng.uniform(1.4, 2.4)
-        cap = str(rng.choice(["spire", "pyramid", "flat", "onion"]))
-        if n_towers == 2:
-            for side in (-1, 1):
-                height = max(height, add_tower(scene, rng, style, side * (w / 2 - tr * 0.6), -d / 2 + tr, tr, 0, th,
-                                               sides=4, cap=cap))
-        elif n_towers == 1:
-            height = max(height, add_tower(scene, rng, style, 0, -d / 2 - tr * 0.9, tr, 0, th, cap=cap))
-        if rng.random() < 0.4:
-            r = w * 0.3
-            add_lathe(scene, np.array([0, h + w * 0.3, d * 0.15]), [(r, 0), (r * 0.8, r * 0.6), (0, r)], style.roof)
-    elif template == "tower":
-        r = rng.uniform(4, 9)
-        th = rng.uniform(35, 90)
-        height = add_tower(scene, rng, style, 0, 0, r, 0, th)
-        if rng.random() < 0.6:
-            bw = r * rng.uniform(3, 6)
-            bh = rng.uniform(6, 12)
-            add_prism(scene, rng, style, _box(0, r * 1.2, bw, bw * 0.6), 0, bh, front_side=0,
-                      roof=str(rng.choice(["flat", "gable"])), roof_h=bw * 0.15, share_textures=True)
-        if rng.random() < 0.3:  # balcony band
-            y = th * rng.uniform(0.5, 0.8)
-            add_prism(scene, rng, style, _ngon(0, 0, r * 1.25, 8), y, y + 1.5, kind="plain", roof="flat")
-    elif template == "gate":
-        w, d, h = rng.uniform(18, 35), rng.uniform(6, 12), rng.uniform(15, 30)
-        add_gate(scene, rng, style, 0, 0, w, d, h)
-        height = h
-        if rng.random() < 0.5:  # a quadriga-like block on top
-            add_prism(scene, rng, style, _box(0, 0, w * 0.3, d * 0.5), h, h + h * 0.12, kind="plain", roof="flat")
-            height = h * 1.12
-    elif template == "temple":
-        w = rng.uniform(25, 45)
-        h = rng.uniform(10, 18)
-        add_prism(scene, rng, style, _box(0, 0, w, w), 0, h, front_side=0, roof="flat", share_textures=True)
-        dr = w * rng.uniform(0.28, 0.4)
-        drum_h = rng.uniform(2, 8)
-        add_prism(scene, rng, style, _ngon(0, 0, dr, 12), h, h + drum_h, kind="plain", roof="dome",
-                  roof_h=dr * rng.uniform(0.8, 1.5), share_textures=True)
-        height = h + drum_h + dr
-        n_min = int(rng.choice([0, 2, 4]))
-        mh = rng.uniform(1.5, 2.6) * (h + drum_h)
-        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)][:n_min]
-        for sx, sz in corners:
-            height = max(height, add_tower(scene, rng, style, sx * (w / 2 + 4), sz * (w / 2 + 4), 1.8, 0, mh,
-                                           sides=8, cap=str(rng.choice(["spire", "onion"]))))
-        if rng.random() < 0.5:
-            add_portico(scene, rng, style, -w * 0.25, w * 0.25, -w / 2 - 3.0, h * 0.9)
-    elif template == "modern":
-        n = int(rng.integers(1, 4))
-        for k in range(n):
-            bw, bd = rng.uniform(15, 35), rng.uniform(15, 30)
-            bh = rng.uniform(30, 110)
-            cx = (k - (n - 1) / 2) * rng.uniform(25, 40)
-            cz = rng.uniform(-5, 15) * (k % 2)
-            sides = int(rng.choice([4, 4, 6, 8]))
-            base = _box(cx, cz, bw, bd) if sides == 4 else _ngon(cx, cz, bw / 2, sides, rng.uniform(0, 1))
-            add_prism(scene, rng, style, base, 0, bh, front_side=0 if k == 0 and sides == 4 else None,
-                      roof=str(rng.choice(["flat", "pyramid"])), roof_h=bw * 0.3, share_textures=True)
-            height = max(height, bh)
-        if rng.random() < 0.5:
-            add_prism(scene, rng, make_style(rng, modern=False), _box(0, -20, 20, 6), 0, 5, front_side=0,
-                      roof="flat", share_textures=True)
-    elif template == "monument":
-        r = rng.uniform(1.5, 4.0)
-        mh = rng.uniform(20, 60)
-        add_prism(scene, rng, style, _box(0, 0, r * 5, r * 5), 0, r * 1.5, kind="plain", front_side=0, roof="flat")
-        height = add_tower(scene, rng, style, 0, 0, r, r * 1.5, mh, sides=4, cap=str(rng.choice(["pyramid", "spire"])))
-        for side in (-1, 1):
-            if rng.random() < 0.7:
-                add_gate(scene, rng, style, side * r * 6, 0, r * 3, r * 1.5, r * 3)
-    else:  # house: an ordinary but specific building
-        w, d = rng.uniform(10, 25), rng.uniform(8, 16)
-        h = style.floor_h * int(rng.integers(2, 6))
-        add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0,
-                  roof=str(rng.choice(["gable", "flat", "pyramid"])), roof_h=d * 0.35, share_textures=True)
-        height = h + d * 0.35
-        if rng.random() < 0.5:
-            height = max(height, add_tower(scene, rng, style, w / 2, -d / 2, rng.uniform(2, 3.5), 0, h * 1.5))
+    height = builder(scene, rng, style)
     # neighbours and trees: part of the landmark's scene, generic in look
     xs = [f.verts[:, 0] if isinstance(f, FlatFace) else np.array([f.origin[0], (f.origin + f.u)[0]])
           for f in scene.faces]

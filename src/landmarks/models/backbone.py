@@ -93,19 +93,13 @@ class Backbone(nn.Module):
         if not info:
             raise ConfigError(f"timm model {name!r} has no feature_info; it cannot be used as a backbone")
         self.stride: int = int(info[-1]["reduction"])
-        at = [f for f in info if int(f["reduction"]) == local_reduction]
-        #: The module whose output feeds the local head, its width and stride (None: no such stage).
-        self.local_module: str | None = str(at[-1]["module"]) if at else None
-        self.local_channels: int = int(at[-1]["num_chs"]) if at else 0
+        at = [k for k, f in enumerate(info) if int(f["reduction"]) == local_reduction]
+        #: The feature_info entry of the stage that feeds the local head (its index for timm's
+        #: ``forward_intermediates``), its module, width and stride (None: no such stage).
+        self.local_index: int | None = at[-1] if at else None
+        self.local_module: str | None = str(info[at[-1]]["module"]) if at else None
+        self.local_channels: int = int(info[at[-1]]["num_chs"]) if at else 0
         self.local_stride: int = local_reduction
-        self._captured: torch.Tensor | None = None
-        self._capture = False
-        if self.local_module is not None:
-            self.model.get_submodule(self.local_module).register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self._capture:
-            self._captured = output
 
     def frozen_parameter_names(self, levels: int) -> list[str]:
         """Names (in ``self.model``) of the parameters that compute the first ``levels`` feature levels.
@@ -144,21 +138,22 @@ class Backbone(nn.Module):
         return self.model.forward_features(x)  # type: ignore[operator]
 
     def forward_with_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 3, H, W)`` -> (last map, stride-16 map ``(B, local_channels, H/16, W/16)``)."""
-        if self.local_module is None:
+        """``(B, 3, H, W)`` -> (last map, stride-16 map ``(B, local_channels, H/16, W/16)``).
+
+        One pass of timm's ``forward_intermediates`` (bit-identical to :meth:`forward` and to the
+        stage's output on every preset backbone, in eval and train mode)."""
+        if self.local_index is None:
             raise ConfigError(f"timm model {self.name!r} has no stride-{self.local_stride} stage")
-        self._capture, self._captured = True, None
-        try:
-            out = self.forward(x)
-            local = self._captured
-        finally:
-            self._capture, self._captured = False, None
-        assert local is not None
-        return out, local
+        final, inter = self.model.forward_intermediates(  # type: ignore[operator]
+            x, indices=[self.local_index], output_fmt="NCHW")
+        return final, inter[0]
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
-        """Only the stride-16 map (the rest of the forward pass still runs)."""
-        return self.forward_with_local(x)[1]
+        """Only the stride-16 map: the forward pass stops after that stage."""
+        if self.local_index is None:
+            raise ConfigError(f"timm model {self.name!r} has no stride-{self.local_stride} stage")
+        return self.model.forward_intermediates(  # type: ignore[operator]
+            x, indices=[self.local_index], output_fmt="NCHW", intermediates_only=True, stop_early=True)[0]
 
 
 def _feature_info(model: nn.Module) -> list[dict[str, Any]]:

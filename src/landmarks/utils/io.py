@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,6 +59,18 @@ def atomic_save(path: str | Path, save_fn: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_entries(root: str | Path, names: Iterable[str]) -> None:
+    """Delete ``root/name`` for each name, files and whole folders alike; missing ones are skipped."""
+    import shutil
+
+    for name in names:
+        p = Path(root) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def write_json(path: str | Path, obj: Any) -> None:
