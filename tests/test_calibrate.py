@@ -182,3 +182,6 @@ def test_index_cli_whitens_calibrates_and_reports(tmp_path: Path) -> None:
     assert "is_landmark for" in text and "calibrated" in text
     with open(tmp_path / "p.csv", newline="") as f:
         assert sum(1 for row in csv.DictReader(f) if row["landmarks"]) == 8  # GAP's CSV: every voted landmark
+    assert cal["landmark_queries"] == 16
+    run("remove", tmp_path / "ix", "lm0", "--landmarks")  # fewer images: calibrated again
+    assert LandmarkIndex.load(tmp_path / "ix").meta["calibration"]["landmark_queries"] == 12

@@ -159,15 +159,21 @@ def test_recognizer_searches_with_the_expanded_query() -> None:
     idx = LandmarkIndex.build(xb, [f"i{j}" for j in range(200)], [f"L{j % 9}" for j in range(200)],
                               model=emb.describe())
     xq = _data(12, seed=5)
-    rec = Recognizer(idx, emb, RecognizeConfig(k=5, qe_n=3, qe_alpha=3.0))
+    rec = Recognizer(idx, emb, RecognizeConfig(k=5, qe_n=3, qe_alpha=3.0, qe_vote=True))
     out = rec.recognize_embeddings(xq, retrieval_k=20)
     for q, r in zip(xq, out):
         expanded = expand_loop(q, xb, 3, 3.0, None)
         want = np.argsort(-(xb @ expanded), kind="stable")[:20]
         assert r.retrieval == [f"i{j}" for j in want]
         assert [n.score for n in r.neighbours] == pytest.approx(list((xb @ expanded)[want[:5]]), abs=1e-5)
-    plain = Recognizer(idx, emb, RecognizeConfig(k=5)).recognize_embeddings(xq, retrieval_k=20)
+    plain = Recognizer(idx, emb, RecognizeConfig(k=5, qe_n=0)).recognize_embeddings(xq, retrieval_k=20)
     assert any(a.retrieval != b.retrieval for a, b in zip(out, plain))
+    # without qe_vote only the retrieval list is expanded: the voting neighbours are the plain ones
+    split = Recognizer(idx, emb, RecognizeConfig(k=5, qe_n=3, qe_alpha=3.0)).recognize_embeddings(xq, retrieval_k=20)
+    for a, b, c in zip(split, out, plain):
+        assert a.retrieval == b.retrieval
+        assert [n.id for n in a.neighbours] == [n.id for n in c.neighbours]
+        assert (a.landmark, a.confidence) == (c.landmark, pytest.approx(c.confidence))
 
 
 def test_build_index_with_dba_stores_it_and_add_keeps_it_exact(tmp_path: Path) -> None:
@@ -192,7 +198,7 @@ def test_build_index_with_dba_stores_it_and_add_keeps_it_exact(tmp_path: Path) -
     # `landmarks add` (Recognizer.add) keeps every row's DBA exact
     more = make_collection(tmp_path / "m", {"d": 4}, per_landmark=3)
     rec = Recognizer.load(out, embedder=emb)
-    assert rec.add(load_folder_collection(more), num_workers=0) == 3
+    assert len(rec.add(load_folder_collection(more), num_workers=0).added) == 3
     again = LandmarkIndex.load(out)
     raw2 = np.asarray(again.raw_embeddings)
     assert len(raw2) == 18

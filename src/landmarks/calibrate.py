@@ -224,22 +224,23 @@ def calibrate_index(index: Any, conf: CalibrationConfig | None = None, k: int = 
             "method": METHOD}
 
 
+def recalibrate(index: Any) -> None:
+    """Redo an index's calibration in place after its images changed (``add``, ``remove``), with the
+    targets and voting settings it was made with; nothing when it has none."""
+    old = index.meta.pop("calibration", None)
+    if not old:
+        return
+    v = old.get("voting", {})
+    entry = calibrate_index(index, CalibrationConfig(precision=old["precision_target"], ood_share=old["ood_share"]),
+                            k=int(v.get("k", 3)), ood=bool(v.get("ood", True)), ood_weight=float(v.get("ood_weight", 1.0)),
+                            ood_query_k=int(v.get("ood_query_k", 10)))
+    if entry is not None:
+        index.meta["calibration"] = entry
+
+
 def voting_matches(entry: dict[str, Any], k: int, ood: bool, ood_weight: float, ood_query_k: int) -> bool:
     """Whether a calibration entry was made with these voting settings (else its threshold does not apply)."""
     v = entry.get("voting") or {}
     return (int(v.get("k", -1)) == k and bool(v.get("ood")) == ood and float(v.get("ood_weight", -1)) == ood_weight
             and int(v.get("ood_query_k", -1)) == ood_query_k)
 
-
-def recalibrate(index: Any) -> None:
-    """Calibrate ``index`` again after its rows changed (add/remove), with the targets and voting settings
-    its ``meta.json["calibration"]`` recorded; drops the entry when calibration is no longer possible."""
-    old = index.meta.pop("calibration", None)
-    if not old:
-        return
-    v = old.get("voting", {})
-    entry = calibrate_index(index, CalibrationConfig(precision=old["precision_target"], ood_share=old["ood_share"]),
-                            k=v.get("k", 3), ood=v.get("ood", True), ood_weight=v.get("ood_weight", 1.0),
-                            ood_query_k=v.get("ood_query_k", 10))
-    if entry is not None:
-        index.meta["calibration"] = entry

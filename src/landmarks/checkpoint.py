@@ -177,6 +177,11 @@ def _reason(e: BaseException) -> str:
     return text[:300]
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a run folder's weights (or of a checkpoint file), on the CPU."""
+    return _read_safetensors(resolve_checkpoint(path))[0]
+
+
 # --- model checkpoints ---------------------------------------------------------------------------------
 
 def save_model(run_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> str:
@@ -345,11 +350,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str,
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Torch (CPU and CUDA), NumPy and Python global RNG states as tensors + JSON."""
+    """Torch (CPU and this process's CUDA device), NumPy and Python global RNG states as tensors + JSON.
+
+    Only the current GPU's state is read: reading every GPU's would create a CUDA context (hundreds of
+    MiB) on each of them, from every torchrun rank."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (saving the legacy state)
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     py = random.getstate()
@@ -360,9 +367,13 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def set_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([c.to(torch.uint8) for c in cuda])
+    cuda = tensors.get("rng.cuda")
+    if cuda is None:  # states written per GPU (rng.cuda.<i>): this process's own, else the first
+        per_gpu = {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("rng.cuda.")}
+        if per_gpu and torch.cuda.is_available():
+            cuda = per_gpu.get(torch.cuda.current_device(), per_gpu[min(per_gpu)])
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda.to(torch.uint8))
     kind, pos, has_gauss, gauss = info["numpy"]
     keys = tensors["rng.numpy"].numpy().astype(np.uint32)
     np.random.set_state((kind, keys, int(pos), int(has_gauss), float(gauss)))  # noqa: NPY002

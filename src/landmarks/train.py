@@ -16,6 +16,11 @@ collection (a GLDv2 CSV or a folder-per-landmark tree) and writes a run folder (
   evaluations, checkpoints) to finish within the budget, re-planning at each epoch end;
 - under ``torchrun`` (``WORLD_SIZE > 1``): DDP (NCCL on GPUs, gloo on CPU), each rank takes its slice
   of every global batch, optional SyncBatchNorm on GPUs, logging and checkpoints on rank 0.
+
+The pieces: :class:`Trainer` is the loop (model, optimizer, steps, epochs, DDP);
+:class:`~landmarks.train_validation.Validator` validates; :class:`~landmarks.train_writer.RunWriter`
+writes the run folder; :class:`~landmarks.train_budget.BudgetPlanner` sizes the schedule to a time
+budget from the rates the loop measures.
 """
 
 from __future__ import annotations
@@ -40,18 +45,27 @@ from torch import nn
 from landmarks import checkpoint as ckpt
 from landmarks.config import from_dict, merge, to_dict
 from landmarks.data.collection import ImageRecord, landmark_counts, load_collection, stratified_split
-from landmarks.data.dataset import EpochSampler, EvalDataset, TrainDataset, collate
+from landmarks.data.dataset import EpochSampler, TrainDataset, collate
 from landmarks.data.transforms import AugmentConfig, Preprocess, TrainTransform, normalize_batch
 from landmarks.errors import ConfigError, IncompatibleArtifactError, LandmarksError
 from landmarks.models.heads import class_weights, margin_cross_entropy
 from landmarks.models.net import LandmarkNet, ModelConfig
 from landmarks.models.presets import preset
+from landmarks.train_budget import BudgetPlanner, Rates, plan_steps
+from landmarks.train_validation import Validator, knn_predict
+from landmarks.train_writer import RunWriter, Schedule, run_meta, training_state
+from landmarks.utils import precision
 from landmarks.utils.dist import cpu_count, dist_env, resolve_device
-from landmarks.utils.io import SkippedLog, atomic_write, read_json, write_json
+from landmarks.utils.io import read_json
 from landmarks.utils.progress import Progress
 from landmarks.utils.workers import worker_context
 
 logger = logging.getLogger("landmarks")
+
+__all__ = ["DataConfig", "Dist", "FinetuneConfig", "OptimConfig", "TrainConfig", "TrainData", "TrainResult",
+           "Trainer", "build_optimizer", "knn_predict", "load_config_file", "load_init_weights", "lr_factor",
+           "make_config", "param_groups", "plan_steps", "read_log", "read_stats", "resolve_amp", "split_data",
+           "train"]
 
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -159,74 +173,9 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def knn_predict(xq: np.ndarray, xb: np.ndarray, yb: np.ndarray, k: int = 3,
-                chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """kNN voting by summed cosine similarity: exact search, then recognition's :func:`landmarks.recognize.vote`.
-
-    Args:
-        xq: ``(nq, d)`` float32 L2-normalised queries.
-        xb: ``(nb, d)`` float32 L2-normalised database.
-        yb: ``(nb,)`` int64 database labels.
-        k: neighbours (clipped to ``nb``).
-
-    Returns:
-        ``(labels (nq,) int64, scores (nq,) float32)``: the label with the largest sum of similarities
-        among the ``k`` nearest neighbours (ties: the label of the nearer neighbour) and that sum: the
-        confidence recognition reports (without the out-of-domain terms).
-    """
-    from landmarks.recognize import vote
-
-    k = max(1, min(k, len(xb)))
-    labels = np.empty(len(xq), dtype=np.int64)
-    scores = np.empty(len(xq), dtype=np.float32)
-    tb = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))
-    yb = np.asarray(yb, dtype=np.int64)
-    for s in range(0, len(xq), chunk):
-        sims = torch.from_numpy(np.ascontiguousarray(xq[s:s + chunk], dtype=np.float32)) @ tb.T
-        top_s, top_i = sims.topk(k, dim=1)
-        labels[s:s + chunk], scores[s:s + chunk] = vote(top_s.numpy(), yb[top_i.numpy()])
-    return labels, scores
-
-
-def plan_steps(avail_s: float, step_s: float, steps_per_epoch: int, eval_s: float, epoch_overhead_s: float,
-               final_s: float, eval_every: int = 1, max_eval_share: float = 0.15) -> tuple[int, int]:
-    """Optimizer steps that fit a time budget, and the evaluation interval to use.
-
-    The largest ``steps`` with ``steps · step_s + epochs · epoch_overhead_s + evals · eval_s + final_s
-    <= avail_s``, where ``epochs = ceil(steps / steps_per_epoch)`` and ``evals = ceil(epochs / every)``;
-    the interval ``every`` (at least ``eval_every``) grows so that evaluations take at most
-    ``max_eval_share`` of the budget. Returns ``(steps >= 1, every)``.
-    """
-    max_evals = max(1, int(max_eval_share * avail_s / max(eval_s, 1e-9)))
-
-    def cost(steps: int) -> tuple[float, int]:
-        epochs = math.ceil(steps / steps_per_epoch)
-        every = max(1, eval_every, math.ceil(epochs / max_evals))
-        evals = math.ceil(epochs / every)
-        return steps * step_s + epochs * epoch_overhead_s + evals * eval_s + final_s, every
-
-    lo, hi = 1, max(1, int(avail_s / max(step_s, 1e-9)))
-    while lo < hi:  # the cost grows with the steps: binary search for the last that fits
-        mid = (lo + hi + 1) // 2
-        if cost(mid)[0] <= avail_s:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo, cost(lo)[1]
-
-
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device`` (None: fp32)."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return torch.bfloat16 if device.type == "cpu" and amx is not None and amx() else None
+    """The autocast dtype for ``amp`` on ``device`` (None: fp32); see :func:`landmarks.utils.precision.choose_amp_dtype`."""
+    return precision.amp_dtype(amp, device)
 
 
 def param_groups(model: LandmarkNet, conf: OptimConfig) -> list[dict[str, Any]]:
@@ -292,15 +241,18 @@ class Dist:
             torch.cuda.set_device(dev)
         here = False
         if world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
+            if dev.type == "cuda":  # NCCL bound to this rank's GPU (no guessing at the first collective)
+                torch.distributed.init_process_group(backend="nccl", device_id=dev)
+            else:
+                torch.distributed.init_process_group(backend="gloo")
             here = True
         return cls(rank, world, local, dev, here)
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
         if self.world_size > 1:
-            torch.distributed.barrier()
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            torch.distributed.barrier(device_ids=ids)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -324,14 +276,6 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-# --- the trainer -------------------------------------------------------------------------------------
-
-def _auto_workers(conf: int, world_size: int) -> int:
-    if conf >= 0:
-        return conf
-    return max(0, min(8, cpu_count() // world_size - 1))
-
-
 def _subsample(items: list[ImageRecord], n: int, seed: int) -> list[ImageRecord]:
     if len(items) <= n:
         return items
@@ -339,8 +283,117 @@ def _subsample(items: list[ImageRecord], n: int, seed: int) -> list[ImageRecord]
     return [items[i] for i in keep]
 
 
+# --- data ---------------------------------------------------------------------------------------------
+
+def _auto_workers(conf: int, world_size: int) -> int:
+    if conf >= 0:
+        return conf
+    return max(0, min(8, cpu_count() // world_size - 1))
+
+
+@dataclass
+class TrainData:
+    """The images of a run, split and mapped to classes."""
+
+    train: list[ImageRecord]  # training images (their landmarks are in the class map)
+    labels: list[int]  # (len(train),) class index of each training image
+    val: list[ImageRecord]  # validation queries (a seeded subsample of the held-out split)
+    db: list[ImageRecord]  # the validation kNN database (a seeded subsample of the training images)
+    classes: list[dict[str, Any]]  # the class map: {"landmark", "count"} per class index
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class (at least 1: dynamic margins and class weights need it)."""
+        return [max(1, row["count"]) for row in self.classes]
+
+
+def split_data(data: str | Path | Sequence[ImageRecord], conf: TrainConfig,
+               class_names: list[str] | None = None) -> TrainData:
+    """Load and split a labelled collection (seeded, stratified), with ``class_names`` as the class map
+    (a resumed run's or an ``--init`` run's) or the training split's landmarks, sorted."""
+    c = conf
+    records = load_collection(data) if isinstance(data, (str, Path)) else list(data)
+    records = [r for r in records if r.landmark is not None]
+    if c.data.min_images > 1:
+        counts0 = landmark_counts(records)
+        records = [r for r in records if counts0[r.landmark or ""] >= c.data.min_images]
+    if not records:
+        raise LandmarksError(f"{data}: no labelled images to train on")
+    train, val = stratified_split(records, c.data.val_fraction, seed=c.seed)
+    classes = class_names if class_names is not None else sorted(landmark_counts(train))
+    class_index = {lm: i for i, lm in enumerate(classes)}
+    dropped = sum(1 for r in train if r.landmark not in class_index)
+    if dropped:
+        logger.warning("%d training images belong to landmarks outside the class map of %s; ignored",
+                       dropped, c.init)
+    train = [r for r in train if r.landmark in class_index]
+    val = [r for r in val if r.landmark in class_index]
+    counts = landmark_counts(train)
+    if len(train) < c.batch_size:
+        raise LandmarksError(f"{len(train)} training images are fewer than one batch of {c.batch_size}; "
+                             f"lower --batch-size")
+    return TrainData(train=train, labels=[class_index[r.landmark or ""] for r in train],
+                     val=_subsample(val, c.data.max_val_queries, c.seed),
+                     db=_subsample(train, c.data.max_val_db, c.seed + 1),
+                     classes=[{"landmark": lm, "count": int(counts.get(lm, 0))} for lm in classes])
+
+
+def load_init_weights(net: LandmarkNet, init: str) -> tuple[int, int]:
+    """Start ``net`` from run ``init``'s weights (a local head may be new); returns ``(tensors loaded, new
+    local-head tensors)``. Raises :class:`IncompatibleArtifactError` when the weights do not fit."""
+    state = ckpt.read_weights(init)
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad_missing = [k for k in missing if not k.startswith("local.")]
+    if bad_missing or [k for k in unexpected if not k.startswith("local.")]:
+        raise IncompatibleArtifactError(f"{init}: weights do not fit this model (missing {bad_missing[:3]}, "
+                                        f"unexpected {unexpected[:3]}): use the same backbone and sizes")
+    shape = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if shape:
+        raise IncompatibleArtifactError(f"{init}: tensor shapes differ for {shape[:3]}")
+    net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    rf = (ckpt.read_meta(init).get("local") or {}).get("receptive_field")
+    if net.has_local_head and rf:
+        net.local_receptive_field = (float(rf[0]), float(rf[1]))
+    return len(state) - len(unexpected), len(missing)
+
+
+def _preprocessing_stats(net: LandmarkNet) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    dc = net.backbone.data_config()
+    mean = tuple(float(v) for v in dc.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(v) for v in dc.get("std", (0.229, 0.224, 0.225)))
+    return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+@dataclass
+class _EpochTally:
+    """What the steps of one epoch add up to (statistics stay on the device until the epoch ends)."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 sums of the batch statistics
+    count: int = 0  # micro-batches
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable images met
+    first_step: int = 0  # the step the epoch (or this session's part of it) started at
+    train_s: float = 0.0  # seconds in the loop
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        """Add one micro-batch's statistics (float64: the same numbers as summing Python floats)."""
+        for k, v in stats.items():
+            self.sums[k] = self.sums[k] + v.double() if k in self.sums else v.double()
+        self.count += 1
+
+
 class Trainer:
-    """One training session of a run folder (see :func:`train`, which is the public entry point)."""
+    """The training loop of one session of a run folder (:func:`train` is the public entry point).
+
+    The loop owns the model, the optimizer and the step. It asks a
+    :class:`~landmarks.train_validation.Validator` to validate, a :class:`~landmarks.train_writer.RunWriter`
+    to write the folder and, under a time budget, a :class:`~landmarks.train_budget.BudgetPlanner` how many
+    steps fit (feeding it the rates it measures). The caller's config is left as it was: ``conf`` is the
+    trainer's resolved copy, and the schedule it plans lives in ``schedule``.
+    """
 
     def __init__(self, conf: TrainConfig, data: str | Path | Sequence[ImageRecord], out: str | Path, *,
                  resume: bool = False, time_budget_min: float | None = None, dist: Dist | None = None,
@@ -352,75 +405,70 @@ class Trainer:
         self.resume_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         if resume:
             self.resume_state = ckpt.load_train_state(self.out)
-            saved = self.resume_state[1]["config"]
-            conf = from_dict(TrainConfig, saved)
+            conf = from_dict(TrainConfig, self.resume_state[1]["config"])
         elif (self.out / ckpt.TRAIN_STATE_FILE).exists():
             raise LandmarksError(f"{self.out} already holds a training run: pass --resume to continue it "
                                  f"or choose another --out")
-        if time_budget_min is not None and not resume:
-            conf.time_budget_min = float(time_budget_min)
+        else:
+            conf = copy.deepcopy(conf)
+            if time_budget_min is not None:
+                conf.time_budget_min = float(time_budget_min)
+        if conf.local_only:
+            conf.model.local.enabled = True
         self.conf = conf
-        self.budget_s = conf.time_budget_min * 60.0 if conf.time_budget_min > 0 else None
         self.elapsed_before = float(self.resume_state[1].get("elapsed_s", 0.0)) if self.resume_state else 0.0
-        self._last_eval_img_s = 0.0
-        self._last_ckpt_s = 0.5
-        self.total = 0  # optimizer steps of the whole schedule (set in run)
-        self.warmup = 0  # warm-up steps
-        self.eval_every = conf.eval_every_epochs  # validate every N epochs
-        self.replan_every = 0  # time budget: re-plan every N steps (0: never)
-        self._train_s, self._train_steps = 0.0, 0  # time spent in training loops, and their steps
+        self.schedule = Schedule(eval_every=conf.eval_every_epochs)
+        self.spe = 0  # optimizer steps per epoch (set in run)
+        self.writer = RunWriter(self.out, self.dist.is_main)
         self.data_source = str(Path(data).absolute()) if isinstance(data, (str, Path)) else None
         self._setup_data(data)
         self._setup_model()
+        self.validator = Validator(self.val_records, self.db_records, [row["landmark"] for row in self.classes],
+                                   image_size=conf.data.image_size, batch_size=conf.batch_size,
+                                   num_workers=_auto_workers(conf.data.num_workers, 1), knn_k=conf.knn_k,
+                                   mean=self.mean, std=self.std, device=self.device, amp_dtype=self.amp_dtype,
+                                   skipped_csv=self.writer.skipped_csv)
+        self.budget = (BudgetPlanner(conf.time_budget_min * 60.0, self.elapsed_before, self.t_start,
+                                     self.validator.num_images, conf.eval_every_epochs)
+                       if conf.time_budget_min > 0 else None)
+
+    @property
+    def total(self) -> int:
+        """Optimizer steps of the whole run (``schedule.total``; 0 before :meth:`run` plans it)."""
+        return self.schedule.total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.schedule.total = int(value)
 
     # --- setup -----------------------------------------------------------------------------------------
     def _setup_data(self, data: str | Path | Sequence[ImageRecord]) -> None:
         c = self.conf
-        records = load_collection(data) if isinstance(data, (str, Path)) else list(data)
-        records = [r for r in records if r.landmark is not None]
-        if c.data.min_images > 1:
-            counts0 = landmark_counts(records)
-            records = [r for r in records if counts0[r.landmark or ""] >= c.data.min_images]
-        if not records:
-            raise LandmarksError(f"{data}: no labelled images to train on")
-        train, val = stratified_split(records, c.data.val_fraction, seed=c.seed)
         if self.resume_state is not None:
-            classes = [row["landmark"] for row in self.resume_state[1]["classes"]]
+            names: list[str] | None = [row["landmark"] for row in self.resume_state[1]["classes"]]
         elif c.init:
-            classes = [row["landmark"] for row in ckpt.read_meta(c.init)["classes"]]
+            names = [row["landmark"] for row in ckpt.read_meta(c.init)["classes"]]
         else:
-            classes = sorted(landmark_counts(train))
-        self.class_index = {lm: i for i, lm in enumerate(classes)}
-        dropped = sum(1 for r in train if r.landmark not in self.class_index)
-        if dropped:
-            logger.warning("%d training images belong to landmarks outside the class map of %s; ignored",
-                           dropped, c.init)
-        train = [r for r in train if r.landmark in self.class_index]
-        val = [r for r in val if r.landmark in self.class_index]
-        counts = landmark_counts(train)
-        self.classes = [{"landmark": lm, "count": int(counts.get(lm, 0))} for lm in classes]
-        self.class_counts = [max(1, row["count"]) for row in self.classes]
-        self.train_records = train
-        self.val_records = _subsample(val, c.data.max_val_queries, c.seed)
-        self.db_records = _subsample(train, c.data.max_val_db, c.seed + 1)
-        self.labels = [self.class_index[r.landmark or ""] for r in train]
-        if len(train) < c.batch_size:
-            raise LandmarksError(f"{len(train)} training images are fewer than one batch of {c.batch_size}; "
-                                 f"lower --batch-size")
+            names = None
+        split = split_data(data, c, names)
+        self.train_records, self.labels = split.train, split.labels
+        self.val_records, self.db_records = split.val, split.db
+        self.classes, self.class_counts = split.classes, split.class_counts
         if self.dist.is_main:
             logger.info("data: %d training images of %d landmarks, %d validation queries, %d in the kNN database",
-                        len(train), len(classes), len(self.val_records), len(self.db_records))
+                        len(split.train), len(split.classes), len(split.val), len(split.db))
 
-    def _setup_model(self) -> None:
+    def _build_net(self) -> LandmarkNet:
+        """The network, initialised (seeded, or from ``--init``), with its frozen parts frozen."""
         c = self.conf
-        if c.local_only:
-            c.model.local.enabled = True
         torch.manual_seed(c.seed)
         pretrained = "" if (self.resume_state is not None or c.init) else None
         net = LandmarkNet(c.model, len(self.classes), self.class_counts, pretrained=pretrained)
         if c.init and self.resume_state is None:
-            self._load_init(net, c.init)
-        self.mean, self.std = self._preprocessing_stats(net)
+            loaded, new = load_init_weights(net, c.init)
+            if self.dist.is_main:
+                logger.info("initialised from %s (%d tensors%s)", c.init, loaded,
+                            f"; new: {new} local-head tensors" if new else "")
         if net.has_local_head:
             net.local_receptive_field  # noqa: B018 (measure now, stored in meta)
         if c.local_only:
@@ -437,6 +485,12 @@ class Trainer:
         for name, p in net.named_parameters():
             if name in self.frozen_names:
                 p.requires_grad = False
+        return net
+
+    def _setup_model(self) -> None:
+        c = self.conf
+        net = self._build_net()
+        self.mean, self.std = _preprocessing_stats(net)
         self._head_only: bool | None = None  # the head-only phase in force (None: not applied yet)
         self.amp_dtype = resolve_amp(c.amp, self.device)
         net.to(self.device)
@@ -457,39 +511,11 @@ class Trainer:
         self.optimizer = build_optimizer(net, c.optim)
         for g in self.optimizer.param_groups:
             g.setdefault("lr_mult", 1.0)
-        fp16 = self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_grad_scaler(self.amp_dtype,
+                                                                                      self.device.type))
         self.step = 0
         if self.resume_state is not None:
             self._restore(*self.resume_state)
-
-    def _preprocessing_stats(self, net: LandmarkNet) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-        dc = net.backbone.data_config()
-        mean = tuple(float(v) for v in dc.get("mean", (0.485, 0.456, 0.406)))
-        std = tuple(float(v) for v in dc.get("std", (0.229, 0.224, 0.225)))
-        return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
-
-    def _load_init(self, net: LandmarkNet, init: str) -> None:
-        weights = ckpt.resolve_checkpoint(init)
-        state, _ = ckpt._read_safetensors(weights)
-        own = net.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        bad_missing = [k for k in missing if not k.startswith("local.")]
-        if bad_missing or [k for k in unexpected if not k.startswith("local.")]:
-            raise IncompatibleArtifactError(f"{init}: weights do not fit this model (missing {bad_missing[:3]}, "
-                                            f"unexpected {unexpected[:3]}): use the same backbone and sizes")
-        shape = [k for k in state if k in own and own[k].shape != state[k].shape]
-        if shape:
-            raise IncompatibleArtifactError(f"{init}: tensor shapes differ for {shape[:3]}")
-        net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-        meta = ckpt.read_meta(init)
-        rf = (meta.get("local") or {}).get("receptive_field")
-        if net.has_local_head and rf:
-            net.local_receptive_field = (float(rf[0]), float(rf[1]))
-        if self.dist.is_main:
-            logger.info("initialised from %s (%d tensors%s)", init, len(state) - len(unexpected),
-                        f"; new: {len(missing)} local-head tensors" if missing else "")
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -505,7 +531,6 @@ class Trainer:
         if self.dist.is_main:
             logger.info("resuming %s at optimizer step %d", self.out, self.step)
 
-    # --- loaders ---------------------------------------------------------------------------------------
     def _train_loader(self) -> tuple[EpochSampler, torch.utils.data.DataLoader]:
         c = self.conf
         transform = TrainTransform(c.data.image_size, c.data.augment)
@@ -520,19 +545,7 @@ class Trainer:
             multiprocessing_context=worker_context() if workers > 0 else None)
         return sampler, loader
 
-    def _eval_loader(self, records: Sequence[ImageRecord]) -> torch.utils.data.DataLoader:
-        c = self.conf
-        workers = _auto_workers(c.data.num_workers, 1)
-        return torch.utils.data.DataLoader(EvalDataset(records, c.data.image_size), batch_size=max(1, c.batch_size),
-                                           shuffle=False, num_workers=workers, collate_fn=collate,
-                                           multiprocessing_context=worker_context() if workers > 0 else None)
-
     # --- one step ----------------------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
     def _set_train_mode(self) -> None:
         self.model.train()
         if self.conf.local_only:
@@ -560,30 +573,32 @@ class Trainer:
 
     def _phase_for(self, step: int) -> bool:
         """Whether optimizer step ``step`` belongs to the head-only phase."""
-        return step < round(self.conf.finetune.head_only_fraction * self.total)
+        return step < round(self.conf.finetune.head_only_fraction * self.schedule.total)
 
-    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one micro-batch and its statistics as detached 0-d tensors on the device (reading
+        them is a GPU -> CPU sync, left to whoever shows them)."""
         x = normalize_batch(batch["image"], self.mean, self.std, self.device)
         if not self.conf.channels_last:
             x = x.contiguous()
         y = batch["label"].to(self.device, non_blocking=True)
         local_only = self.conf.local_only
-        with self._autocast():
+        with precision.autocast(self.device, self.amp_dtype):
             out = self.model(x, y, global_branch=not local_only, local_branch=True)
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=self.device)
         if "logits" in out:
             ce = margin_cross_entropy(out["logits"], y, self.ce_weight)
             loss = loss + ce
-            stats["loss"] = float(ce.detach())
-            stats["acc"] = float((out["logits"].detach().argmax(1) == y).float().mean())
+            stats["loss"] = ce.detach()
+            stats["acc"] = (out["logits"].detach().argmax(1) == y).float().mean()
         if "local_logits" in out:
             lc = self.conf.model.local
             att = F.cross_entropy(out["local_logits"], y)
             loss = loss + lc.loss_weight * (att + lc.recon_weight * out["recon_loss"])
-            stats["local_loss"] = float(att.detach())
-            stats["recon"] = float(out["recon_loss"].detach())
-            stats["local_acc"] = float((out["local_logits"].detach().argmax(1) == y).float().mean())
+            stats["local_loss"] = att.detach()
+            stats["recon"] = out["recon_loss"].detach()
+            stats["local_acc"] = (out["local_logits"].detach().argmax(1) == y).float().mean()
         return loss, stats
 
     def _optimizer_step(self, total: int, warmup: int) -> None:
@@ -599,9 +614,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def train_step(self, batch: dict[str, Any], micro: int, total: int, warmup: int) -> tuple[dict[str, float], bool]:
+    def train_step(self, batch: dict[str, Any], micro: int, total: int, warmup: int
+                   ) -> tuple[dict[str, torch.Tensor], bool]:
         """One micro-batch (forward, loss, backward); after every ``accumulate``-th micro-batch an optimizer
-        step at the scheduled learning rate. Returns the batch statistics and whether a step was made."""
+        step at the scheduled learning rate. Returns the batch statistics (0-d tensors on the device) and
+        whether a step was made.
+
+        On a CPU a non-finite loss raises before its backward pass; on a GPU the check waits for the
+        next read of the statistics (:func:`read_stats`), so that no step waits for the GPU."""
         acc_n = self.conf.optim.accumulate
         sync = (micro + 1) % acc_n == 0
         if micro % acc_n == 0 and self.conf.finetune.head_only_fraction > 0:
@@ -610,19 +630,33 @@ class Trainer:
         ctx = self.model.no_sync() if (ddp and not sync) else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:
             loss, stats = self._forward_loss(batch)
-            if not torch.isfinite(loss):
-                raise LandmarksError(f"the loss became {float(loss)} at step {self.step}: lower the learning "
-                                     f"rate (optim.lr) or enable gradient clipping (optim.grad_clip)")
+            if self.device.type != "cuda":
+                read_stats({"loss": loss.detach()}, self.step)
             self.scaler.scale(loss / acc_n).backward()
         if sync:
             self._optimizer_step(total, warmup)
         return stats, sync
 
-    def _micro_batches(self, loader: torch.utils.data.DataLoader, skipped: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
-        for batch in loader:
-            if batch["skipped"]:
-                skipped.extend(batch["skipped"])
-            yield batch
+    # --- head warm-up -----------------------------------------------------------------------------------
+    def _cached_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The training images' GeM-pooled backbone features ``(N, C)`` float32, their labels ``(N,)`` and
+        (with a local head) their stride-16 maps, computed once (inference preprocessing, no augmentation)."""
+        net = self.net
+        net.eval()
+        pooled, maps, labels = [], [], []
+        with torch.no_grad():
+            for batch in self.validator.loader(self.train_records):
+                keep = batch["ok"].bool()
+                x = normalize_batch(batch["image"], self.mean, self.std, self.device)
+                with precision.autocast(self.device, self.amp_dtype):
+                    if net.local is not None:
+                        fmap, fmap16 = net.backbone.forward_with_local(x)
+                        maps.append(fmap16.float()[keep.to(x.device)])
+                    else:
+                        fmap = net.backbone(x)
+                    pooled.append(net.pool(fmap).float()[keep.to(x.device)])
+                labels.append(torch.as_tensor([self.labels[int(i)] for i in batch["index"]])[keep])
+        return torch.cat(pooled), torch.cat(labels).to(self.device), (torch.cat(maps) if maps else None)
 
     def head_warmup(self) -> dict[str, float]:
         """Train the neck, the margin head (and the local head) for ``finetune.head_warmup_epochs`` epochs on
@@ -641,22 +675,7 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         net = self.net
-        net.eval()
-        pooled, maps, labels = [], [], []
-        with torch.no_grad():
-            for batch in self._eval_loader(self.train_records):
-                keep = batch["ok"].bool()
-                x = normalize_batch(batch["image"], self.mean, self.std, self.device)
-                with self._autocast():
-                    if net.local is not None:
-                        fmap, fmap16 = net.backbone.forward_with_local(x)
-                        maps.append(fmap16.float()[keep.to(x.device)])
-                    else:
-                        fmap = net.backbone(x)
-                    pooled.append(net.pool(fmap).float()[keep.to(x.device)])
-                labels.append(torch.as_tensor([self.labels[int(i)] for i in batch["index"]])[keep])
-        xs, ys = torch.cat(pooled), torch.cat(labels).to(self.device)
-        ms = torch.cat(maps) if maps else None
+        xs, ys, ms = self._cached_features()
         local, head = net.local, net.head
         if head is None:
             raise ConfigError("finetune.head_warmup_epochs needs a margin head (the model has none)")
@@ -671,15 +690,16 @@ class Trainer:
         per_epoch = max(1, len(xs) // bs)
         total = epochs * per_epoch
         lc = c.model.local
+        budget_s = self.budget.budget_s if self.budget is not None else None
         for m in modules:
             m.train()
         loss_sum = acc_sum = 0.0
         step, t_steps = 0, time.perf_counter()
         while step < total:
-            if step == 3 and self.budget_s is not None:
+            if step == 3 and budget_s is not None:
                 # A time budget caps the warm-up at a quarter of the budget (a loaded CPU may be 20x slower).
                 step_s = (time.perf_counter() - t_steps) / 3
-                left = 0.25 * self.budget_s - (time.perf_counter() - self.t_start)
+                left = 0.25 * budget_s - (time.perf_counter() - self.t_start)
                 total = max(step, min(total, int(left / max(step_s, 1e-6))))
                 if step >= total:
                     break
@@ -701,156 +721,49 @@ class Trainer:
             acc_sum += float((logits.detach().argmax(1) == ys[i]).float().mean())
             step += 1
         n = max(1, total - (total - 1) // per_epoch * per_epoch)
-        out = {"epochs": round(total / per_epoch, 2), "steps": total, "loss": round(loss_sum / n, 4), "acc": round(acc_sum / n, 3),
-               "seconds": round(time.perf_counter() - t0, 1)}
+        out = {"epochs": round(total / per_epoch, 2), "steps": total, "loss": round(loss_sum / n, 4),
+               "acc": round(acc_sum / n, 3), "seconds": round(time.perf_counter() - t0, 1)}
         if self.dist.is_main:
             logger.info("head warm-up on cached features of %d images: %s", len(xs), out)
         return out
 
-    # --- evaluation ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def embed(self, records: Sequence[ImageRecord], timing: dict[str, float] | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Embed ``records`` with the current weights: ``(N, D)`` float32 L2-normalised, ``(N,)`` ok mask,
-        and the local head's ``(N,)`` predicted classes (None without a local head).
-
-        ``timing``, when given, receives ``s_per_image`` measured after the first batch (the steady
-        rate, without worker start-up)."""
-        net = self.net
-        was_training = net.training
-        net.eval()
-        embs = np.zeros((len(records), net.embedding_dim), np.float32)
-        ok = np.zeros(len(records), bool)
-        local_pred = np.zeros(len(records), np.int64) if net.has_local_head else None
-        t_first, n_after = 0.0, 0
-        try:
-            for batch in self._eval_loader(records):
-                if t_first:
-                    n_after += int(batch["image"].shape[0])
-                x = normalize_batch(batch["image"], self.mean, self.std, self.device)
-                with self._autocast():
-                    if net.local is not None:
-                        fmap, fmap16 = net.backbone.forward_with_local(x)
-                        local_logits = net.local(fmap16)["logits"]
-                    else:
-                        fmap = net.backbone(x)
-                    emb = F.normalize(net.neck(net.pool(fmap)).float(), dim=1)
-                idx = batch["index"].numpy()
-                if batch["skipped"] and self.dist.is_main:
-                    log = SkippedLog(self.out / ckpt.SKIPPED_FILE)
-                    for path, reason in batch["skipped"]:
-                        log.add(path, reason)
-                embs[idx] = emb.cpu().numpy()
-                ok[idx] = batch["ok"].numpy()
-                if local_pred is not None:
-                    local_pred[idx] = local_logits.argmax(1).cpu().numpy()
-                if not t_first:
-                    t_first = time.perf_counter()
-        finally:
-            net.train(was_training)
-        if timing is not None and n_after:
-            timing["s_per_image"] = (time.perf_counter() - t_first) / n_after
-        return embs, ok, local_pred
-
-    def evaluate(self) -> dict[str, Any]:
-        """kNN GAP / top-1 of the validation queries against the training images (rank 0).
-
-        Also returns ``eval_s``, the wall time it took."""
-        from landmarks.metrics import global_average_precision, top1_accuracy
-
-        if not self.val_records:
-            return {}
-        t = time.perf_counter()
-        xq, okq, local_pred = self.embed(self.val_records)
-        xb, okb, _ = self.embed(self.db_records)
-        yb = np.array([self.class_index[r.landmark or ""] for r in self.db_records], np.int64)
-        q_idx = np.flatnonzero(okq)
-        pred, score = knn_predict(xq[q_idx], xb[okb], yb[okb], k=self.conf.knn_k)
-        classes = [row["landmark"] for row in self.classes]
-        predictions = {self.val_records[i].id: (classes[p], float(s)) for i, p, s in zip(q_idx, pred, score)}
-        solution = {r.id: [r.landmark or ""] for r in self.val_records}
-        out: dict[str, Any] = {
-            "val_gap": float(global_average_precision(predictions, solution)),
-            "val_top1": float(top1_accuracy(predictions, solution)),
-            "val_queries": len(self.val_records), "val_db": int(okb.sum()),
-        }
-        if local_pred is not None:
-            yq = np.array([self.class_index[r.landmark or ""] for r in self.val_records], np.int64)
-            out["val_local_acc"] = float((local_pred[q_idx] == yq[q_idx]).mean()) if len(q_idx) else 0.0
-        out["eval_s"] = round(time.perf_counter() - t, 3)
+    # --- what is written ------------------------------------------------------------------------------
+    def resolved_config(self) -> dict[str, Any]:
+        """The config as run: ``conf`` with ``steps`` and ``epochs`` of the schedule (once planned)."""
+        out = to_dict(self.conf)
+        if self.schedule.total and self.spe:
+            out["steps"], out["epochs"] = self.schedule.total, math.ceil(self.schedule.total / self.spe)
         return out
-
-    # --- checkpoints ------------------------------------------------------------------------------------
-    def meta(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        """The meta dict saved with the weights."""
-        c = self.conf
-        h = c.model.head
-        preprocessing = Preprocess(c.data.image_size, self.mean, self.std).to_dict()
-        local = None
-        if self.net.has_local_head:
-            rf, pad = self.net.local_receptive_field
-            local = {"stride": self.net.local_stride, "receptive_field": [rf, pad], "dim": c.model.local.dim,
-                     "stage": self.net.backbone.local_module, "channels": self.net.backbone.local_channels}
-        return {
-            "format": "landmarks-run", "name": self.out.name, "config": to_dict(c), "data": self.data_source,
-            "num_classes": len(self.classes), "classes": self.classes,
-            "embedding_dim": self.net.embedding_dim, "preprocessing": preprocessing,
-            "margins": {"kind": h.kind, "scale": h.scale, "margin_rad": h.margin_rad, "dynamic": h.dynamic_margins,
-                        "a": h.margin_a, "b": h.margin_b, "subcenters": h.subcenters,
-                        "class_weighted": h.class_weighted},
-            "gem_p": float(self.net.pool.p.detach().float().cpu()[0]),
-            "pretrained": self.net.backbone.pretrained_info,
-            "local": local, "epoch": epoch, "step": self.step, "metrics": metrics,
-            "versions": ckpt.library_versions(), **ckpt.git_info(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
 
     def train_state(self, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors + JSON of everything ``--resume`` needs."""
-        tensors = {f"model.{k}": v for k, v in ckpt.cpu_state_dict(self.net).items()}
-        opt_t, opt_info = ckpt.optimizer_state(self.optimizer)
-        rng_t, rng_info = ckpt.rng_state()
-        tensors.update(opt_t)
-        tensors.update(rng_t)
-        state = {
-            "step": self.step, "epoch": epoch, "total_steps": self.total, "warmup": self.warmup,
-            "eval_every": self.eval_every, "replan_every": self.replan_every,
-            "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
-            "config": to_dict(self.conf), "data": self.data_source, "classes": self.classes, "optimizer": opt_info,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}, "rng": rng_info,
-            "local_receptive_field": list(self.net.local_receptive_field) if self.net.has_local_head else None,
-        }
-        return tensors, state
+        return training_state(self.resolved_config(), self.net, self.optimizer, self.scaler, self.schedule,
+                              step=self.step, epoch=epoch,
+                              elapsed_s=self.elapsed_before + (time.perf_counter() - self.t_start),
+                              classes=self.classes, data_source=self.data_source)
 
     def save_state(self, epoch: int) -> None:
         """Write ``train_state.safetensors`` (rank 0)."""
         if self.dist.is_main:
-            ckpt.save_train_state(self.out, *self.train_state(epoch))
+            self.writer.save_state(self.train_state(epoch))
 
-    def _append_log(self, row: dict[str, Any]) -> None:
-        path = self.out / ckpt.LOG_FILE
-        rows = []
-        if path.exists():
-            with open(path, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        rows = [r for r in rows if r.get("epoch") != row["epoch"]] + [row]
-        rows.sort(key=lambda r: r.get("epoch", 0))
-        with atomic_write(path) as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    def meta(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The meta dict saved with the weights."""
+        pre = Preprocess(self.conf.data.image_size, self.mean, self.std)
+        return run_meta(self.resolved_config(), self.net, self.classes, pre, name=self.out.name,
+                        data_source=self.data_source, epoch=epoch, step=self.step, metrics=metrics)
 
     # --- planning ---------------------------------------------------------------------------------------
-    def _measure(self, sampler: EpochSampler, loader: torch.utils.data.DataLoader, warm: int = 2,
-                 steps: int = 6) -> dict[str, float]:
+    def measure_rates(self, sampler: EpochSampler, loader: torch.utils.data.DataLoader, warm: int = 2,
+                      steps: int = 6) -> Rates:
         """Time a few real training steps (the weights and optimizer are restored afterwards), one
-        evaluation batch and one checkpoint write."""
+        validation's rate and one checkpoint write (the last two on rank 0; 0 elsewhere)."""
         model_state = copy.deepcopy(self.net.state_dict())
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         rng = torch.get_rng_state()
         head_only = self._head_only
         self._apply_head_only(False)  # time the slower steps (backbone trainable): the bulk of a run
-        n = min(warm + steps, sampler.batches_per_epoch)
-        sampler.set_epoch(0, 0, n)
+        sampler.set_epoch(0, 0, min(warm + steps, sampler.batches_per_epoch))
         times = []
         t = time.perf_counter()
         for batch in loader:
@@ -858,6 +771,8 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":  # time the GPU's work, not the queueing of its kernels
+                torch.cuda.synchronize(self.device)
             now = time.perf_counter()
             times.append(now - t)
             t = now
@@ -873,149 +788,97 @@ class Trainer:
             probe = self.db_records[: 4 * max(1, self.conf.batch_size)]
             timing: dict[str, float] = {}
             t = time.perf_counter()
-            self.embed(probe, timing)
+            self.validator.embed(self.net, probe, timing)
             eval_img_s = timing.get("s_per_image", (time.perf_counter() - t) / max(1, len(probe)))
-            t = time.perf_counter()
-            tmp = self.out / ".probe"
-            ckpt.save_train_state(tmp, *self.train_state(0))
-            ckpt_s = time.perf_counter() - t
-            for p in tmp.iterdir():
-                p.unlink()
-            tmp.rmdir()
-        self._last_eval_img_s = eval_img_s
-        self._last_ckpt_s = ckpt_s
-        return {"step_s": step_s * self.conf.optim.accumulate, "eval_img_s": eval_img_s, "ckpt_s": ckpt_s}
+            ckpt_s = self.writer.time_state_write(self.train_state(0))
+        return Rates(step_s * self.conf.optim.accumulate, eval_img_s, ckpt_s)
 
-    def _plan(self, remaining_s: float, rates: dict[str, float], spe: int) -> tuple[int, int]:
-        eval_s = rates["eval_img_s"] * (len(self.val_records) + len(self.db_records)) + 1.0
-        ckpt_s = rates["ckpt_s"]
-        steps, every = plan_steps(remaining_s, rates["step_s"], spe, eval_s, epoch_overhead_s=2 * ckpt_s + 0.5,
-                                  final_s=2 * ckpt_s + 0.02 * remaining_s, eval_every=self.conf.eval_every_epochs)
-        return steps, every
-
-    # --- the loop -----------------------------------------------------------------------------------------
     def _warmup_for(self, total: int) -> int:
         o = self.conf.optim
         warmup = o.warmup_steps if o.warmup_steps >= 0 else round(o.warmup_fraction * total)
         return min(warmup, max(0, total - 1))
 
-    def _set_total(self, total: int, spe: int) -> None:
+    def _set_total(self, total: int) -> None:
         """Adopt a (re-planned) schedule length; the warm-up follows it until it is over."""
-        if self.step < self.warmup or self.total == 0:
-            self.warmup = self._warmup_for(total)
-        self.total = total
-        self.conf.steps = total
-        self.conf.epochs = math.ceil(total / spe)
+        sch = self.schedule
+        if self.step < sch.warmup or sch.total == 0:
+            sch.warmup = self._warmup_for(total)
+        sch.total = total
 
-    def run(self) -> TrainResult:
-        """Train to the end of the schedule; returns the :class:`TrainResult`."""
-        c, dist = self.conf, self.dist
-        if dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        sampler, loader = self._train_loader()
-        spe = sampler.batches_per_epoch // c.optim.accumulate
-        if spe < 1:
-            raise LandmarksError(f"an epoch of {len(self.train_records)} images has no complete optimizer step "
-                                 f"(batch {c.batch_size} x accumulate {c.optim.accumulate})")
-        self.skipped_log = SkippedLog(self.out / ckpt.SKIPPED_FILE) if dist.is_main else None
-        self.replan_every = 0
+    def _plan_schedule(self, sampler: EpochSampler, loader: torch.utils.data.DataLoader) -> None:
+        """The schedule of this session: the saved one when resuming, else the configured length or, under
+        a time budget, what fits (measured first); validates the untrained model when asked."""
+        c, dist, sch = self.conf, self.dist, self.schedule
         if self.resume_state is not None:
             st = self.resume_state[1]
-            self.total = int(st["total_steps"])
-            self.warmup = int(st.get("warmup", self._warmup_for(self.total)))
-            self.eval_every = int(st.get("eval_every", c.eval_every_epochs))
-            self.replan_every = int(st.get("replan_every", 0))
-        else:
-            self.eval_every = c.eval_every_epochs
-            total = c.steps if c.steps > 0 else c.epochs * spe
-            self.head_warmup()
-            rates = dist.broadcast(self._measure(sampler, loader)) if self.budget_s is not None else {}
-            if c.eval_at_start and dist.is_main:
-                m = self.evaluate()
-                self._append_log({"epoch": 0, "step": 0, **m})
-                logger.info("epoch 0 (untrained): %s", _fmt_metrics(m))
-                if rates and "eval_s" in m:  # the real cost of one validation, for the plan
-                    rates["eval_img_s"] = float(m["eval_s"]) / max(1, len(self.val_records) + len(self.db_records))
-            if self.budget_s is not None:
-                rates = dist.broadcast(rates)
-                self._last_eval_img_s = rates["eval_img_s"]
-                remaining = self.budget_s - (time.perf_counter() - self.t_start)
-                total, self.eval_every = self._plan(remaining, rates, spe)
-                total, self.eval_every = dist.broadcast((total, self.eval_every))
-                # Re-plan every ~5 % of the budget (at least 10 s) of steps, at the same steps on all ranks.
-                self.replan_every = max(1, int(max(10.0, 0.05 * self.budget_s) / max(rates["step_s"], 1e-6)))
-                if dist.is_main:
-                    logger.info("time budget %.1f min: %.3f s/step, %.1f ms/image to validate: %d steps planned "
-                                "(%.1f epochs), validation every %d epoch(s)", c.time_budget_min, rates["step_s"],
-                                1000 * rates["eval_img_s"], total, total / spe, self.eval_every)
-            self._set_total(total, spe)
-        if dist.is_main:
-            write_json(self.out / ckpt.CONFIG_FILE, to_dict(c))
+            sch.total = int(st["total_steps"])
+            sch.warmup = int(st.get("warmup", self._warmup_for(sch.total)))
+            sch.eval_every = int(st.get("eval_every", c.eval_every_epochs))
+            sch.replan_every = int(st.get("replan_every", 0))
+            return
+        total = c.steps if c.steps > 0 else c.epochs * self.spe
+        self.head_warmup()
+        rates = dist.broadcast(self.measure_rates(sampler, loader)) if self.budget is not None else None
+        if c.eval_at_start and dist.is_main:
+            m = self.validator.evaluate(self.net)
+            self.writer.append_log({"epoch": 0, "step": 0, **m})
+            logger.info("epoch 0 (untrained): %s", _fmt_metrics(m))
+            if rates is not None and "eval_s" in m:  # the real cost of one validation, for the plan
+                rates.eval_img_s = float(m["eval_s"]) / max(1, self.validator.num_images)
+        if self.budget is not None:
+            rates = dist.broadcast(rates)
+            assert rates is not None
+            total, every, sch.replan_every = self.budget.first_plan(rates, self.spe)
+            total, sch.eval_every = dist.broadcast((total, every))
+            if dist.is_main:
+                logger.info("time budget %.1f min: %.3f s/step, %.1f ms/image to validate: %d steps planned "
+                            "(%.1f epochs), validation every %d epoch(s)", c.time_budget_min, rates.step_s,
+                            1000 * rates.eval_img_s, total, total / self.spe, sch.eval_every)
+        self._set_total(total)
+
+    def _replan(self, row: dict[str, Any], step_s: float | None = None) -> None:
+        """Re-size the schedule to the time left (rank 0 decides, every rank adopts it at the same step)."""
+        assert self.budget is not None
+        sch = self.schedule
+        new = self.budget.replan(self.step, sch.total, sch.eval_every, self.spe, row, step_s)
+        new_total, sch.eval_every = self.dist.broadcast(new)
+        if new_total != sch.total:
+            if self.dist.is_main:
+                logger.debug("time budget: re-planned %d -> %d steps", sch.total, new_total)
+            self._set_total(new_total)
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train to the end of the schedule; returns the :class:`TrainResult`."""
+        dist = self.dist
+        self.writer.prepare()
+        dist.barrier()
+        sampler, loader = self._train_loader()
+        self.spe = sampler.batches_per_epoch // self.conf.optim.accumulate
+        if self.spe < 1:
+            raise LandmarksError(f"an epoch of {len(self.train_records)} images has no complete optimizer step "
+                                 f"(batch {self.conf.batch_size} x accumulate {self.conf.optim.accumulate})")
+        self._plan_schedule(sampler, loader)
+        self.writer.write_config(self.resolved_config())
         dist.barrier()
         last_row: dict[str, Any] = {}
-        stop = {"flag": False}
-        prev_handler = None
-        if dist.is_main and dist.world_size == 1:
-            prev_handler = signal.getsignal(signal.SIGTERM)
-
-            def _on_term(signum: int, frame: Any) -> None:
-                stop["flag"] = True
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGTERM, _on_term)
-        try:
-            while self.step < self.total:
-                last_row = self._run_epoch(self.step // spe, sampler, loader, spe, stop)
-                if stop["flag"]:
-                    raise KeyboardInterrupt
-                if self.budget_s is not None and self.step < self.total:
-                    self._replan(last_row, spe)
-        except KeyboardInterrupt:
-            if dist.is_main:
-                logger.warning("interrupted at step %d: state saved, continue with --resume", self.step)
-                self.save_state(self.step // spe)
-            raise
-        finally:
-            if prev_handler is not None:
-                with contextlib.suppress(ValueError):
-                    signal.signal(signal.SIGTERM, prev_handler)
+        with _stop_on_sigterm(dist.is_main and dist.world_size == 1) as stop:
+            try:
+                while self.step < self.schedule.total:
+                    last_row = self._run_epoch(self.step // self.spe, sampler, loader, stop)
+                    if stop["flag"]:
+                        raise KeyboardInterrupt
+                    if self.budget is not None and self.step < self.schedule.total:
+                        self._replan(last_row)
+            except KeyboardInterrupt:
+                if dist.is_main:
+                    logger.warning("interrupted at step %d: state saved, continue with --resume", self.step)
+                    self.save_state(self.step // self.spe)
+                raise
         elapsed = time.perf_counter() - self.t_start
         if dist.is_main:
             logger.info("done: %d steps in %.1f s this session; run folder %s", self.step, elapsed, self.out)
-        return TrainResult(self.out, self.step, math.ceil(self.step / spe), last_row, elapsed)
-
-    def _eval_estimate(self, rates: dict[str, float]) -> float:
-        return rates["eval_img_s"] * (len(self.val_records) + len(self.db_records)) + 1.0
-
-    def _replan(self, row: dict[str, Any], spe: int, step_s: float | None = None) -> None:
-        """Re-size the schedule to the time left, from measured step, evaluation and checkpoint times
-        (rank 0 decides, every rank adopts it at the same step)."""
-        assert self.budget_s is not None
-        elapsed = self.elapsed_before + time.perf_counter() - self.t_start
-        remaining = self.budget_s - elapsed
-        if step_s is None:
-            epoch_rate = float(row.get("train_s", 1.0)) / max(1, int(row.get("epoch_steps", 1)))
-            step_s = 0.5 * (epoch_rate + self._train_s / max(1, self._train_steps))
-        n_eval = max(1, len(self.val_records) + len(self.db_records))
-        rates = {"step_s": step_s, "eval_img_s": float(row["eval_s"]) / n_eval if "eval_s" in row
-                 else self._last_eval_img_s, "ckpt_s": float(row.get("ckpt_s", self._last_ckpt_s))}
-        if "eval_s" in row:
-            self._last_eval_img_s = rates["eval_img_s"]
-        if "ckpt_s" in row:
-            self._last_ckpt_s = float(row["ckpt_s"])
-        # Time still owed to the epoch in progress: its evaluation and checkpoint.
-        owed = (2 * rates["ckpt_s"] + self._eval_estimate(rates)) if self.step % spe else 0.0
-        more, every = self._plan(remaining - owed, rates, spe)
-        total = self.total
-        new_total, new_every = total, self.eval_every
-        if abs(self.step + more - total) > 0.02 * total:
-            new_total, new_every = max(self.step, self.step + more), max(self.eval_every, every)
-        new_total, new_every = self.dist.broadcast((new_total, new_every))
-        self.eval_every = new_every
-        if new_total != total:
-            if self.dist.is_main:
-                logger.debug("time budget: re-planned %d -> %d steps (%.0f s left)", total, new_total, remaining)
-            self._set_total(new_total, spe)
+        return TrainResult(self.out, self.step, math.ceil(self.step / self.spe), last_row, elapsed)
 
     def _average_bn_stats(self) -> None:
         """Under DDP, average the BatchNorm running statistics over the ranks (each rank updated them
@@ -1027,83 +890,137 @@ class Trainer:
                 torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
                 buf.div_(self.dist.world_size)
 
-    def _run_epoch(self, epoch: int, sampler: EpochSampler, loader: torch.utils.data.DataLoader, spe: int,
-                   stop: dict[str, bool]) -> dict[str, Any]:
-        """Train from the current step to the end of ``epoch`` (or of the schedule), then validate,
-        checkpoint and log."""
-        c, dist = self.conf, self.dist
+    def _epoch_images(self, epoch: int, start_step: int) -> int:
+        """Images the rest of ``epoch`` will train on (for the progress bar), from ``start_step`` in it."""
+        c = self.conf
+        return (min(self.spe, self.schedule.total - epoch * self.spe) - start_step) * c.optim.accumulate * c.batch_size
+
+    def _train_epoch(self, epoch: int, sampler: EpochSampler, loader: torch.utils.data.DataLoader,
+                     stop: dict[str, bool]) -> _EpochTally:
+        """The optimizer steps from the current one to the end of ``epoch`` (or of the schedule, or a stop);
+        re-plans mid-epoch under a time budget and writes the periodic checkpoints."""
+        c, dist, spe = self.conf, self.dist, self.spe
         acc_n = c.optim.accumulate
         start_step = self.step - epoch * spe
-        planned_end = min(spe, self.total - epoch * spe)
+        planned_end = min(spe, self.schedule.total - epoch * spe)
         # A time-budgeted schedule may grow during the epoch: let the sampler run to the epoch's end.
-        sampler.set_epoch(epoch, start_step * acc_n, (spe if self.budget_s is not None else planned_end) * acc_n)
+        sampler.set_epoch(epoch, start_step * acc_n, (spe if self.budget is not None else planned_end) * acc_n)
         self._set_train_mode()
-        bar = Progress(total=(planned_end - start_step) * acc_n * c.batch_size,
-                       desc=f"epoch {epoch + 1}/{math.ceil(self.total / spe)}", unit="img",
+        bar = Progress(total=self._epoch_images(epoch, start_step),
+                       desc=f"epoch {epoch + 1}/{math.ceil(self.schedule.total / spe)}", unit="img",
                        interval_s=c.log_interval_s, disable=not dist.is_main)
-        sums: dict[str, float] = {}
-        count = 0
-        skipped: list[tuple[str, str]] = []
+        tally = _EpochTally(first_step=self.step)
         t0 = window_t = time.perf_counter()
-        window_step = first_step = self.step
-        micro = 0
-        for batch in self._micro_batches(loader, skipped):
-            stats, stepped = self.train_step(batch, micro, self.total, self.warmup)
-            micro += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            bar.update(int(batch["image"].shape[0]) * dist.world_size, loss=round(stats.get("loss", stats.get(
-                "local_loss", 0.0)), 4), acc=round(stats.get("acc", stats.get("local_acc", 0.0)), 3),
-                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        window_step = self.step
+        read_every = 1 if self.device.type != "cuda" else _GPU_READ_EVERY
+        for micro, batch in enumerate(loader):
+            tally.skipped.extend(batch["skipped"])
+            stats, stepped = self.train_step(batch, micro, self.schedule.total, self.schedule.warmup)
+            tally.add(stats)
+            n_img = int(batch["image"].shape[0]) * dist.world_size
+            if (micro + 1) % read_every:
+                bar.update(n_img)
+            else:
+                vals = read_stats(stats, self.step)
+                bar.update(n_img, loss=round(vals.get("loss", vals.get("local_loss", 0.0)), 4),
+                           acc=round(vals.get("acc", vals.get("local_acc", 0.0)), 3),
+                           lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
             if not stepped:
                 continue
-            if self.replan_every and self.step % self.replan_every == 0 and self.step < self.total:
+            sch = self.schedule
+            if self.budget is not None and sch.replan_every and self.step % sch.replan_every == 0 \
+                    and self.step < sch.total:
                 now = time.perf_counter()
                 window = (now - window_t) / max(1, self.step - window_step)
-                overall = (self._train_s + now - t0) / max(1, self._train_steps + self.step - first_step)
-                self._replan({}, spe, step_s=0.5 * (window + overall))
+                overall = self.budget.mean_step_s(now - t0, self.step - tally.first_step)
+                self._replan({}, step_s=0.5 * (window + overall))
                 window_t, window_step = now, self.step
-                if bar.total != (min(spe, self.total - epoch * spe) - start_step) * acc_n * c.batch_size:
-                    bar.total = (min(spe, self.total - epoch * spe) - start_step) * acc_n * c.batch_size
-            if c.checkpoint_every_steps and self.step % c.checkpoint_every_steps == 0 and self.step < self.total:
+                bar.total = self._epoch_images(epoch, start_step)
+            if c.checkpoint_every_steps and self.step % c.checkpoint_every_steps == 0 and self.step < sch.total:
                 self.save_state(epoch)
-            if stop["flag"] or self.step >= self.total:
+            if stop["flag"] or self.step >= sch.total:
                 break
         bar.close()
-        train_s = time.perf_counter() - t0
-        self._train_s += train_s
-        self._train_steps += self.step - first_step
+        tally.train_s = time.perf_counter() - t0
+        if self.budget is not None:
+            self.budget.add_training_time(tally.train_s, self.step - tally.first_step)
+        return tally
+
+    def _run_epoch(self, epoch: int, sampler: EpochSampler, loader: torch.utils.data.DataLoader,
+                   stop: dict[str, bool]) -> dict[str, Any]:
+        """Train to the end of ``epoch`` (or of the schedule), then validate, checkpoint and log; returns the
+        epoch's log row ({} when stopped)."""
+        tally = self._train_epoch(epoch, sampler, loader, stop)
         if stop["flag"]:
             return {}
         self._average_bn_stats()
-        epoch_steps = self.step - (epoch * spe + start_step)
-        images = epoch_steps * acc_n * c.batch_size
-        all_skipped = [s for part in dist.gather(skipped) for s in part]
+        c, dist = self.conf, self.dist
+        epoch_steps = self.step - tally.first_step
+        images = epoch_steps * c.optim.accumulate * c.batch_size
+        all_skipped = [s for part in dist.gather(tally.skipped) for s in part]
+        means = read_stats({k: v / max(1, tally.count) for k, v in tally.sums.items()}, self.step)
         row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step,
                                "lr": self.optimizer.param_groups[0]["lr"],
-                               **{f"train_{k}": v / max(1, count) for k, v in sums.items()},
-                               "images_per_s": round(images / train_s, 2) if train_s > 0 else 0.0,
-                               "train_s": round(train_s, 3), "epoch_steps": epoch_steps,
+                               **{f"train_{k}": v for k, v in means.items()},
+                               "images_per_s": round(images / tally.train_s, 2) if tally.train_s > 0 else 0.0,
+                               "train_s": round(tally.train_s, 3), "epoch_steps": epoch_steps,
                                "gem_p": float(self.net.pool.p.detach().float().cpu()[0])}
-        if dist.is_main and self.skipped_log is not None:
-            for path, reason in all_skipped:
-                self.skipped_log.add(path, reason)
-            row["skipped"] = len(all_skipped)
-        is_last = self.step >= self.total
-        epoch_done = self.step % spe == 0 or is_last
         if dist.is_main:
-            if (epoch + 1) % self.eval_every == 0 or is_last:
-                row.update(self.evaluate())
-            row["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.t_start, 2)
-            t = time.perf_counter()
-            ckpt.save_model(self.out, self.net, self.meta(epoch + 1, row))
-            self.save_state(epoch + 1 if epoch_done else epoch)
-            row["ckpt_s"] = round(time.perf_counter() - t, 3)
-            self._append_log(row)
-            logger.info("epoch %d/%d: %s", epoch + 1, math.ceil(self.total / spe), _fmt_metrics(row))
+            self.writer.add_skipped(all_skipped)
+            row["skipped"] = len(all_skipped)
+            self._end_epoch(epoch, row)
         dist.barrier()
         return dist.broadcast(row)
+
+    def _end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        """Rank 0 at an epoch's end: validate (every ``eval_every`` epochs and at the end), write the model,
+        the training state and the log row."""
+        is_last = self.step >= self.schedule.total
+        epoch_done = self.step % self.spe == 0 or is_last
+        if (epoch + 1) % self.schedule.eval_every == 0 or is_last:
+            row.update(self.validator.evaluate(self.net))
+        row["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.t_start, 2)
+        t = time.perf_counter()
+        self.writer.save_model(self.net, self.meta(epoch + 1, row))
+        self.save_state(epoch + 1 if epoch_done else epoch)
+        row["ckpt_s"] = round(time.perf_counter() - t, 3)
+        self.writer.append_log(row)
+        logger.info("epoch %d/%d: %s", epoch + 1, math.ceil(self.schedule.total / self.spe), _fmt_metrics(row))
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(enabled: bool) -> Iterator[dict[str, bool]]:
+    """Within the block, SIGTERM sets ``flag`` (the loop stops at the next step and saves its state) instead
+    of killing the process; the previous handler is restored on exit. A plain flag when not ``enabled``."""
+    stop = {"flag": False}
+    prev = signal.getsignal(signal.SIGTERM) if enabled else None
+
+    def _on_term(signum: int, frame: Any) -> None:
+        stop["flag"] = True
+    if enabled:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, _on_term)
+    try:
+        yield stop
+    finally:
+        if prev is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, prev)
+
+
+#: On a GPU, read the step statistics (a GPU -> CPU sync that drains the queue of kernels) every this
+#: many micro-batches only: the progress line's loss is at most this many steps old.
+_GPU_READ_EVERY = 20
+
+
+def read_stats(stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """The statistics as Python floats (one sync); raises :class:`LandmarksError` when a loss is not finite."""
+    vals = {k: float(v) for k, v in stats.items()}
+    for k in ("loss", "local_loss"):
+        if k in vals and not math.isfinite(vals[k]):
+            raise LandmarksError(f"the loss became {vals[k]} by step {step}: lower the learning rate (optim.lr) "
+                                 f"or enable gradient clipping (optim.grad_clip)")
+    return vals
 
 
 def _fmt_metrics(row: dict[str, Any]) -> str:
@@ -1134,7 +1051,7 @@ def train(conf: TrainConfig, data: str | Path | Sequence[ImageRecord], out: str 
     dist = Dist.from_env(device)
     try:
         devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), precision.cudnn_benchmark(dist.device):
             trainer = Trainer(conf, data, out, resume=resume, time_budget_min=time_budget_min, dist=dist)
             if on_trainer is not None:
                 on_trainer(trainer)

@@ -64,9 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="verification processes of --rerank local (default: CPUs - 1, at most 8; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-ranking's RANSAC (default 0)")
     parser.add_argument("--qe", type=int, default=None, metavar="N",
-                        help="alpha query expansion: add each query's N nearest index images (weighted by "
-                             "similarity^alpha) and search again (default 0: off)")
+                        help="alpha query expansion of the --retrieval list: add each query's N nearest index "
+                             "images (weighted by similarity^alpha) and search again (default 0: off)")
     parser.add_argument("--qe-alpha", type=float, default=None, metavar="A", help="alpha of --qe (default 3)")
+    parser.add_argument("--qe-vote", action="store_true",
+                        help="let the expanded queries vote too (default: voting uses the plain query)")
     parser.add_argument("--model", default=None, help="the model run (default: the one recorded in the index)")
     add_extraction_arguments(parser)
 
@@ -92,6 +94,8 @@ def _config(args: argparse.Namespace) -> RecognizeConfig:
         conf.qe_n = args.qe
     if args.qe_alpha is not None:
         conf.qe_alpha = args.qe_alpha
+    if args.qe_vote:
+        conf.qe_vote = True
     conf.__post_init__()
     return conf
 

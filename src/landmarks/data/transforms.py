@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,9 +160,19 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
     """
     x = images.to(device, non_blocking=True) if device is not None else images
     x = x.permute(0, 3, 1, 2).float()  # a channels-last strided NCHW view
-    m = torch.tensor([v * 255.0 for v in mean], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    sd = torch.tensor([v * 255.0 for v in std], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    m, sd = _norm_constants(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
     return ((x - m) / sd).contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=32)
+def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``255 * mean`` and ``255 * std`` as ``(1, 3, 1, 1)`` float32 on ``device``, made once per device: made
+    for every batch on a GPU, each is a host-to-device copy that waits for the kernels already queued."""
+    with torch.inference_mode(False):
+        m = torch.tensor([v * 255.0 for v in mean], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        sd = torch.tensor([v * 255.0 for v in std], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return m, sd
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ def _read_cache(path: Path, weights: PypiWeights) -> dict[str, torch.Tensor] | N
         return None
     ordered = {k: state[k] for k in template}
     if meta.get("tensors_sha256") != _tensors_digest(ordered):  # corrupt or edited: convert again
-        logger.warning("weights cache %s does not match its recorded hash; converting again", path)
+        logger.warning("weights cache %s lacks or fails its recorded hash; converting again", path)
         return None
     return ordered
 
