@@ -400,8 +400,7 @@ class LandmarkIndex:
     @property
     def generation(self) -> int:
         """The generation of this index on disk (its ``data-NNNNNN`` number; 0 before the first save)."""
-        m = _GEN_RE.match(str(self.meta.get("generation", "")))
-        return int(m.group(1)) if m else 0
+        return generation_of(self.meta)
 
     def info(self) -> IndexInfo:
         """Size, landmarks, non-landmarks, type, memory, the model's fingerprint and name, generation."""
@@ -747,6 +746,12 @@ class LandmarkIndex:
         if fingerprint is not None:
             idx.check_model(fingerprint, model_name)
         return idx
+
+
+def generation_of(meta: dict[str, Any]) -> int:
+    """The generation recorded in an index's meta.json: its data folder's number (0 before the first save)."""
+    m = _GEN_RE.match(str(meta.get("generation", "")))
+    return int(m.group(1)) if m else 0
 
 
 def _read(path: Path, reader: Any) -> Any:

@@ -60,7 +60,6 @@ LOCK_NAME = ".lock"
 #: Images per chunk when local features are copied (merge after an add, compaction after a remove).
 COPY_CHUNK = 512
 _LOCAL_DIR_RE = re.compile(r"^local-(\d{6})$")
-_GEN_RE = re.compile(r"^data-(\d{6})$")
 
 
 class IndexBusyError(LandmarksError):
@@ -143,13 +142,9 @@ def index_generation(index_dir: str | Path) -> int:
         return 0
     except (OSError, ValueError) as e:
         raise LandmarksError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+    from landmarks.index import generation_of
+
     return generation_of(meta)
-
-
-def generation_of(meta: dict[str, Any]) -> int:
-    """The generation number recorded in an index's meta.json (0 before the first save)."""
-    m = _GEN_RE.match(str(meta.get("generation", "")))
-    return int(m.group(1)) if m else 0
 
 
 # --- local features ------------------------------------------------------------------------------------
