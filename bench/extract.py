@@ -72,7 +72,8 @@ def image_list(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
             for row in csv.DictReader(f):
                 if row["path"].lower().endswith((".jpg", ".jpeg")):
                     lines.append(f"{(Path(args.data) / row['path']).absolute()}\t{row['landmark']}")
-        what = f"{len(lines)} JPEG landmark photos of {csv_path} (up to 1024 px)"
+        shown = os.path.relpath(csv_path.absolute(), REPO)  # ../shared/..., never a machine path
+        what = f"{len(lines)} JPEG landmark photos of `{shown}` (up to 1024 px)"
     else:
         from PIL import Image
 

@@ -14,20 +14,25 @@ Stages (each one is skipped when its output is already in ``--work``, so a rerun
    queries (``queries/q0000.jpg`` ...) get neutral ids. Writes ``recognition_solution.csv``
    (``id,landmarks,Usage``, empty cell = non-landmark) and ``retrieval_solution.csv`` (landmark query ->
    the index images of its landmark; non-landmark queries Ignored).
-2. ``train``: ``landmarks train --preset cpu --time-budget MINUTES`` from random initialisation on the
-   index images only (the run holds out its own validation split from them), with ``--local`` so the
-   same run trains the DELG-style local head (``--local-mode stage``: a second ``--init RUN
-   --local-only`` stage instead; ``none``: no local head).
-3. ``index``: ``landmarks index`` of the index images with N, ``--local sift`` (and a second index with
-   ``--local model`` when the run has a local head).
+2. the model, one per row of the table: ``--preset P`` trains ``landmarks train --preset P --time-budget
+   MINUTES --local`` on the index images only (the run holds out its own validation split from them; the
+   DELG-style local head in the same run; ``--local-mode stage``: a second ``--init RUN --local-only``
+   stage instead; ``none``: no local head); ``--init lite0`` writes a run with no training (``landmarks
+   init``: ImageNet backbone + GeM); ``--skip-train RUN`` reuses a run trained elsewhere (``--model-note``
+   says how, for the page).
+3. ``index``: ``landmarks index`` of the index images with N (``--whiten``: PCA-whitening learned on them),
+   ``--local sift`` / ``--local model`` when a re-ranking variant needs that index, else global only.
 4. ``recognize``: every query with global kNN only (``--no-ood``), + out-of-domain handling, + SIFT
    re-ranking, + learned local re-ranking; ``--retrieval`` CSVs too.
-5. ``evaluate``: ``landmarks evaluate recognition|retrieval --json``; the markdown table (and breakdowns
-   by collection and by class) goes to ``bench/results/realworld.md`` and to stdout.
+5. ``evaluate``: ``landmarks evaluate recognition|retrieval --json``, plus the calibrated ``is_landmark``
+   of the ``--neighbours`` rows; the row goes to ``bench/results/realworld.json`` (every row measured so
+   far, by label) and the page with all rows to ``bench/results/realworld.md`` and to stdout.
 
-    python bench/realworld.py                                   # ~15 min on 2 shared cores
-    python bench/realworld.py --train-minutes 10 --seed 1 --work /tmp/rw-s1
-    python bench/realworld.py --skip-train /tmp/landmarks-realworld/run   # reuse a trained run
+    python bench/realworld.py                                   # the cpu preset's row (~15 min on 2 idle cores)
+    python bench/realworld.py --preset cpu-scratch             # today's scratch recipe
+    python bench/realworld.py --init lite0 --init-size 224 [--whiten]   # no training
+    python bench/realworld.py --skip-train RUN --model-note "..." --label "Lite2 fine-tuned"
+    python bench/realworld.py --variants global,global+ood     # no re-ranking (global-only index)
 
 A hand-written section after the line ``<!-- notes -->`` in the results file is kept when it is
 rewritten.
