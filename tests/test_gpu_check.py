@@ -41,3 +41,18 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     text = md.read_text()
     assert "CPU dry run" in text and "GPU run is pending" in text
     assert "| train |" in text and "| recognize |" in text and "| total |" in text
+
+
+def test_stages_past_the_budget_are_skipped(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    seen: list[list[str]] = []
+    res, seconds = gpu_check.run_stages(tmp_path, gpu_check.dry_sizes(), budget_s=-1.0,
+                                        after_stage=lambda r, s: seen.append(list(r)))
+    assert list(res) == ["synth", "throughput", "train", "ddp", "local", "extract", "recognize"]
+    assert res["synth"] == {"skipped": "the -1 s budget of the run was spent"}
+    assert all("skipped" in r for r in res.values()) and seconds == {} and seen == []
+    assert not any(tmp_path.iterdir())  # nothing ran
