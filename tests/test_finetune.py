@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tests.test_train import make_shapes
+from test_train import make_shapes
 
 from landmarks.errors import ConfigError
 from landmarks.models.backbone import Backbone
