@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_train import make_shapes
 
 from landmarks.errors import ConfigError
 from landmarks.models.backbone import Backbone
 from landmarks.models.local import LocalHead
 from landmarks.train import Trainer, make_config, param_groups, train
+from test_train import make_shapes
 
 
 @pytest.fixture(autouse=True)
