@@ -53,3 +53,22 @@ def test_remove_entries_removes_files_folders_and_links_only(tmp_path: Path) -> 
     remove_entries(tmp_path, ["d", "f.txt", "link", "missing"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "outside"]
     assert (tmp_path / "outside" / "precious.txt").read_text() == "p"  # a link is removed, not followed
+
+
+def test_atomic_files_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    """mkstemp creates 0600 files; atomically written outputs must be as readable as ordinary ones."""
+    import os
+    import stat
+
+    from landmarks.utils.io import atomic_save, atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        atomic_save(tmp_path / "b.npy", lambda p: Path(p).write_bytes(b"y"))
+        with open(tmp_path / "c.txt", "w") as f:
+            f.write("z")
+    finally:
+        os.umask(old)
+    modes = {n: stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("a.bin", "b.npy", "c.txt")}
+    assert modes["a.bin"] == modes["b.npy"] == modes["c.txt"] == 0o644

@@ -13,6 +13,20 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _file_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` would give a new file (``mkstemp`` gives 0600).
+
+    The umask is read from ``/proc/self/status`` (setting and restoring it is not thread-safe); 022 elsewhere.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path``; on success fsync it and rename it over ``path``.
@@ -24,6 +38,7 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding, newline=None) as f:
             yield f
             f.flush()
@@ -49,6 +64,7 @@ def atomic_save(path: str | Path, save_fn: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, _file_mode())
     os.close(fd)
     try:
         save_fn(tmp)
