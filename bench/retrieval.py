@@ -255,7 +255,7 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
     from landmarks.index import LandmarkIndex
     from landmarks.local_features import LocalFeatureStore
     from landmarks.pipeline import build_index
-    from landmarks.verify import retrieval_order
+    from landmarks.rerank import retrieval_order
     from landmarks.whiten import apply_whitening, learn_whitening
 
     lm_rows = read_rows(DATA / "landmarks.csv")
@@ -389,8 +389,7 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
     pick = fusion_best[1] if fused_first else both_r
     pick_name = "fusion" if fused_first else f"global + DBA + aQE (n={both_nq})"
     reranked: list[list[np.ndarray]] = []
-    from landmarks.rerank import extractor_from_meta
-    from landmarks.verify import verify_candidates
+    from landmarks.rerank import extractor_from_meta, verify_candidates
 
     vkw: dict[str, Any] = {"model": "fundamental", "seed": 0, "max_iters": 2000,
                            "threshold_px": extractor_from_meta(index.meta["local"]).ransac_threshold_px}

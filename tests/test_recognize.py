@@ -235,7 +235,8 @@ def test_rerank_hook(index_dir: Path) -> None:
             self.closed += 1
 
     hook = Eiffel()
-    rec = Recognizer.load(index_dir, RecognizeConfig(rerank_candidates=10), embedder=TinyEmbedder(), reranker=hook)
+    rec = Recognizer.load(index_dir, RecognizeConfig(rerank_candidates=10, qe_n=0), embedder=TinyEmbedder(),
+                          reranker=hook)
     xq = rec.embed([view(pattern(2), 5)])
     plain = rec.retrieve(xq, 12)[0]
     out = rec.recognize_embeddings(xq, queries=[view(pattern(2), 5)], retrieval_k=12)[0]

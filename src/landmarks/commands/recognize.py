@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the re-ranking's RANSAC (default 0)")
     parser.add_argument("--qe", type=int, default=None, metavar="N",
                         help="alpha query expansion of the --retrieval list: add each query's N nearest index "
-                             "images (weighted by similarity^alpha) and search again (default 0: off)")
+                             "images (weighted by similarity^alpha) and search again (default 5; 0: off)")
     parser.add_argument("--qe-alpha", type=float, default=None, metavar="A", help="alpha of --qe (default 3)")
     parser.add_argument("--qe-vote", action="store_true",
                         help="let the expanded queries vote too (default: voting uses the plain query)")
