@@ -408,7 +408,7 @@ def build_report(rows: dict[str, dict[str, Any]], split: dict[str, Any], args: a
         lines += ["", f"## {label}", "", f"Command: `{row['command']}`; {row['date']}; load average "
                   f"{' / '.join(str(x) for x in row.get('load_avg', []))} (1/5/15 min) at the end.", "",
                   f"- Model: {row['model']}."]
-        if rec.get("steps") is not None:
+        if rec.get("steps"):
             lines.append(f"- Training: {rec.get('backbone')}, {rec.get('image_size')} px, "
                          f"budget {rec.get('budget_min')} min"
                          + (f" ({row['timings']['train']:.0f} s wall)" if row["timings"].get("train") else "")

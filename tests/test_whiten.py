@@ -156,3 +156,30 @@ def test_whitened_index_search_add_ood_and_roundtrip(tmp_path: Path) -> None:
     save_whitening(data / "whitening.safetensors", other)
     with pytest.raises(IncompatibleArtifactError, match="whitening"):
         LandmarkIndex.load(tmp_path / "ix")
+
+
+def test_whitened_index_with_sift_rerank_end_to_end(tmp_path: Path) -> None:
+    """OOD handling and local re-ranking work on a whitened index as on any other (pipeline + Recognizer)."""
+    import csv
+
+    from _index_support import TinyEmbedder, pattern, save_jpeg, view
+    from _rerank_support import make_queries, make_scenes
+    from landmarks.extract import ExtractConfig
+    from landmarks.pipeline import build_index, recognize_queries
+    from landmarks.recognize import RecognizeConfig
+
+    landmarks = {"arch": 1, "bridge": 2, "castle": 3}
+    coll = make_scenes(tmp_path / "coll", landmarks, per_landmark=3)
+    for j in range(6):
+        save_jpeg(view(pattern(700 + j), j), tmp_path / "nl" / f"n{j}.jpg")
+    out = build_index(TinyEmbedder(), coll, tmp_path / "ix", non_landmarks=tmp_path / "nl", local="sift",
+                      whiten=WhitenConfig(dim=6), extract_conf=ExtractConfig(num_workers=0, batch_size=4),
+                      local_workers=0, show_progress=False)
+    assert LandmarkIndex.load(out).d == 6
+    truth = make_queries(tmp_path / "q", landmarks)
+    stats = recognize_queries(out, tmp_path / "q", tmp_path / "p.csv", embedder=TinyEmbedder(), num_workers=0,
+                              conf=RecognizeConfig(rerank="local", rerank_workers=0))
+    assert stats["ood_active"] and stats["rerank"] == "local"
+    with open(tmp_path / "p.csv", newline="") as f:
+        got = {row["id"]: row["landmarks"].split()[0] for row in csv.DictReader(f)}
+    assert got == truth  # the verified views win

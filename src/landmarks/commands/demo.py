@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``landmarks demo``."""
     parser.add_argument("--out", default="demo", help="output folder (default: ./demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dataset, training and RANSAC")
-    parser.add_argument("--train-minutes", type=float, default=None, help="training time budget (default 5)")
+    parser.add_argument("--train-minutes", type=float, default=None, help="training time budget (default 4)")
     parser.add_argument("--landmarks", type=int, default=None, help="synthetic landmarks (default 100)")
     parser.add_argument("--queries", type=int, default=None, help="test queries (default 1000)")
     parser.add_argument("--preset", default=None, help="training preset (default cpu: Lite0 fine-tuned from ImageNet weights; cpu-scratch: random init)")
