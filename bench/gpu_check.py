@@ -78,6 +78,7 @@ class Sizes:
     workers: int  # decoding / augmenting processes
     ddp_procs: int  # torchrun processes (0: skipped)
     threads: int  # torch CPU threads (0: torch's choice; 1 on a shared CPU, where spinning threads stall)
+    synth_workers: int  # rendering processes (0: every CPU; 1: in this process, no start-up cost)
 
 
 def cpu_count() -> int:
@@ -101,7 +102,7 @@ def gpu_sizes(model: str) -> Sizes:
                  preset="glr-b3-448",
                  overrides=over, steps=240, ckpt_every=60, kill_after=120, local_steps=80, rounds=3,
                  round_steps=30, warm_steps=5, extract_images=16384, extract_batch=128, index_per_landmark=1,
-                 workers=workers, ddp_procs=torch.cuda.device_count(), threads=0)
+                 workers=workers, ddp_procs=torch.cuda.device_count(), threads=0, synth_workers=0)
 
 
 def dry_sizes() -> Sizes:
@@ -111,7 +112,7 @@ def dry_sizes() -> Sizes:
     return Sizes(device="cpu", landmarks=10, queries=12, nonlandmarks=12, image_px=64, max_train=20, preset="tiny",
                  overrides=over, steps=12, ckpt_every=4, kill_after=4, local_steps=4, rounds=2, round_steps=3,
                  warm_steps=1, extract_images=64, extract_batch=16, index_per_landmark=2, workers=0, ddp_procs=2,
-                 threads=1)
+                 threads=1, synth_workers=1)
 
 
 def _sync(device: torch.device) -> None:
@@ -132,10 +133,11 @@ def stage_synth(data: Path, s: Sizes) -> dict[str, Any]:
     conf = SynthConfig(seed=0, n_landmarks=s.landmarks, n_queries=s.queries, size=s.image_px,
                        n_nonlandmarks=s.nonlandmarks, index_per_landmark=1.0, max_train_per_landmark=s.max_train)
     t = time.perf_counter()
-    stats = generate(data, conf, workers=cpu_count(), progress=False)
+    workers = s.synth_workers or cpu_count()
+    stats = generate(data, conf, workers=workers, progress=False)
     images = stats["statistics"]["images"]
     return {"images": images["total"], "train_images": images["train"],
-            "seconds": round(time.perf_counter() - t, 1), "workers": cpu_count()}
+            "seconds": round(time.perf_counter() - t, 1), "workers": workers}
 
 
 # --- stage 2: training throughput --------------------------------------------------------------------------
@@ -520,7 +522,7 @@ def _figures(name: str, r: dict[str, Any]) -> str:
     if "error" in r or "skipped" in r:
         return " ".join(str(r.get("error", r.get("skipped"))).replace("|", "/").split())[:200]
     f = {
-        "synth": lambda: f"{r['images']} images ({r['train_images']} training) with {r['workers']} processes",
+        "synth": lambda: f"{r['images']} images ({r['train_images']} training) with {r['workers']} rendering process(es)",
         "throughput": lambda: (f"{r['model']} @ {r['px']} px, batch {r['batch']}, {r['amp']}, {r['classes']} classes: "
                                f"ours {r['ours_img_s']} img/s vs bare timm {r['bare_img_s']} img/s; "
                                f"peak {r['peak_gib']} GiB; {r['loader_workers']} loader workers"),
