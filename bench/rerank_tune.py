@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             arr[i, :len(c)] = c
         np.savez(cache, counts=arr, n=np.array([len(c) for c in got]), seconds=verify_s)
         counts = got
-    order = {p: i for i, p in enumerate(paths)}
+    order = {str(p): i for i, p in enumerate(paths)}
     rec.local.inliers = lambda queries, cand_ids: [counts[order[str(q)]] for q in queries]
 
     def score(conf: RecognizeConfig, rerank: bool) -> dict[str, float]:
