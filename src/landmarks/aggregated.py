@@ -101,10 +101,14 @@ class AsmkIndex:
             descriptors: N arrays ``(n_i, d)`` float32, one per database image (an empty one is allowed:
                 that image never scores).
         """
-        from asmk import codebook as cdb_pkg
-        from asmk import index as idx_pkg
-        from asmk import inverted_file as ivf_pkg
-        from asmk import kernel as kern_pkg
+        try:
+            from asmk import codebook as cdb_pkg
+            from asmk import index as idx_pkg
+            from asmk import inverted_file as ivf_pkg
+            from asmk import kernel as kern_pkg
+        except ImportError as e:
+            raise LandmarksError(f"ASMK needs the asmk package ({e}): pip install 'landmarks[retrieval]' "
+                                 "(or pip install asmk)") from None
 
         conf = conf or AsmkConfig()
         codebook = np.ascontiguousarray(codebook, dtype=np.float32)
