@@ -87,11 +87,24 @@ def tiny_index(root: Path) -> Path:
 
     torch.manual_seed(0)
     conf = ModelConfig(backbone="test_resnet", embedding_dim=64)
-    save_model(root / "run", LandmarkNet(conf, num_classes=4), {
-        "config": {"model": to_dict(conf)}, "classes": {}, "num_classes": 4, "preprocessing": Preprocess(64).to_dict()})
+    save_model(
+        root / "run",
+        LandmarkNet(conf, num_classes=4),
+        {
+            "config": {"model": to_dict(conf)},
+            "classes": {},
+            "num_classes": 4,
+            "preprocessing": Preprocess(64).to_dict(),
+        },
+    )
     collection(root / "coll", ["a", "b", "c", "d"], 5, 0)
-    return build_index(root / "run", root / "coll", root / "index", extract_conf=ExtractConfig(num_workers=0),
-                       show_progress=False)
+    return build_index(
+        root / "run",
+        root / "coll",
+        root / "index",
+        extract_conf=ExtractConfig(num_workers=0),
+        show_progress=False,
+    )
 
 
 def landmarks_cmd(*args: str | Path) -> list[str]:
@@ -120,8 +133,16 @@ def probe_locks(trials: int) -> dict[str, object]:
                 before = count_images(index)
                 srcs = [collection(root / f"new{k}", [f"n{trial}x{k}"], 10, 1000 * (k + 1)) for k in (0, 1)]
                 extra = ["--wait", "120"] if wait else []
-                procs = [subprocess.Popen(landmarks_cmd("add", index, s, "--workers", "0", *extra), env=ENV,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in srcs]
+                procs = [
+                    subprocess.Popen(
+                        landmarks_cmd("add", index, s, "--workers", "0", *extra),
+                        env=ENV,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                    for s in srcs
+                ]
                 outs = [p.communicate(timeout=300) for p in procs]
                 codes = [p.returncode for p in procs]
                 after = count_images(index)
@@ -129,9 +150,20 @@ def probe_locks(trials: int) -> dict[str, object]:
                 refused = [e.strip().splitlines()[-1] for (o, e), c in zip(outs, codes) if c != 0]
                 clean = all(c in (0, 2) for c in codes) and all("being written by PID" in r for r in refused)
                 tracebacks = sum("Traceback" in e for _, e in outs)
-                rows.append({"trial": trial, "wait": wait, "exit": codes, "images_before": before,
-                             "images_after": after, "expected": before + landed, "lost": before + landed - after,
-                             "refusals_clean": clean, "tracebacks": tracebacks, "refused": refused[:1]})
+                rows.append(
+                    {
+                        "trial": trial,
+                        "wait": wait,
+                        "exit": codes,
+                        "images_before": before,
+                        "images_after": after,
+                        "expected": before + landed,
+                        "lost": before + landed - after,
+                        "refusals_clean": clean,
+                        "tracebacks": tracebacks,
+                        "refused": refused[:1],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     ok = all(r["lost"] == 0 and r["refusals_clean"] and r["tracebacks"] == 0 for r in rows)
     return {"rows": rows, "ok": ok}
@@ -141,8 +173,12 @@ def probe_locks(trials: int) -> dict[str, object]:
 def server(index: Path, *flags: str, log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``landmarks serve`` on a free port (read from its log); always stopped."""
     logf = open(log_path, "wb")
-    proc = subprocess.Popen(landmarks_cmd("serve", "--index", index, "--port", "0", *flags), env=ENV, stdout=logf,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        landmarks_cmd("serve", "--index", index, "--port", "0", *flags),
+        env=ENV,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         url = ""
@@ -176,27 +212,63 @@ def probe_serve_write(root: Path) -> dict[str, object]:
         p = root / "cli" / "cli-place" / "x.jpg"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(jpeg(cli_img))
-        rc = subprocess.run(landmarks_cmd("add", index, root / "cli", "--workers", "0"), env=ENV,
-                            capture_output=True, text=True, timeout=300).returncode
-        top = httpx.post(url + "/v1/recognize", content=jpeg(cli_img), headers={"content-type": "image/jpeg"},
-                         timeout=60).json()["neighbours"][0]
+        rc = subprocess.run(
+            landmarks_cmd("add", index, root / "cli", "--workers", "0"),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).returncode
+        top = httpx.post(
+            url + "/v1/recognize", content=jpeg(cli_img), headers={"content-type": "image/jpeg"}, timeout=60
+        ).json()["neighbours"][0]
         served = top["id"] == "cli-place/x"
-        r = httpx.post(url + "/v1/index/images", data={"landmark": "http-place"},
-                       files={"files": ("h.jpg", jpeg(photo(777)), "image/jpeg")},
-                       headers={"authorization": f"Bearer {token}"}, timeout=120)
+        r = httpx.post(
+            url + "/v1/index/images",
+            data={"landmark": "http-place"},
+            files={"files": ("h.jpg", jpeg(photo(777)), "image/jpeg")},
+            headers={"authorization": f"Bearer {token}"},
+            timeout=120,
+        )
         disk = LandmarkIndex.load(index)
         kept = disk.row_of("cli-place/x") is not None and disk.row_of(r.json()["ids"][0]) is not None
-        rc2 = subprocess.run(landmarks_cmd("remove", index, "cli-place/x"), env=ENV, capture_output=True,
-                             timeout=300).returncode
-        ids = [n["id"] for n in httpx.post(url + "/v1/recognize", content=jpeg(cli_img),
-                                           headers={"content-type": "image/jpeg"}, timeout=60).json()["neighbours"]]
-        relabel = httpx.post(url + "/v1/index/images", data={"landmark": "other-place"},
-                             files={"files": ("h.jpg", jpeg(photo(777)), "image/jpeg")},
-                             headers={"authorization": f"Bearer {token}"}, timeout=120).status_code
-    out = {"cli_add_rc": rc, "cli_image_served": served, "http_add": r.status_code, "both_on_disk": kept,
-           "cli_remove_rc": rc2, "removed_not_served": "cli-place/x" not in ids, "relabel_status": relabel}
-    out["ok"] = rc == 0 and served and r.status_code == 200 and kept and rc2 == 0 and out["removed_not_served"] \
+        rc2 = subprocess.run(
+            landmarks_cmd("remove", index, "cli-place/x"), env=ENV, capture_output=True, timeout=300
+        ).returncode
+        ids = [
+            n["id"]
+            for n in httpx.post(
+                url + "/v1/recognize",
+                content=jpeg(cli_img),
+                headers={"content-type": "image/jpeg"},
+                timeout=60,
+            ).json()["neighbours"]
+        ]
+        relabel = httpx.post(
+            url + "/v1/index/images",
+            data={"landmark": "other-place"},
+            files={"files": ("h.jpg", jpeg(photo(777)), "image/jpeg")},
+            headers={"authorization": f"Bearer {token}"},
+            timeout=120,
+        ).status_code
+    out = {
+        "cli_add_rc": rc,
+        "cli_image_served": served,
+        "http_add": r.status_code,
+        "both_on_disk": kept,
+        "cli_remove_rc": rc2,
+        "removed_not_served": "cli-place/x" not in ids,
+        "relabel_status": relabel,
+    }
+    out["ok"] = (
+        rc == 0
+        and served
+        and r.status_code == 200
+        and kept
+        and rc2 == 0
+        and out["removed_not_served"]
         and relabel == 409
+    )
     print(json.dumps(out), flush=True)
     return out
 
@@ -208,7 +280,7 @@ def scan_bomb(width: int, height: int, repeats: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
     data = buf.getvalue()
-    last = data[data.rfind(b"\xff\xda"):-2]
+    last = data[data.rfind(b"\xff\xda") : -2]
     return data[:-2] + last * repeats + b"\xff\xd9"
 
 
@@ -221,7 +293,9 @@ def _latencies(url: str, body: bytes, seconds: float) -> tuple[list[float], dict
     with httpx.Client(timeout=60) as client:
         while time.monotonic() < end:
             t0 = time.perf_counter()
-            code = client.post(url + "/v1/recognize", content=body, headers={"content-type": "image/jpeg"}).status_code
+            code = client.post(
+                url + "/v1/recognize", content=body, headers={"content-type": "image/jpeg"}
+            ).status_code
             lat.append(1000 * (time.perf_counter() - t0))
             codes[code] = codes.get(code, 0) + 1
     return lat, codes
@@ -238,8 +312,10 @@ def probe_bomb(root: Path, seconds: float) -> dict[str, object]:
     bomb = scan_bomb(6000, 6000, 2000)
     body = jpeg(photo(5))
     out: dict[str, object] = {"bomb_bytes": len(bomb)}
-    for label, flags in (("default scan limit", []), ("scan limit lifted, killed at the timeout",
-                                                      ["--max-jpeg-scans", "1000000", "--timeout-s", "5"])):
+    for label, flags in (
+        ("default scan limit", []),
+        ("scan limit lifted, killed at the timeout", ["--max-jpeg-scans", "1000000", "--timeout-s", "5"]),
+    ):
         with server(index, "--workers", "2", *flags, log_path=root / f"bomb-{len(out)}.log") as (url, _):
             _latencies(url, body, 2)  # warm-up
             base, base_codes = _latencies(url, body, seconds)
@@ -247,8 +323,14 @@ def probe_bomb(root: Path, seconds: float) -> dict[str, object]:
 
             def send_bomb(bomb_codes: list[int] = bomb_codes, url: str = url) -> None:
                 try:
-                    bomb_codes.append(httpx.post(url + "/v1/recognize", content=bomb,
-                                                 headers={"content-type": "image/jpeg"}, timeout=120).status_code)
+                    bomb_codes.append(
+                        httpx.post(
+                            url + "/v1/recognize",
+                            content=bomb,
+                            headers={"content-type": "image/jpeg"},
+                            timeout=120,
+                        ).status_code
+                    )
                 except httpx.HTTPError:
                     bomb_codes.append(-1)
 
@@ -258,9 +340,15 @@ def probe_bomb(root: Path, seconds: float) -> dict[str, object]:
             during, during_codes = _latencies(url, body, seconds)
             for t in attackers:
                 t.join(150)
-            row = {"baseline_p50_ms": _pct(base, 50), "baseline_p99_ms": _pct(base, 99), "baseline_codes": base_codes,
-                   "attack_p50_ms": _pct(during, 50), "attack_p99_ms": _pct(during, 99), "attack_codes": during_codes,
-                   "bomb_status": bomb_codes}
+            row = {
+                "baseline_p50_ms": _pct(base, 50),
+                "baseline_p99_ms": _pct(base, 99),
+                "baseline_codes": base_codes,
+                "attack_p50_ms": _pct(during, 50),
+                "attack_p99_ms": _pct(during, 99),
+                "attack_codes": during_codes,
+                "bomb_status": bomb_codes,
+            }
             out[label] = row
             print(label, json.dumps(row), flush=True)
     return out
@@ -304,7 +392,7 @@ def probe_slow(root: Path, n_slow: int, n_uploads: int) -> dict[str, object]:
         for step in range(20):  # one header byte per second per connection
             for i in list(alive):
                 try:
-                    socks[i].sendall(request[step:step + 1])
+                    socks[i].sendall(request[step : step + 1])
                 except OSError:
                     alive.discard(i)
             for i in list(alive):
@@ -321,14 +409,19 @@ def probe_slow(root: Path, n_slow: int, n_uploads: int) -> dict[str, object]:
             time.sleep(1.0)  # the client's pace: 1 byte/s
         for s in socks:
             s.close()
-        out["slow_headers"] = {"connections": len(socks), "still_open_by_time": open_at,
-                               "rss_before_mb": round(rss0 / 1024, 1), "rss_peak_mb": round(peak / 1024, 1)}
+        out["slow_headers"] = {
+            "connections": len(socks),
+            "still_open_by_time": open_at,
+            "rss_before_mb": round(rss0 / 1024, 1),
+            "rss_peak_mb": round(peak / 1024, 1),
+        }
         print("slow headers", json.dumps(out["slow_headers"]), flush=True)
 
         # uploads of 10 MiB, all but the last byte sent, then held
         big = 10 * 2**20
-        head = (f"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {big}\r\n\r\n"
-                ).encode()
+        head = (
+            f"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {big}\r\n\r\n"
+        ).encode()
         payload = b"\xff" * (big - 1)
         ups: list[socket.socket] = []
         statuses: dict[str, int] = {}
@@ -356,7 +449,11 @@ def probe_slow(root: Path, n_slow: int, n_uploads: int) -> dict[str, object]:
             s.setblocking(False)
             try:
                 reply = s.recv(200)
-                code = reply.split(b" ")[1].decode() if reply.startswith(b"HTTP/") else ("closed" if reply == b"" else "?")
+                code = (
+                    reply.split(b" ")[1].decode()
+                    if reply.startswith(b"HTTP/")
+                    else ("closed" if reply == b"" else "?")
+                )
             except BlockingIOError:
                 code = "still open"
             except OSError:
@@ -364,8 +461,13 @@ def probe_slow(root: Path, n_slow: int, n_uploads: int) -> dict[str, object]:
             statuses[code] = statuses.get(code, 0) + 1
             s.close()
         time.sleep(2)
-        out["held_uploads"] = {"uploads": n_uploads, "after_40s": statuses, "rss_before_mb": round(rss1 / 1024, 1),
-                               "rss_peak_mb": round(peak / 1024, 1), "rss_after_mb": round(_rss_kb(proc.pid) / 1024, 1)}
+        out["held_uploads"] = {
+            "uploads": n_uploads,
+            "after_40s": statuses,
+            "rss_before_mb": round(rss1 / 1024, 1),
+            "rss_peak_mb": round(peak / 1024, 1),
+            "rss_after_mb": round(_rss_kb(proc.pid) / 1024, 1),
+        }
         print("held uploads", json.dumps(out["held_uploads"]), flush=True)
         import httpx
 
@@ -375,9 +477,13 @@ def probe_slow(root: Path, n_slow: int, n_uploads: int) -> dict[str, object]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", nargs="?", default="all", choices=["locks", "serve-write", "bomb", "slow", "all"])
+    ap.add_argument(
+        "probe", nargs="?", default="all", choices=["locks", "serve-write", "bomb", "slow", "all"]
+    )
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=12.0, help="length of each latency window of the bomb probe")
+    ap.add_argument(
+        "--seconds", type=float, default=12.0, help="length of each latency window of the bomb probe"
+    )
     ap.add_argument("--slow", type=int, default=300)
     ap.add_argument("--uploads", type=int, default=40)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

@@ -78,8 +78,13 @@ def main() -> None:
     base_rss, _ = rss_mb()
     reset_peak()
     t = time.perf_counter()
-    index = LandmarkIndex.build(xb, [str(i) for i in range(args.n)], [None] * args.n, model=MODEL,
-                                conf=IndexConfig(type="ivfpq", dtype="float16"))
+    index = LandmarkIndex.build(
+        xb,
+        [str(i) for i in range(args.n)],
+        [None] * args.n,
+        model=MODEL,
+        conf=IndexConfig(type="ivfpq", dtype="float16"),
+    )
     t_build = time.perf_counter() - t
     del xb
     import gc
@@ -110,10 +115,13 @@ def main() -> None:
     cos = np.sum(approx_vec.astype(np.float64) * exact_vec, axis=1)
     n_chunks = (args.n + args.chunk - 1) // args.chunk
     lines = [
-        f"## DBA on {args.n:,} x {args.d}-d vectors (bench/dba_scale.py)", "",
+        f"## DBA on {args.n:,} x {args.d}-d vectors (bench/dba_scale.py)",
+        "",
         f"Command: `python bench/dba_scale.py {' '.join(sys.argv[1:])}`; {time.strftime('%Y-%m-%d')}; "
-        f"{platform.machine()}, 2 FAISS threads on a shared machine; data made in {t_data:.0f} s.", "",
-        "| stage | time | RSS after (MB) | peak during (MB) |", "|---|---:|---:|---:|",
+        f"{platform.machine()}, 2 FAISS threads on a shared machine; data made in {t_data:.0f} s.",
+        "",
+        "| stage | time | RSS after (MB) | peak during (MB) |",
+        "|---|---:|---:|---:|",
         f"| vectors generated (float32) | {t_data:.0f} s | {base_rss:,.0f} | |",
         f"| index built (ivfpq, float16 rows; input freed after) | {t_build:.0f} s | {idx_rss:,.0f} | {idx_peak:,.0f} |",
         f"| DBA n={conf.n}, alpha={conf.alpha:g} through the index (nprobe={args.nprobe}, {n_chunks} chunks of "

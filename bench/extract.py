@@ -56,8 +56,16 @@ def make_run(path: Path, backbone: str, image_size: int) -> Path:
     torch.manual_seed(0)
     conf = ModelConfig(backbone=backbone, embedding_dim=512)
     net = LandmarkNet(conf, num_classes=16, pretrained="")
-    save_model(path, net, {"config": {"model": to_dict(conf)}, "classes": {}, "num_classes": 16,
-                           "preprocessing": Preprocess(image_size).to_dict()})
+    save_model(
+        path,
+        net,
+        {
+            "config": {"model": to_dict(conf)},
+            "classes": {},
+            "num_classes": 16,
+            "preprocessing": Preprocess(image_size).to_dict(),
+        },
+    )
     return path
 
 
@@ -99,12 +107,20 @@ def main() -> int:
     ap.add_argument("--images", default=None, help="a labelled collection to index instead")
     ap.add_argument("--synthetic", type=int, default=0, help="use N synthetic JPEGs")
     ap.add_argument("--model", default=None, help="a trained run (default: random-init --backbone)")
-    ap.add_argument("--pretrained", default=None, help="package weights (lite0, lite1, lite2): `landmarks init` run")
+    ap.add_argument(
+        "--pretrained", default=None, help="package weights (lite0, lite1, lite2): `landmarks init` run"
+    )
     ap.add_argument("--backbone", default="mobilenetv3_large_100")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", default=None, help="comma-separated torch thread counts to measure (default: 1 and all cores)")
-    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers of the index run (default: library's)")
+    ap.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated torch thread counts to measure (default: 1 and all cores)",
+    )
+    ap.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers of the index run (default: library's)"
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
@@ -153,7 +169,7 @@ def main() -> int:
 
         # bare forward on pre-decoded, preprocessed tensors
         tensors = [emb.preprocess(decode_image(r.path, min_side_px=emb.image_size)) for r in records]
-        batches = [torch.stack(tensors[s:s + args.batch_size]) for s in range(0, n, args.batch_size)]
+        batches = [torch.stack(tensors[s : s + args.batch_size]) for s in range(0, n, args.batch_size)]
 
         def bare() -> float:
             t = time.perf_counter()
@@ -172,8 +188,22 @@ def main() -> int:
             return time.perf_counter() - t
 
         def index_cmd(name: str, same_threads: bool) -> float:
-            argv = ["-q", "index", "--model", str(run), "--images", str(lst), "--out", str(tmp / name),
-                    "--batch-size", str(args.batch_size), "--device", "cpu", "--workers", str(workers)]
+            argv = [
+                "-q",
+                "index",
+                "--model",
+                str(run),
+                "--images",
+                str(lst),
+                "--out",
+                str(tmp / name),
+                "--batch-size",
+                str(args.batch_size),
+                "--device",
+                "cpu",
+                "--workers",
+                str(workers),
+            ]
             if same_threads:
                 argv += ["--threads", str(threads)]
             t = time.perf_counter()
@@ -207,22 +237,30 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     say("# bench/extract: `landmarks index` from JPEG files vs the bare model forward on decoded tensors")
     say()
-    say(f"{n} images: {what}. Model: {desc.get('model_backbone') or desc.get('name')} at {emb.image_size} px, "
+    say(
+        f"{n} images: {what}. Model: {desc.get('model_backbone') or desc.get('name')} at {emb.image_size} px, "
         f"{emb.embedding_dim}-d; batch {args.batch_size}; the same torch threads on both sides; {workers} "
         f"DataLoader worker(s) decode for the index run; best of {args.repeats}, alternating. CPU: {platform.machine()}, "
-        f"{os.cpu_count()} cores, load average {load:.1f} at the end (shared machine).")
+        f"{os.cpu_count()} cores, load average {load:.1f} at the end (shared machine)."
+    )
     say()
-    say("| torch threads | timm `forward_features` (pre-decoded tensors) | bare forward (pre-decoded tensors, "
+    say(
+        "| torch threads | timm `forward_features` (pre-decoded tensors) | bare forward (pre-decoded tensors, "
         "`model.embed` only) | `landmarks index` (whole command: load, decode, embed, write chunks, build, save) "
-        "| index / bare | index / timm | extraction stage only | extraction / bare |")
+        "| index / bare | index / timm | extraction stage only | extraction / bare |"
+    )
     say("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for threads, t_timm, t_bare, t_index, t_extract in results:
-        say(f"| {threads} | {n / t_timm:.1f} img/s | {n / t_bare:.1f} img/s | {n / t_index:.1f} img/s | "
+        say(
+            f"| {threads} | {n / t_timm:.1f} img/s | {n / t_bare:.1f} img/s | {n / t_index:.1f} img/s | "
             f"**{t_bare / t_index:.2f}x** | **{t_timm / t_index:.2f}x** | {n / t_extract:.1f} img/s | "
-            f"{t_bare / t_extract:.2f}x |")
+            f"{t_bare / t_extract:.2f}x |"
+        )
     say()
-    say(f"`landmarks index` on CPU defaults to cores - decoding workers = {max(1, cores - workers)} "
-        "torch thread(s) (`--threads` overrides it).")
+    say(
+        f"`landmarks index` on CPU defaults to cores - decoding workers = {max(1, cores - workers)} "
+        "torch thread(s) (`--threads` overrides it)."
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")

@@ -27,14 +27,38 @@ import numpy as np
 import torch
 
 
-def lite0(size: int = 224, lv: int = 4, fbn: bool = True, ho: float = 0.1, lr: float = 1e-4, mult: float = 10.0,
-          head: str = "arcface", m: float = 0.2) -> dict[str, Any]:
+def lite0(
+    size: int = 224,
+    lv: int = 4,
+    fbn: bool = True,
+    ho: float = 0.1,
+    lr: float = 1e-4,
+    mult: float = 10.0,
+    head: str = "arcface",
+    m: float = 0.2,
+) -> dict[str, Any]:
     """One recipe as TrainConfig overrides."""
     h: dict[str, Any] = {"kind": head, "scale": 30.0} | ({"margin_rad": m} if head == "arcface" else {})
-    return {"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "pypi:lite0", "embedding_dim": 512, "head": h},
-            "data": {"image_size": size}, "batch_size": 32, "amp": "auto", "seed": 0,
-            "finetune": {"frozen_levels": lv, "freeze_bn": fbn, "head_only_fraction": ho},
-            "optim": {"name": "adamw", "lr": lr, "head_lr_mult": mult, "weight_decay": 1e-4, "warmup_fraction": 0.05}}
+    return {
+        "model": {
+            "backbone": "tf_efficientnet_lite0",
+            "pretrained": "pypi:lite0",
+            "embedding_dim": 512,
+            "head": h,
+        },
+        "data": {"image_size": size},
+        "batch_size": 32,
+        "amp": "auto",
+        "seed": 0,
+        "finetune": {"frozen_levels": lv, "freeze_bn": fbn, "head_only_fraction": ho},
+        "optim": {
+            "name": "adamw",
+            "lr": lr,
+            "head_lr_mult": mult,
+            "weight_decay": 1e-4,
+            "warmup_fraction": 0.05,
+        },
+    }
 
 
 GRID = [  # (name, overrides, steps)
@@ -59,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="a bench/realworld.py work folder (split.json)")
     ap.add_argument("--device", default="cpu", help="torch device (a GPU: only step counts matter here)")
     ap.add_argument("--out", type=Path, required=True, help="results JSON")
-    ap.add_argument("--downsize", type=int, default=0, help="copy the images at most this many px first (0: no)")
+    ap.add_argument(
+        "--downsize", type=int, default=0, help="copy the images at most this many px first (0: no)"
+    )
     args = ap.parse_args(argv)
 
     from PIL import Image, ImageOps
@@ -85,15 +111,27 @@ def main(argv: list[str] | None = None) -> int:
             dst.parent.mkdir(parents=True, exist_ok=True)
             im.save(dst, quality=90)
         index.append((dst, lm))
-    queries = [(Path(q["path"]), q["landmark"], q["collection"], q["id"]) for q in split["queries"] if q["landmark"]]
+    queries = [
+        (Path(q["path"]), q["landmark"], q["collection"], q["id"]) for q in split["queries"] if q["landmark"]
+    ]
     classes = sorted({lm for _, lm in index})
     cid = {c: i for i, c in enumerate(classes)}
     imgs_i = [decode_image(p) for p, _ in index]
     imgs_q = [decode_image(p) for p, *_ in queries]
     if args.downsize:
-        imgs_q = [np.asarray(Image.fromarray(a).resize(
-            (max(1, a.shape[1] * args.downsize // max(a.shape[:2])), max(1, a.shape[0] * args.downsize // max(a.shape[:2]))))
-            if max(a.shape[:2]) > args.downsize else Image.fromarray(a)) for a in imgs_q]
+        imgs_q = [
+            np.asarray(
+                Image.fromarray(a).resize(
+                    (
+                        max(1, a.shape[1] * args.downsize // max(a.shape[:2])),
+                        max(1, a.shape[0] * args.downsize // max(a.shape[:2])),
+                    )
+                )
+                if max(a.shape[:2]) > args.downsize
+                else Image.fromarray(a)
+            )
+            for a in imgs_q
+        ]
     results: dict[str, Any] = {}
 
     def score(xb: np.ndarray, xq: np.ndarray, name: str, extra: dict[str, Any]) -> None:
@@ -102,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         sol = {q[3]: [q[1]] for q in queries}
         ok = [pred[q[3]][0] == q[1] for q in queries]
         web = [o for o, q in zip(ok, queries) if q[2] == "landmarks13_web"]
-        results[name] = {"gap_lq": global_average_precision(pred, sol), "top1": float(np.mean(ok)),
-                         "web_top1": float(np.mean(web)) if web else None, **extra}
+        results[name] = {
+            "gap_lq": global_average_precision(pred, sol),
+            "top1": float(np.mean(ok)),
+            "web_top1": float(np.mean(web)) if web else None,
+            **extra,
+        }
         print(name, json.dumps(results[name]), flush=True)
         args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
 
@@ -117,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             out = []
             with torch.inference_mode():
                 for s in range(0, len(ims), 64):
-                    x = torch.stack([pre(i) for i in ims[s:s + 64]]).to(args.device)
+                    x = torch.stack([pre(i) for i in ims[s : s + 64]]).to(args.device)
                     out.append(torch.nn.functional.normalize(gem(b(x)).float(), dim=1).cpu())
             return torch.cat(out).numpy()
 
@@ -129,12 +171,18 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         train(conf, str(data / "index"), out, device=args.device)
         e = load_embedder(out, args.device)
-        score(embed_images(e, imgs_i), embed_images(e, imgs_q), name,
-              {"steps": steps, "train_s": round(time.perf_counter() - t, 1)})
+        score(
+            embed_images(e, imgs_i),
+            embed_images(e, imgs_q),
+            name,
+            {"steps": steps, "train_s": round(time.perf_counter() - t, 1)},
+        )
     print("| recipe | steps | GAP (landmark queries) | top-1 | web photos top-1 |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['steps']} | {100 * r['gap_lq']:.1f} | {100 * r['top1']:.1f} | "
-              f"{100 * (r['web_top1'] or 0):.1f} |")
+        print(
+            f"| {name} | {r['steps']} | {100 * r['gap_lq']:.1f} | {100 * r['top1']:.1f} | "
+            f"{100 * (r['web_top1'] or 0):.1f} |"
+        )
     return 0
 
 

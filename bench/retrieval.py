@@ -61,8 +61,9 @@ def log(msg: str) -> None:
 def cli(*argv: str) -> str:
     """Run ``python -m landmarks ...`` from the repository; return stdout; raise on failure."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    res = subprocess.run([sys.executable, "-m", "landmarks", *argv], stdout=subprocess.PIPE, text=True,
-                         cwd=REPO, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "landmarks", *argv], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
+    )
     if res.returncode != 0:
         raise SystemExit(f"landmarks {' '.join(argv)} failed with status {res.returncode}")
     return res.stdout
@@ -71,6 +72,7 @@ def cli(*argv: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Part 1: synthetic dataset in revisitop layout
 # --------------------------------------------------------------------------------------------------
+
 
 def make_synthetic_revisited(work: Path, run: Path, seed: int = 0) -> Path:
     """``work/synthox/{jpg/, gnd_synthox.pkl}`` from ``landmarks synth`` (20 landmarks, 512 px): up to 25
@@ -93,8 +95,22 @@ def make_synthetic_revisited(work: Path, run: Path, seed: int = 0) -> Path:
         return root
     syn = work / "synth"
     if not (syn / "synth.json").exists():
-        cli("synth", str(syn), "--seed", str(seed), "--landmarks", "20", "--queries", "80",
-            "--ood-fraction", "0.5", "--nonlandmarks", "0", "--size", "512")
+        cli(
+            "synth",
+            str(syn),
+            "--seed",
+            str(seed),
+            "--landmarks",
+            "20",
+            "--queries",
+            "80",
+            "--ood-fraction",
+            "0.5",
+            "--nonlandmarks",
+            "0",
+            "--size",
+            "512",
+        )
     train = load_collection(syn / "train.csv")
     sol = {r["id"]: r["landmarks"] for r in csv.DictReader(open(syn / "recognition_solution.csv"))}
     by_lm: dict[str, list[Path]] = defaultdict(list)
@@ -127,18 +143,22 @@ def make_synthetic_revisited(work: Path, run: Path, seed: int = 0) -> Path:
         img = decode_image(link)
         h, w = img.shape[:2]
         bbx = [0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h]
-        crop = img[int(bbx[1]):int(bbx[3]), int(bbx[0]):int(bbx[2])]
+        crop = img[int(bbx[1]) : int(bbx[3]), int(bbx[0]) : int(bbx[2])]
         qf = sift(np.ascontiguousarray(crop))
         mine = [i for i, o in enumerate(owner) if o == lm]
         others = [i for i, o in enumerate(owner) if o != lm]
         inliers.append({i: verify(qf, feats[imlist[i]], seed=0).num_inliers for i in mine})
-        negatives += [verify(qf, feats[imlist[i]], seed=0).num_inliers
-                      for i in rng.choice(others, min(20, len(others)), replace=False)]
+        negatives += [
+            verify(qf, feats[imlist[i]], seed=0).num_inliers
+            for i in rng.choice(others, min(20, len(others)), replace=False)
+        ]
         qimlist.append(name)
         boxes.append(bbx)
     T = 1 + int(np.percentile(negatives, 99))
-    log(f"synthox: chance inliers (99th percentile of {len(negatives)} unrelated pairs) {T - 1}: "
-        f"junk < {T} <= hard < {2 * T} <= easy")
+    log(
+        f"synthox: chance inliers (99th percentile of {len(negatives)} unrelated pairs) {T - 1}: "
+        f"junk < {T} <= hard < {2 * T} <= easy"
+    )
     gnd = []
     for bbx, inl in zip(boxes, inliers):
         kinds: dict[str, list[int]] = {"easy": [], "hard": [], "junk": []}
@@ -156,8 +176,22 @@ def part_revisited(work: Path, run: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, extra in (("global", []), ("+aQE n=2", ["--qe", "2"]), ("+DBA n=2", ["--dba", "2"])):
         t = time.perf_counter()
-        res = json.loads(cli("evaluate", "revisited", "--data", str(root), "--dataset", "synthox",
-                             "--model", str(run), "--work", str(work / "synthox-work"), "--json", *extra))
+        res = json.loads(
+            cli(
+                "evaluate",
+                "revisited",
+                "--data",
+                str(root),
+                "--dataset",
+                "synthox",
+                "--model",
+                str(run),
+                "--work",
+                str(work / "synthox-work"),
+                "--json",
+                *extra,
+            )
+        )
         res["wall_s"] = time.perf_counter() - t
         out[name] = res
     return out
@@ -166,6 +200,7 @@ def part_revisited(work: Path, run: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Part 2: real photos
 # --------------------------------------------------------------------------------------------------
+
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
@@ -229,8 +264,12 @@ def evaluate_rankings(fold_rankings: list[list[np.ndarray]], folds: list[Fold]) 
                 top1.append(float(best == f.db_labels[next(iter(pos))]))
             else:
                 top1.append(0.0)
-    return {"map@100": float(np.mean(aps)), "mp@10": float(np.mean(p10)), "top1": float(np.mean(top1)),
-            "queries": len(aps)}
+    return {
+        "map@100": float(np.mean(aps)),
+        "mp@10": float(np.mean(p10)),
+        "top1": float(np.mean(top1)),
+        "queries": len(aps),
+    }
 
 
 def global_rankings(f: Fold, qe: Any = None, dba: Any = None, k: int = 100) -> tuple[list[np.ndarray], float]:
@@ -270,8 +309,15 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
     t = time.perf_counter()
     if not (index_dir / "meta.json").exists():
         log("indexing 1,894 photos (global + RootSIFT)")
-        build_index(run, records, index_dir, unlabelled=True, local="sift", show_progress=False,
-                    local_workers=args.workers)
+        build_index(
+            run,
+            records,
+            index_dir,
+            unlabelled=True,
+            local="sift",
+            show_progress=False,
+            local_workers=args.workers,
+        )
     index_s = time.perf_counter() - t
     index = LandmarkIndex.load(index_dir, mmap=False)
     ids = index.ids
@@ -290,11 +336,15 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
     def add(name: str, rankings: list[list[np.ndarray]], ms: float, note: str = "") -> dict[str, float]:
         m = evaluate_rankings(rankings, folds)
         rows.append({"name": name, **m, "ms": ms, "note": note})
-        log(f"{name}: mAP@100 {100 * m['map@100']:.2f}  mP@10 {100 * m['mp@10']:.2f}  top1 {100 * m['top1']:.2f}  "
-            f"{ms:.2f} ms/q {note}")
+        log(
+            f"{name}: mAP@100 {100 * m['map@100']:.2f}  mP@10 {100 * m['mp@10']:.2f}  top1 {100 * m['top1']:.2f}  "
+            f"{ms:.2f} ms/q {note}"
+        )
         return m
 
-    def run_global(qe: ExpansionConfig | None, dba: ExpansionConfig | None, fs: list[Fold]) -> tuple[list[list[np.ndarray]], float]:
+    def run_global(
+        qe: ExpansionConfig | None, dba: ExpansionConfig | None, fs: list[Fold]
+    ) -> tuple[list[list[np.ndarray]], float]:
         out, ms = [], 0.0
         for f in fs:
             r, per_q = global_rankings(f, qe, dba)
@@ -326,7 +376,9 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
     qe = ExpansionConfig(best_qe["n"], best_qe["alpha"])
     dba = ExpansionConfig(best_dba["n"], best_dba["alpha"])
     add(f"+ aQE (n={qe.n}, alpha={qe.alpha:g})", *run_global(qe, None, best_folds), note=f"on {gname}")
-    m_dba = add(f"+ DBA (n={dba.n}, alpha={dba.alpha:g})", *run_global(None, dba, best_folds), note=f"on {gname}")
+    m_dba = add(
+        f"+ DBA (n={dba.n}, alpha={dba.alpha:g})", *run_global(None, dba, best_folds), note=f"on {gname}"
+    )
     both_best = None
     for nq in sorted({1, 2, qe.n}):
         r, ms = run_global(ExpansionConfig(nq, qe.alpha), dba, best_folds)
@@ -360,8 +412,12 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
         asmk_scores.append(S)
         asmk_rank.append(list(np.argsort(-S, axis=1, kind="stable")[:, :100]))
     nq_all = sum(len(f.q_rows) for f in folds)
-    add(f"ASMK* alone (RootSIFT, {args.codebook} words)", asmk_rank, 1000 * t_q / nq_all,
-        note=f"codebooks+IVFs {t_build:.0f} s for 3 folds; features read {load_s:.0f} s")
+    add(
+        f"ASMK* alone (RootSIFT, {args.codebook} words)",
+        asmk_rank,
+        1000 * t_q / nq_all,
+        note=f"codebooks+IVFs {t_build:.0f} s for 3 folds; features read {load_s:.0f} s",
+    )
     # fusion with the best global first stage (with DBA when it helps)
     use_dba = dba if m_dba["map@100"] > max(base["map@100"], wres["map@100"]) else None
     fusion_best = None
@@ -382,8 +438,12 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
         if fusion_best is None or m["map@100"] > fusion_best[0]["map@100"]:
             fusion_best = (m, fr, wgt, t_f)
     assert fusion_best is not None
-    m_fusion = add(f"fusion: global{' + DBA' if use_dba else ''} + ASMK* (weight {fusion_best[2]:g})", fusion_best[1],
-        1000 * (fusion_best[3] + t_q) / nq_all, note="ms include the ASMK scoring")
+    m_fusion = add(
+        f"fusion: global{' + DBA' if use_dba else ''} + ASMK* (weight {fusion_best[2]:g})",
+        fusion_best[1],
+        1000 * (fusion_best[3] + t_q) / nq_all,
+        note="ms include the ASMK scoring",
+    )
     # spatial re-ranking of the best first stage so far
     fused_first = m_fusion["map@100"] >= m_both["map@100"]
     pick = fusion_best[1] if fused_first else both_r
@@ -391,8 +451,12 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
     reranked: list[list[np.ndarray]] = []
     from landmarks.rerank import extractor_from_meta, verify_candidates
 
-    vkw: dict[str, Any] = {"model": "fundamental", "seed": 0, "max_iters": 2000,
-                           "threshold_px": extractor_from_meta(index.meta["local"]).ransac_threshold_px}
+    vkw: dict[str, Any] = {
+        "model": "fundamental",
+        "seed": 0,
+        "max_iters": 2000,
+        "threshold_px": extractor_from_meta(index.meta["local"]).ransac_threshold_px,
+    }
     t = time.perf_counter()
     K = args.rerank_k
     for f, ranks in zip(folds, pick):
@@ -400,72 +464,122 @@ def run_realworld(work: Path, seed: int, args: argparse.Namespace) -> dict[str, 
         for qi, ranked in enumerate(ranks):
             qf = feats[f.q_rows[qi]]
             cand = ranked[:K]
-            inl = np.array([v.num_inliers for v in verify_candidates(qf, [feats[f.db_rows[int(c)]] for c in cand],
-                                                                       **vkw)], np.int64) \
-                if qf is not None else np.zeros(len(cand), np.int64)
+            inl = (
+                np.array(
+                    [
+                        v.num_inliers
+                        for v in verify_candidates(qf, [feats[f.db_rows[int(c)]] for c in cand], **vkw)
+                    ],
+                    np.int64,
+                )
+                if qf is not None
+                else np.zeros(len(cand), np.int64)
+            )
             order = retrieval_order(-np.arange(len(cand), dtype=np.float64), inl, 15)
             out.append(np.concatenate([cand[order], ranked[K:]]))
         reranked.append(out)
     t_rr = time.perf_counter() - t
-    add(f"+ spatial re-ranking (RootSIFT + RANSAC, top {K} of {pick_name})", reranked, 1000 * t_rr / nq_all,
-        note="verified (>= 15 inliers) first by inliers; ms = verification only, 1 process")
-    return {"rows": rows, "sweep": sweep, "index_s": index_s, "folds": [len(f.q_rows) for f in folds],
-            "db_sizes": [len(f.db_rows) for f in folds], "n_lab": len(lab_rows), "n_dis": len(dis_rows_idx),
-            "global": gname}
+    add(
+        f"+ spatial re-ranking (RootSIFT + RANSAC, top {K} of {pick_name})",
+        reranked,
+        1000 * t_rr / nq_all,
+        note="verified (>= 15 inliers) first by inliers; ms = verification only, 1 process",
+    )
+    return {
+        "rows": rows,
+        "sweep": sweep,
+        "index_s": index_s,
+        "folds": [len(f.q_rows) for f in folds],
+        "db_sizes": [len(f.db_rows) for f in folds],
+        "n_lab": len(lab_rows),
+        "n_dis": len(dis_rows_idx),
+        "global": gname,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 
-def write_results(rev: dict[str, Any] | None, rw: dict[str, Any] | None, dba1m: str | None, argv: list[str]) -> str:
-    lines = ["# bench/retrieval: the Revisited protocol, αQE, DBA, ASMK, fusion and spatial re-ranking", "",
-             f"Command: `python bench/retrieval.py {' '.join(argv)}`; {time.strftime('%Y-%m-%d')}; CPU: "
-             f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs: times are indicative); no GPU.",
-             ""]
+
+def write_results(
+    rev: dict[str, Any] | None, rw: dict[str, Any] | None, dba1m: str | None, argv: list[str]
+) -> str:
+    lines = [
+        "# bench/retrieval: the Revisited protocol, αQE, DBA, ASMK, fusion and spatial re-ranking",
+        "",
+        f"Command: `python bench/retrieval.py {' '.join(argv)}`; {time.strftime('%Y-%m-%d')}; CPU: "
+        f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs: times are indicative); no GPU.",
+        "",
+    ]
     if rev:
-        lines += ["## 1. Revisited protocol, end to end, on a synthetic dataset in revisitop layout", "",
-                  "`landmarks synth --landmarks 20 --size 512` -> `synthox/jpg/` + `gnd_synthox.pkl` (database: up "
-                  "to 25 training images per landmark; one test photo per landmark as the query, box = central "
-                  "80%; easy/hard/junk by RootSIFT+RANSAC inliers against the query crop, junk < T <= hard < 2T <= "
-                  "easy with T = 1 + the 99th percentile reached by unrelated pairs; see `make_synthetic_revisited`), "
-                  "then `landmarks evaluate revisited --data synthox --dataset synthox --model lite0 --json` "
-                  "(model: `landmarks init --pretrained lite0`). Figures in %.", "",
-                  "| variant | Easy mAP | Medium mAP | Hard mAP | Medium mP@1/5/10 | queries | database | wall s |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|"]
+        lines += [
+            "## 1. Revisited protocol, end to end, on a synthetic dataset in revisitop layout",
+            "",
+            "`landmarks synth --landmarks 20 --size 512` -> `synthox/jpg/` + `gnd_synthox.pkl` (database: up "
+            "to 25 training images per landmark; one test photo per landmark as the query, box = central "
+            "80%; easy/hard/junk by RootSIFT+RANSAC inliers against the query crop, junk < T <= hard < 2T <= "
+            "easy with T = 1 + the 99th percentile reached by unrelated pairs; see `make_synthetic_revisited`), "
+            "then `landmarks evaluate revisited --data synthox --dataset synthox --model lite0 --json` "
+            "(model: `landmarks init --pretrained lite0`). Figures in %.",
+            "",
+            "| variant | Easy mAP | Medium mAP | Hard mAP | Medium mP@1/5/10 | queries | database | wall s |",
+            "|---|---:|---:|---:|---|---:|---:|---:|",
+        ]
         for name, res in rev.items():
             r = res["results"]
 
             def f(x: Any) -> str:
                 return "n/a" if x is None else f"{100 * x:.2f}"
 
-            lines.append(f"| {name} | {f(r['easy']['map'])} | {f(r['medium']['map'])} | {f(r['hard']['map'])} | "
-                         + "/".join(f(v) for v in r["medium"]["mp@k"])
-                         + f" | {res['queries']} | {res['database']} | {res['wall_s']:.0f} |")
-        lines += ["", "The test suite's hand-computed cases: `tests/test_revisited.py` (a 6-image dataset in the "
-                  "same layout whose every similarity is designed: Easy 62.50, Medium 73.06, Hard 33.33 mAP; "
-                  "+R1M with 2 distractors 29.17 / 38.06 / 24.58), and a pickle calling `os.system` via "
-                  "`__reduce__` refused without running.", ""]
+            lines.append(
+                f"| {name} | {f(r['easy']['map'])} | {f(r['medium']['map'])} | {f(r['hard']['map'])} | "
+                + "/".join(f(v) for v in r["medium"]["mp@k"])
+                + f" | {res['queries']} | {res['database']} | {res['wall_s']:.0f} |"
+            )
+        lines += [
+            "",
+            "The test suite's hand-computed cases: `tests/test_revisited.py` (a 6-image dataset in the "
+            "same layout whose every similarity is designed: Easy 62.50, Medium 73.06, Hard 33.33 mAP; "
+            "+R1M with 2 distractors 29.17 / 38.06 / 24.58), and a pickle calling `os.system` via "
+            "`__reduce__` refused without running.",
+            "",
+        ]
     if rw:
         base = rw["rows"][0]["map@100"]
-        lines += ["## 2. Real photos: retrieval with every technique, side by side", "",
-                  f"Data: `{DATA_REL}` ({rw['n_lab']} labelled photos of 29 landmarks, {rw['n_dis']} distractors). "
-                  f"3 folds per landmark (seeded): each fold's photos ({', '.join(map(str, rw['folds']))}) query "
-                  f"the other folds + all distractors (databases of {', '.join(map(str, rw['db_sizes']))}); "
-                  "a query is never in its own database. Global descriptor: `landmarks init --pretrained "
-                  "lite0` (ImageNet, no training), PCA-whitening learned on each fold's database. Index of "
-                  f"all photos with RootSIFT: {rw['index_s']:.0f} s (0 when reused). Figures in %; "
-                  "ratio = mAP@100 / the first row's.", "",
-                  "| row | mAP@100 | ratio | mP@10 | kNN top-1 | ms/query | note |", "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "## 2. Real photos: retrieval with every technique, side by side",
+            "",
+            f"Data: `{DATA_REL}` ({rw['n_lab']} labelled photos of 29 landmarks, {rw['n_dis']} distractors). "
+            f"3 folds per landmark (seeded): each fold's photos ({', '.join(map(str, rw['folds']))}) query "
+            f"the other folds + all distractors (databases of {', '.join(map(str, rw['db_sizes']))}); "
+            "a query is never in its own database. Global descriptor: `landmarks init --pretrained "
+            "lite0` (ImageNet, no training), PCA-whitening learned on each fold's database. Index of "
+            f"all photos with RootSIFT: {rw['index_s']:.0f} s (0 when reused). Figures in %; "
+            "ratio = mAP@100 / the first row's.",
+            "",
+            "| row | mAP@100 | ratio | mP@10 | kNN top-1 | ms/query | note |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for r in rw["rows"]:
-            lines.append(f"| {r['name']} | {100 * r['map@100']:.2f} | {r['map@100'] / base:.2f}x | "
-                         f"{100 * r['mp@10']:.2f} | {100 * r['top1']:.2f} | {r['ms']:.2f} | {r['note']} |")
-        lines += ["", f"### αQE / DBA sweep (on the {rw['global']} global descriptor; mAP@100 / kNN top-1, %)", "",
-                  "| n | αQE α=0 | αQE α=3 | DBA α=0 | DBA α=3 |", "|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {r['name']} | {100 * r['map@100']:.2f} | {r['map@100'] / base:.2f}x | "
+                f"{100 * r['mp@10']:.2f} | {100 * r['top1']:.2f} | {r['ms']:.2f} | {r['note']} |"
+            )
+        lines += [
+            "",
+            f"### αQE / DBA sweep (on the {rw['global']} global descriptor; mAP@100 / kNN top-1, %)",
+            "",
+            "| n | αQE α=0 | αQE α=3 | DBA α=0 | DBA α=3 |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         by = {(s["kind"], s["n"], s["alpha"]): s for s in rw["sweep"]}
         for n in sorted({s["n"] for s in rw["sweep"]}):
-            cells = [f"{100 * by[(k, n, a)]['map@100']:.2f} / {100 * by[(k, n, a)]['top1']:.2f}"
-                     for k in ("qe", "dba") for a in (0.0, 3.0)]
+            cells = [
+                f"{100 * by[(k, n, a)]['map@100']:.2f} / {100 * by[(k, n, a)]['top1']:.2f}"
+                for k in ("qe", "dba")
+                for a in (0.0, 3.0)
+            ]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     if dba1m:
@@ -473,7 +587,7 @@ def write_results(rev: dict[str, Any] | None, rw: dict[str, Any] | None, dba1m: 
     text = "\n".join(lines)
     old = RESULTS.read_text() if RESULTS.exists() else ""
     if NOTES in old:
-        text += "\n" + old[old.index(NOTES):]
+        text += "\n" + old[old.index(NOTES) :]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
     return text
@@ -482,8 +596,13 @@ def write_results(rev: dict[str, Any] | None, rw: dict[str, Any] | None, dba1m: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/landmarks-retrieval"))
-    ap.add_argument("--parts", nargs="*", default=["revisited", "realworld"], choices=["revisited", "realworld"],
-                    help="parts to run; the others are read from their cache in --work (none: just rewrite)")
+    ap.add_argument(
+        "--parts",
+        nargs="*",
+        default=["revisited", "realworld"],
+        choices=["revisited", "realworld"],
+        help="parts to run; the others are read from their cache in --work (none: just rewrite)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--codebook", type=int, default=1024, help="ASMK visual words")
     ap.add_argument("--rerank-k", type=int, default=50, help="candidates verified by the spatial re-ranking")
@@ -496,12 +615,18 @@ def main() -> None:
     if not (run / "meta.json").exists():
         cli("init", "--pretrained", "lite0", "--out", str(run))
     rev_cache, rw_cache = args.work / "revisited.json", args.work / "realworld.json"
-    rev = part_revisited(args.work, run) if "revisited" in args.parts else (
-        json.loads(rev_cache.read_text()) if rev_cache.exists() else None)
+    rev = (
+        part_revisited(args.work, run)
+        if "revisited" in args.parts
+        else (json.loads(rev_cache.read_text()) if rev_cache.exists() else None)
+    )
     if rev is not None:
         rev_cache.write_text(json.dumps(rev, default=float))
-    rw = run_realworld(args.work, args.seed, args) if "realworld" in args.parts else (
-        json.loads(rw_cache.read_text()) if rw_cache.exists() else None)
+    rw = (
+        run_realworld(args.work, args.seed, args)
+        if "realworld" in args.parts
+        else (json.loads(rw_cache.read_text()) if rw_cache.exists() else None)
+    )
     if rw is not None:
         rw_cache.write_text(json.dumps(rw, default=float))
     dba1m = args.dba1m.read_text() if args.dba1m and args.dba1m.exists() else None

@@ -112,7 +112,9 @@ def main() -> int:
     ap.add_argument("--nq", type=int, default=1000, help="landmark queries")
     ap.add_argument("--nq-ood", type=int, default=200, help="out-of-domain queries (recall shown separately)")
     ap.add_argument("--nq-time", type=int, default=100, help="landmark queries timed on the exact indexes")
-    ap.add_argument("--exact-repeats", type=int, default=10, help="alternating timing repeats of the exact indexes")
+    ap.add_argument(
+        "--exact-repeats", type=int, default=10, help="alternating timing repeats of the exact indexes"
+    )
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--types", default="flat,ivfpq,hnsw")
     ap.add_argument("--threads", type=int, default=None, help="FAISS/OpenMP threads (default: all)")
@@ -135,14 +137,18 @@ def main() -> int:
 
     t0 = time.perf_counter()
     xb, xq, xq_ood = make_data(args.n, args.d, args.nq, args.nq_ood, args.seed)
-    say(f"# bench/search: {args.n:,} x {args.d} clustered embeddings, {args.nq} landmark + {args.nq_ood} "
-        f"out-of-domain queries, k = {args.k}")
+    say(
+        f"# bench/search: {args.n:,} x {args.d} clustered embeddings, {args.nq} landmark + {args.nq_ood} "
+        f"out-of-domain queries, k = {args.k}"
+    )
     say()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    say(f"CPU: {platform.machine()}, {threads} FAISS threads, load average {load:.1f} at start (a shared machine: "
+    say(
+        f"CPU: {platform.machine()}, {threads} FAISS threads, load average {load:.1f} at start (a shared machine: "
         f"absolute speeds vary, ratios are measured side by side); faiss {faiss.__version__}; data made in "
         f"{time.perf_counter() - t0:.0f} s. Throughput = queries/s in batches of {args.nq} landmark queries ({args.nq_time} for "
-        f"the exact indexes, alternating, best of {args.exact_repeats}), best of {args.repeats}; recall@{args.k} against exact search.")
+        f"the exact indexes, alternating, best of {args.exact_repeats}), best of {args.repeats}; recall@{args.k} against exact search."
+    )
     say()
 
     # exact: raw FAISS vs LandmarkIndex flat, alternating
@@ -168,17 +174,25 @@ def main() -> int:
     _, truth_ood = raw.search(xq_ood, args.k)
     exact_qps = args.nq / t_exact
     flat_mem = index_memory_bytes(flat.faiss_index) / args.n
-    say(f"| index | setting | recall@{args.k} | recall@{args.k} (OOD queries) | queries/s | vs exact | build (s) "
-        "| RAM B/image | disk B/image |")
+    say(
+        f"| index | setting | recall@{args.k} | recall@{args.k} (OOD queries) | queries/s | vs exact | build (s) "
+        "| RAM B/image | disk B/image |"
+    )
     say("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    say(f"| raw faiss.IndexFlatIP | exact, batch of {args.nq} | 1.000 | 1.000 | {exact_qps:,.1f} | 1.00x | - "
-        f"| {4 * args.d} | - |")
-    say(f"| raw faiss.IndexFlatIP | exact, batch of {len(xt)} | 1.000 | 1.000 | {len(xt) / t_raw:,.1f} | "
-        f"{len(xt) / t_raw / exact_qps:.2f}x | - | {4 * args.d} | - |")
+    say(
+        f"| raw faiss.IndexFlatIP | exact, batch of {args.nq} | 1.000 | 1.000 | {exact_qps:,.1f} | 1.00x | - "
+        f"| {4 * args.d} | - |"
+    )
+    say(
+        f"| raw faiss.IndexFlatIP | exact, batch of {len(xt)} | 1.000 | 1.000 | {len(xt) / t_raw:,.1f} | "
+        f"{len(xt) / t_raw / exact_qps:.2f}x | - | {4 * args.d} | - |"
+    )
     if "flat" in types:
-        say(f"| landmarks flat | exact, batch of {len(xt)} | {recall(mine, truth):.3f} | 1.000 | {len(xt) / t_ours:,.1f} | "
+        say(
+            f"| landmarks flat | exact, batch of {len(xt)} | {recall(mine, truth):.3f} | 1.000 | {len(xt) / t_ours:,.1f} | "
             f"{len(xt) / t_ours / exact_qps:.2f}x (**{ratio:.2f}x raw, same batch**) | {build_flat:.1f} | "
-            f"{flat_mem:,.0f} | {4 * args.d + 8} |")
+            f"{flat_mem:,.0f} | {4 * args.d + 8} |"
+        )
     del flat, raw
     gc.collect()
 
@@ -195,9 +209,11 @@ def main() -> int:
                 dt, (_, found) = timed(partial(ivf.search, xq, args.k), args.repeats)
                 _, found_ood = ivf.search(xq_ood, args.k)
                 mark = " (default)" if nprobe == defaults.nprobe and refine == defaults.refine_factor else ""
-                say(f"| ivfpq nlist={nlist} m={pq_m}x4 bits | nprobe={nprobe} refine={refine}{mark} | "
+                say(
+                    f"| ivfpq nlist={nlist} m={pq_m}x4 bits | nprobe={nprobe} refine={refine}{mark} | "
                     f"{recall(found, truth):.3f} | {recall(found_ood, truth_ood):.3f} | {args.nq / dt:,.0f} | "
-                    f"{args.nq / dt / exact_qps:.1f}x | {build:.0f} | {mem:,.0f} | {2 * args.d} (fp16, re-ranking) |")
+                    f"{args.nq / dt / exact_qps:.1f}x | {build:.0f} | {mem:,.0f} | {2 * args.d} (fp16, re-ranking) |"
+                )
         del ivf
         gc.collect()
 
@@ -211,9 +227,11 @@ def main() -> int:
             dt, (_, found) = timed(partial(hnsw.search, xq, args.k), args.repeats)
             _, found_ood = hnsw.search(xq_ood, args.k)
             mark = " (default)" if ef == defaults.ef_search else ""
-            say(f"| hnsw M={defaults.hnsw_m} efC={defaults.ef_construction} | efSearch={ef}{mark} | "
+            say(
+                f"| hnsw M={defaults.hnsw_m} efC={defaults.ef_construction} | efSearch={ef}{mark} | "
                 f"{recall(found, truth):.3f} | {recall(found_ood, truth_ood):.3f} | {args.nq / dt:,.0f} | "
-                f"{args.nq / dt / exact_qps:.1f}x | {build:.0f} | {mem:,.0f} | {4 * args.d} |")
+                f"{args.nq / dt / exact_qps:.1f}x | {build:.0f} | {mem:,.0f} | {4 * args.d} |"
+            )
         del hnsw
     say()
     say(f"Total {time.perf_counter() - t0:.0f} s.")

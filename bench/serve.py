@@ -57,14 +57,18 @@ def synthetic_photos(n: int, seed: int, size: tuple[int, int] = (640, 480)) -> l
     for _ in range(n):
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
-        arr = np.clip(np.asarray(img, np.float32) + rng.normal(0, 8, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+        arr = np.clip(np.asarray(img, np.float32) + rng.normal(0, 8, (size[1], size[0], 3)), 0, 255).astype(
+            np.uint8
+        )
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
 
-def realworld_split(data: Path, per_landmark: int, queries: int) -> tuple[list[tuple[Path, str]], list[Path]] | None:
+def realworld_split(
+    data: Path, per_landmark: int, queries: int
+) -> tuple[list[tuple[Path, str]], list[Path]] | None:
     """(index photos (path, landmark), query photos) from landmarks13_web, or None without the data."""
     table = data / "landmarks.csv"
     if not table.is_file():
@@ -78,12 +82,13 @@ def realworld_split(data: Path, per_landmark: int, queries: int) -> tuple[list[t
     for name in sorted(by_class):
         paths = sorted(by_class[name])
         index += [(p, name) for p in paths[:per_landmark]]
-        rest += paths[per_landmark:per_landmark + max(1, queries // len(by_class) + 1)]
+        rest += paths[per_landmark : per_landmark + max(1, queries // len(by_class) + 1)]
     return index, rest[:queries]
 
 
-def build_index(root: Path, backbone: str, image_size: int, embedding_dim: int,
-                photos: Sequence[tuple[bytes, str]]) -> Path:
+def build_index(
+    root: Path, backbone: str, image_size: int, embedding_dim: int, photos: Sequence[tuple[bytes, str]]
+) -> Path:
     """A random-init model run and an index of ``photos`` (JPEG bytes, landmark) under ``root``."""
     import torch
 
@@ -99,8 +104,16 @@ def build_index(root: Path, backbone: str, image_size: int, embedding_dim: int,
     mconf = ModelConfig(backbone=backbone, embedding_dim=embedding_dim)
     net = LandmarkNet(mconf, len(landmarks), pretrained="")
     pre = {"image_size": image_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    save_model(root / "run", net, {"config": {"model": to_dict(mconf)}, "num_classes": len(landmarks),
-                                   "classes": {}, "preprocessing": pre})
+    save_model(
+        root / "run",
+        net,
+        {
+            "config": {"model": to_dict(mconf)},
+            "num_classes": len(landmarks),
+            "classes": {},
+            "preprocessing": pre,
+        },
+    )
     counts: dict[str, int] = {}
     for data, lm in photos:
         i = counts[lm] = counts.get(lm, 0) + 1
@@ -109,11 +122,17 @@ def build_index(root: Path, backbone: str, image_size: int, embedding_dim: int,
         path.write_bytes(data)
     records = load_collection(root / "images")
     embedder = extract.load_embedder(root / "run")
-    res = extract.extract_embeddings(embedder, records, root / "index" / "work",
-                                     extract.ExtractConfig(batch_size=16, num_workers=0))
+    res = extract.extract_embeddings(
+        embedder, records, root / "index" / "work", extract.ExtractConfig(batch_size=16, num_workers=0)
+    )
     kept = [records[i] for i in res.rows]
-    index = LandmarkIndex.build(res.embeddings, res.ids, [str(r.landmark) for r in kept],
-                                paths=[str(Path(r.path).absolute()) for r in kept], model=embedder.describe())
+    index = LandmarkIndex.build(
+        res.embeddings,
+        res.ids,
+        [str(r.landmark) for r in kept],
+        paths=[str(Path(r.path).absolute()) for r in kept],
+        model=embedder.describe(),
+    )
     index.save(root / "index")
     return root / "index"
 
@@ -123,7 +142,9 @@ def build_index(root: Path, backbone: str, image_size: int, embedding_dim: int,
 # --------------------------------------------------------------------------------------------------
 
 
-def run_load(concurrency: int, requests: int, max_seconds: float, call: Callable[[int], None]) -> dict[str, float]:
+def run_load(
+    concurrency: int, requests: int, max_seconds: float, call: Callable[[int], None]
+) -> dict[str, float]:
     """``concurrency`` threads call ``call(i)`` for i = 0, 1, ... until ``requests`` calls or ``max_seconds``.
 
     Returns p50/p99 latency (ms), throughput (completed calls / wall seconds), completed and errors.
@@ -161,9 +182,13 @@ def run_load(concurrency: int, requests: int, max_seconds: float, call: Callable
         t.join()
     wall = time.perf_counter() - t0
     lat = np.asarray(latencies) * 1000.0
-    return {"p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-            "rps": len(lat) / wall if wall > 0 else 0.0, "completed": float(len(lat)), "errors": float(state["errors"])}
+    return {
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "rps": len(lat) / wall if wall > 0 else 0.0,
+        "completed": float(len(lat)),
+        "errors": float(state["errors"]),
+    }
 
 
 class RawClient:
@@ -183,8 +208,10 @@ class RawClient:
         """POST ``body``; returns (status, response body)."""
         if self.sock is None:
             self.sock = self._connect()
-        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         sock = self.sock
         sock.sendall(head + body)
         buf = b""
@@ -227,7 +254,9 @@ def free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--index", type=Path, default=None, help="an existing index folder (default: build a small one)")
+    p.add_argument(
+        "--index", type=Path, default=None, help="an existing index folder (default: build a small one)"
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="real photos (default %(default)s)")
     p.add_argument("--backbone", default="efficientnet_b0", help="random-init backbone of the built index")
     p.add_argument("--image-size", type=int, default=224, help="input size of the built index's model")
@@ -259,17 +288,23 @@ def main(argv: list[str] | None = None) -> int:
             source = f"landmarks13_web photos from {args.data}"
         else:
             synth = synthetic_photos(13 * args.per_landmark + args.queries, seed=0)
-            index_photos = [(b, f"lm{i % 13}") for i, b in enumerate(synth[:13 * args.per_landmark])]
-            queries = synth[13 * args.per_landmark:]
+            index_photos = [(b, f"lm{i % 13}") for i, b in enumerate(synth[: 13 * args.per_landmark])]
+            queries = synth[13 * args.per_landmark :]
         t0 = time.perf_counter()
-        index_dir = build_index(Path(tmp.name), args.backbone, args.image_size, args.embedding_dim, index_photos)
-        print(f"built an index of {len(index_photos)} photos ({args.backbone} @ {args.image_size}, random init) "
-              f"in {time.perf_counter() - t0:.1f}s")
+        index_dir = build_index(
+            Path(tmp.name), args.backbone, args.image_size, args.embedding_dim, index_photos
+        )
+        print(
+            f"built an index of {len(index_photos)} photos ({args.backbone} @ {args.image_size}, random init) "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
         model_desc = f"{args.backbone} @ {args.image_size}px, random init, D={args.embedding_dim}"
     else:
         index_dir = args.index
         split = realworld_split(args.data, 0, args.queries)
-        queries = [path.read_bytes() for path in split[1]] if split else synthetic_photos(args.queries, seed=1)
+        queries = (
+            [path.read_bytes() for path in split[1]] if split else synthetic_photos(args.queries, seed=1)
+        )
         source = f"landmarks13_web photos from {args.data}" if split else source
         model_desc = "the index's model"
 
@@ -292,8 +327,23 @@ def main(argv: list[str] | None = None) -> int:
     # -- the server (idle while the in-process side runs) ---------------------------------------------
     port = free_port()
     log_path = Path(tmp.name) / "server.log"
-    cmd = [sys.executable, "-m", "landmarks", "-q", "serve", "--index", str(index_dir), "--port", str(port),
-           "--workers", str(args.workers), "--queue", "256", "--timeout-s", "120"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "landmarks",
+        "-q",
+        "serve",
+        "--index",
+        str(index_dir),
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+        "--queue",
+        "256",
+        "--timeout-s",
+        "120",
+    ]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -328,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             a = run_load(c, args.requests, args.max_seconds, library_call)
             b = run_load(c, args.requests, args.max_seconds, http_call)
             rows.append((c, a, b))
-            print(f"concurrency {c}: in-process p50 {a['p50_ms']:.1f} ms, HTTP p50 {b['p50_ms']:.1f} ms", flush=True)
+            print(
+                f"concurrency {c}: in-process p50 {a['p50_ms']:.1f} ms, HTTP p50 {b['p50_ms']:.1f} ms",
+                flush=True,
+            )
             for cl in clients:
                 cl.close()
             clients.clear()
@@ -361,12 +414,17 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, a, b in rows:
-        lines.append(f"| {c} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {a['rps']:.1f} | {b['p50_ms']:.1f} / "
-                     f"{b['p99_ms']:.1f} | {b['rps']:.1f} | {b['p50_ms'] / a['p50_ms']:.2f}x | "
-                     f"{b['rps'] / a['rps']:.2f}x | {int(b['errors'])} |")
+        lines.append(
+            f"| {c} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {a['rps']:.1f} | {b['p50_ms']:.1f} / "
+            f"{b['p99_ms']:.1f} | {b['rps']:.1f} | {b['p50_ms'] / a['p50_ms']:.2f}x | "
+            f"{b['rps'] / a['rps']:.2f}x | {int(b['errors'])} |"
+        )
     c1 = rows[0]
-    lines += ["", f"At concurrency {c1[0]} the service adds {c1[2]['p50_ms'] - c1[1]['p50_ms']:.1f} ms to the median "
-              f"request ({c1[2]['p50_ms'] / c1[1]['p50_ms']:.2f}x the in-process latency)."]
+    lines += [
+        "",
+        f"At concurrency {c1[0]} the service adds {c1[2]['p50_ms'] - c1[1]['p50_ms']:.1f} ms to the median "
+        f"request ({c1[2]['p50_ms'] / c1[1]['p50_ms']:.2f}x the in-process latency).",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     with atomic_write(args.out) as f:

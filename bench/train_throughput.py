@@ -40,7 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 def realworld_records(root: Path) -> list[ImageRecord]:
     """The labelled photos of the realworld benchmark folder."""
     with open(root / "landmarks.csv", newline="", encoding="utf-8") as f:
-        return [ImageRecord(encode_id(row["path"]), root / row["path"], row["landmark"]) for row in csv.DictReader(f)]
+        return [
+            ImageRecord(encode_id(row["path"]), root / row["path"], row["landmark"])
+            for row in csv.DictReader(f)
+        ]
 
 
 def time_ours(trainer: Trainer, loader: Any, sampler: Any, epoch: int, steps: int, warmup: int) -> float:
@@ -49,7 +52,7 @@ def time_ours(trainer: Trainer, loader: Any, sampler: Any, epoch: int, steps: in
     per_step = c.batch_size * c.optim.accumulate
     sampler.set_epoch(epoch, 0, (steps + warmup) * c.optim.accumulate)
     trainer._set_train_mode()
-    total = 10 ** 6
+    total = 10**6
     t0 = time.perf_counter()
     micro = done = 0
     for batch in loader:
@@ -61,8 +64,15 @@ def time_ours(trainer: Trainer, loader: Any, sampler: Any, epoch: int, steps: in
     return steps * per_step / (time.perf_counter() - t0)
 
 
-def time_bare(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-              steps: int, warmup: int, amp: torch.dtype | None) -> float:
+def time_bare(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    warmup: int,
+    amp: torch.dtype | None,
+) -> float:
     """Images/s of the bare loop: forward, cross-entropy, backward, optimizer step."""
     model.train()
     t0 = 0.0
@@ -126,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}: ours {ours[-1]:.1f} img/s, bare timm {base[-1]:.1f} img/s", flush=True)
     mo, mb = statistics.median(ours), statistics.median(base)
     workers = loader.num_workers
-    print(f"model {conf.model.backbone} @ {s}px, batch {conf.batch_size}, threads {args.threads}, "
-          f"amp {trainer.amp_dtype}, {n_classes} classes, {workers} loader workers, data {args.data}")
+    print(
+        f"model {conf.model.backbone} @ {s}px, batch {conf.batch_size}, threads {args.threads}, "
+        f"amp {trainer.amp_dtype}, {n_classes} classes, {workers} loader workers, data {args.data}"
+    )
     print(f"images/s: training loop {mo:.1f}, bare timm loop {mb:.1f}; ratio {mo / mb:.3f} (goal >= 0.85)")
     return 0
 

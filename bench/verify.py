@@ -59,10 +59,14 @@ def list_pairs(data: Path) -> list[tuple[str, str, Path, Path, np.ndarray]]:
     for seq in SEQUENCES:
         d = root / "oxford_affine" / seq
         for n in range(2, 7):
-            pairs.append((seq, f"{seq} 1->{n}", d / "img1.png", d / f"img{n}.png", np.loadtxt(d / f"H1to{n}p")))
+            pairs.append(
+                (seq, f"{seq} 1->{n}", d / "img1.png", d / f"img{n}.png", np.loadtxt(d / f"H1to{n}p"))
+            )
     evd = root / "evd"
     for h in sorted((evd / "h").glob("*.txt")):
-        pairs.append(("evd", f"evd {h.stem}", evd / "1" / f"{h.stem}.jpg", evd / "2" / f"{h.stem}.jpg", np.loadtxt(h)))
+        pairs.append(
+            ("evd", f"evd {h.stem}", evd / "1" / f"{h.stem}.jpg", evd / "2" / f"{h.stem}.jpg", np.loadtxt(h))
+        )
     return pairs
 
 
@@ -93,15 +97,22 @@ def delf_recipe(fa: LocalFeatures, fb: LocalFeatures, seed: int) -> tuple[np.nda
         return None, 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, inliers = ransac((loc_a, loc_b), AffineTransform, min_samples=3,
-                                residual_threshold=DELF_RESIDUAL_THRESHOLD_PX, max_trials=DELF_MAX_TRIALS,
-                                rng=seed)
+        model, inliers = ransac(
+            (loc_a, loc_b),
+            AffineTransform,
+            min_samples=3,
+            residual_threshold=DELF_RESIDUAL_THRESHOLD_PX,
+            max_trials=DELF_MAX_TRIALS,
+            rng=seed,
+        )
     if model is None or inliers is None:
         return None, 0
     return np.asarray(model.params, dtype=np.float64), int(np.sum(inliers))
 
 
-def timed(fn: Callable[[], tuple[np.ndarray | None, int]], repeats: int) -> tuple[np.ndarray | None, int, float]:
+def timed(
+    fn: Callable[[], tuple[np.ndarray | None, int]], repeats: int
+) -> tuple[np.ndarray | None, int, float]:
     """Run ``fn`` ``repeats`` times; its (last) result and the median time in ms."""
     times: list[float] = []
     out: tuple[np.ndarray | None, int] = (None, 0)
@@ -120,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-features", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats per pair (median)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threshold-px", type=float, default=None, help="our homography threshold (default: library's)")
+    ap.add_argument(
+        "--threshold-px", type=float, default=None, help="our homography threshold (default: library's)"
+    )
     ap.add_argument("--method", default="magsac", help="our USAC preset (magsac, gc, msac)")
     ap.add_argument("--ratio", type=float, default=0.85)
-    ap.add_argument("--cap-px", type=float, default=100.0, help="corner error counted for a failed/far estimate")
+    ap.add_argument(
+        "--cap-px", type=float, default=100.0, help="corner error counted for a failed/far estimate"
+    )
     ap.add_argument("--per-pair", action="store_true", help="also print one row per pair")
     args = ap.parse_args(argv)
     cv2.setNumThreads(1)
@@ -154,8 +169,15 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = (corner_error(mat, h_gt, w, h, args.cap_px), inl, ms)
         rows.append(row)
         if args.per_pair:
-            print(name, " ".join(f"{k}: {v[0]:.2f}px {v[1]} inl {v[2]:.1f}ms"  # type: ignore[index]
-                                 for k, v in row.items() if k in methods), file=sys.stderr)
+            print(
+                name,
+                " ".join(
+                    f"{k}: {v[0]:.2f}px {v[1]} inl {v[2]:.1f}ms"  # type: ignore[index]
+                    for k, v in row.items()
+                    if k in methods
+                ),
+                file=sys.stderr,
+            )
     table = render(rows, list(methods), args)
     print(table)
     with atomic_write(args.out) as f:
@@ -163,16 +185,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ours(a: LocalFeatures, b: LocalFeatures, model: str, args: argparse.Namespace) -> tuple[np.ndarray | None, int]:
-    v = verify(a, b, model, args.seed, ratio=args.ratio, method=args.method,
-               threshold_px=args.threshold_px if model == "homography" else None)
+def _ours(
+    a: LocalFeatures, b: LocalFeatures, model: str, args: argparse.Namespace
+) -> tuple[np.ndarray | None, int]:
+    v = verify(
+        a,
+        b,
+        model,
+        args.seed,
+        ratio=args.ratio,
+        method=args.method,
+        threshold_px=args.threshold_px if model == "homography" else None,
+    )
     return v.model_3x3, v.num_inliers
 
 
 def render(rows: list[dict[str, object]], keys: list[str], args: argparse.Namespace) -> str:
     """The markdown report."""
-    labels = {"ours-H": "ours: MNN+ratio, USAC MAGSAC++ homography", "ours-A": "ours: MNN+ratio, USAC MAGSAC++ affine",
-              "delf": "DELF recipe: cKDTree (d<=0.8) + skimage affine RANSAC (1000 trials, 20 px)"}
+    labels = {
+        "ours-H": "ours: MNN+ratio, USAC MAGSAC++ homography",
+        "ours-A": "ours: MNN+ratio, USAC MAGSAC++ affine",
+        "delf": "DELF recipe: cKDTree (d<=0.8) + skimage affine RANSAC (1000 trials, 20 px)",
+    }
     groups = [*SEQUENCES, "evd", "oxford (all)", "all"]
 
     def select(g: str) -> list[dict[str, object]]:
@@ -185,8 +219,12 @@ def render(rows: list[dict[str, object]], keys: list[str], args: argparse.Namesp
     def stats(rs: list[dict[str, object]], k: str) -> tuple[float, float, float, float]:
         errs = [r[k][0] for r in rs]  # type: ignore[index]
         ms = [r[k][2] for r in rs]  # type: ignore[index]
-        return (float(np.mean(errs)), float(np.median(errs)), float(np.mean([e < 5.0 for e in errs])),
-                float(np.mean(ms)))
+        return (
+            float(np.mean(errs)),
+            float(np.median(errs)),
+            float(np.mean([e < 5.0 for e in errs])),
+            float(np.mean(ms)),
+        )
 
     n_feat = float(np.mean([r["n"] for r in rows]))  # type: ignore[misc]
     lines = [
@@ -209,7 +247,9 @@ def render(rows: list[dict[str, object]], keys: list[str], args: argparse.Namesp
         for k in keys:
             mean, med, share, ms = stats(rs, k)
             speed = "1.0x" if k == "delf" else f"{delf_ms / ms:.1f}x"
-            lines.append(f"| {g} ({len(rs)}) | {labels[k]} | {mean:.2f} | {med:.2f} | {share:.0%} | {ms:.2f} | {speed} |")
+            lines.append(
+                f"| {g} ({len(rs)}) | {labels[k]} | {mean:.2f} | {med:.2f} | {share:.0%} | {ms:.2f} | {speed} |"
+            )
     all_h, all_d = stats(rows, "ours-H"), stats(rows, "delf")
     lines += [
         "",

@@ -90,8 +90,15 @@ def main() -> int:
     nlq = [q for q in qids if not sol.get(q)]
 
     def build(wh: WhitenConfig | None) -> LandmarkIndex:
-        return LandmarkIndex.build(r_idx.embeddings, r_idx.ids, [r.landmark for r in kept], model=_Named().describe(),
-                                   non_landmarks=r_nl.embeddings, non_landmark_ids=r_nl.ids, whiten=wh)
+        return LandmarkIndex.build(
+            r_idx.embeddings,
+            r_idx.ids,
+            [r.landmark for r in kept],
+            model=_Named().describe(),
+            non_landmarks=r_nl.embeddings,
+            non_landmark_ids=r_nl.ids,
+            whiten=wh,
+        )
 
     def scores(ix: LandmarkIndex, ood: bool) -> tuple[float, float, list[Any]]:
         res = Recognizer(ix, _Named(), RecognizeConfig(ood=ood)).recognize_embeddings(r_q.embeddings)
@@ -107,13 +114,17 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")  # as it goes: a killed run keeps its rows
 
-    say(f"# Recognition with no training: {args.pretrained} + GeM at {args.image_size} px, PCA-whitening, calibrated "
-        "is_landmark")
+    say(
+        f"# Recognition with no training: {args.pretrained} + GeM at {args.image_size} px, PCA-whitening, calibrated "
+        "is_landmark"
+    )
     say()
-    say(f"Split of `bench/realworld.py` (seed {args.seed}) of `../shared/data/realworld`: {len(r_idx.ids)} index images "
+    say(
+        f"Split of `bench/realworld.py` (seed {args.seed}) of `../shared/data/realworld`: {len(r_idx.ids)} index images "
         f"of {len({r.landmark for r in kept})} landmarks, {len(r_nl.ids)} non-landmarks (N), {len(lmq)} landmark "
         f"queries and {len(nlq)} distractor queries. Embedded once ({t_embed:.0f} s, cached); every row is built "
-        f"from the same embeddings. CPU {platform.machine()}, {os.cpu_count()} cores (shared machine).")
+        f"from the same embeddings. CPU {platform.machine()}, {os.cpu_count()} cores (shared machine)."
+    )
     say()
     say("| whitening (learned on) | dim | shrinkage | GAP | top-1 | GAP + OOD | top-1 + OOD |")
     say("|---|---:|---:|---:|---:|---:|---:|")
@@ -121,24 +132,38 @@ def main() -> int:
     for with_nl in (False, True):
         for dim in (128, 256, 512):
             for s in (0.1, 1.0, 4.0):
-                variants.append(("index + N" if with_nl else "index", WhitenConfig(dim=dim, shrinkage=s,
-                                                                                   with_non_landmarks=with_nl)))
+                variants.append(
+                    (
+                        "index + N" if with_nl else "index",
+                        WhitenConfig(dim=dim, shrinkage=s, with_non_landmarks=with_nl),
+                    )
+                )
     default = WhitenConfig()
     for name, wh in variants:
         ix = build(wh)
         g0, t0_, _ = scores(ix, False)
         g1, t1, _ = scores(ix, True)
-        is_default = wh is not None and (wh.dim or 256) == 256 and wh.shrinkage == default.shrinkage \
+        is_default = (
+            wh is not None
+            and (wh.dim or 256) == 256
+            and wh.shrinkage == default.shrinkage
             and wh.with_non_landmarks == default.with_non_landmarks
+        )
         mark = " **(default `--whiten`)**" if is_default else ""
-        say(f"| {name}{mark} | {ix.d} | {'' if wh is None else f'{wh.shrinkage:g}'} | {100 * g0:.1f} | {100 * t0_:.1f} | "
-            f"{100 * g1:.1f} | {100 * t1:.1f} |")
+        say(
+            f"| {name}{mark} | {ix.d} | {'' if wh is None else f'{wh.shrinkage:g}'} | {100 * g0:.1f} | {100 * t0_:.1f} | "
+            f"{100 * g1:.1f} | {100 * t1:.1f} |"
+        )
     say()
-    say("Calibrated `is_landmark` (default voting, OOD on; prior: half the queries show no landmark). 'Promised' = "
-        "the leave-one-out figures stored in the index; 'got' = the held-out queries.")
+    say(
+        "Calibrated `is_landmark` (default voting, OOD on; prior: half the queries show no landmark). 'Promised' = "
+        "the leave-one-out figures stored in the index; 'got' = the held-out queries."
+    )
     say()
-    say("| index | target precision | threshold | promised: landmarks recognised above it / N above it | got: "
-        "distractor queries 'yes' | landmark queries 'no' | 'yes' with the right landmark (landmark queries) |")
+    say(
+        "| index | target precision | threshold | promised: landmarks recognised above it / N above it | got: "
+        "distractor queries 'yes' | landmark queries 'no' | 'yes' with the right landmark (landmark queries) |"
+    )
     say("|---|---:|---:|---|---:|---:|---:|")
     for name, wh in (("GeM", None), ("GeM + default whitening", WhitenConfig())):
         ix = build(wh)
@@ -149,9 +174,11 @@ def main() -> int:
             _, _, res = scores(ix, True)
             yes = {q: x.is_landmark for q, x in zip(qids, res)}
             right = [str(x.landmark) in sol[q] for q, x in zip(qids, res) if sol.get(q) and x.is_landmark]
-            say(f"| {name} | {prec} | {cal['threshold']:.3f} | {100 * cal['landmark_recall']:.1f}% / "
+            say(
+                f"| {name} | {prec} | {cal['threshold']:.3f} | {100 * cal['landmark_recall']:.1f}% / "
                 f"{100 * cal['nonlandmark_yes']:.1f}% | {100 * np.mean([yes[q] for q in nlq]):.1f}% | "
-                f"{100 * np.mean([not yes[q] for q in lmq]):.1f}% | {100 * np.mean(right):.1f}% |")
+                f"{100 * np.mean([not yes[q] for q in lmq]):.1f}% | {100 * np.mean(right):.1f}% |"
+            )
     return 0
 
 

@@ -27,15 +27,24 @@ class TinyPreprocess:
 
     def __call__(self, img: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()[None] / 255.0
-        t = F.interpolate(t, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)[0]
+        t = F.interpolate(
+            t, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+        )[0]
         return (t - 0.5) / 0.25
 
 
 class TinyEmbedder:
     """A deterministic :class:`landmarks.extract.Embedder` for tests (no training, no weights)."""
 
-    def __init__(self, dim: int = 32, size: int = 32, seed: int = 0, delay_s: float = 0.0, source: str | None = None,
-                 block_after: int | None = None):
+    def __init__(
+        self,
+        dim: int = 32,
+        size: int = 32,
+        seed: int = 0,
+        delay_s: float = 0.0,
+        source: str | None = None,
+        block_after: int | None = None,
+    ):
         g = torch.Generator().manual_seed(seed)
         self.proj = torch.randn(3 * 8 * 8, dim, generator=g)
         self.seed = seed
@@ -82,15 +91,26 @@ class TinyEmbedder:
         return F.normalize(p @ self.proj, dim=1)
 
     def describe(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "name": f"tiny-{self.seed}", "embedding_dim": self.dim,
-                "image_size": self.size, "source": self.source}
+        return {
+            "fingerprint": self.fingerprint,
+            "name": f"tiny-{self.seed}",
+            "embedding_dim": self.dim,
+            "image_size": self.size,
+            "source": self.source,
+        }
 
 
-def write_tiny_run(path: Path, seed: int = 0, dim: int = 32, delay_s: float = 0.0,
-                   block_after: int | None = None) -> Path:
+def write_tiny_run(
+    path: Path, seed: int = 0, dim: int = 32, delay_s: float = 0.0, block_after: int | None = None
+) -> Path:
     """A fake model run folder read by :meth:`TinyEmbedder.from_run`."""
     path.mkdir(parents=True, exist_ok=True)
-    conf = {"seed": seed, "dim": dim, "delay_s": delay_s, **({"block_after": block_after} if block_after else {})}
+    conf = {
+        "seed": seed,
+        "dim": dim,
+        "delay_s": delay_s,
+        **({"block_after": block_after} if block_after else {}),
+    }
     (path / "tiny.json").write_text(json.dumps(conf))
     return path
 

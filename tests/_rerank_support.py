@@ -21,7 +21,9 @@ def scene(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
         colour = tuple(int(v) for v in rng.integers(0, 255, 3))
         x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
         if rng.random() < 0.5:
-            cv2.rectangle(img, (x, y), (x + int(rng.integers(5, 30)), y + int(rng.integers(5, 30))), colour, -1)
+            cv2.rectangle(
+                img, (x, y), (x + int(rng.integers(5, 30)), y + int(rng.integers(5, 30))), colour, -1
+            )
         else:
             cv2.circle(img, (x, y), int(rng.integers(3, 15)), colour, -1)
     return cv2.GaussianBlur(img, (3, 3), 0)
@@ -33,7 +35,9 @@ def warp(img: np.ndarray, seed: int, jitter_px: float = 8.0, noise: float = 4.0)
     h, w = img.shape[:2]
     src = np.float32([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]])
     dst = (src + rng.uniform(-jitter_px, jitter_px, src.shape)).astype(np.float32)
-    out = cv2.warpPerspective(img, cv2.getPerspectiveTransform(src, dst), (w, h), borderMode=cv2.BORDER_REFLECT)
+    out = cv2.warpPerspective(
+        img, cv2.getPerspectiveTransform(src, dst), (w, h), borderMode=cv2.BORDER_REFLECT
+    )
     return np.clip(out + rng.normal(0, noise, out.shape), 0, 255).astype(np.uint8)
 
 
@@ -72,8 +76,18 @@ def make_run(path: Path, seed: int = 0, local_head: bool = False) -> Path:
     from landmarks.models.net import LandmarkNet, LocalConfig, ModelConfig
 
     torch.manual_seed(seed)
-    conf = ModelConfig(backbone="test_resnet", embedding_dim=64, local=LocalConfig(enabled=local_head, hidden=32))
+    conf = ModelConfig(
+        backbone="test_resnet", embedding_dim=64, local=LocalConfig(enabled=local_head, hidden=32)
+    )
     net = LandmarkNet(conf, num_classes=4)
-    save_model(path, net, {"config": {"model": to_dict(conf)}, "classes": {}, "num_classes": 4,
-                           "preprocessing": Preprocess(64).to_dict()})
+    save_model(
+        path,
+        net,
+        {
+            "config": {"model": to_dict(conf)},
+            "classes": {},
+            "num_classes": 4,
+            "preprocessing": Preprocess(64).to_dict(),
+        },
+    )
     return path

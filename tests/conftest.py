@@ -16,19 +16,38 @@ import pytest
 from PIL import Image
 
 #: The configuration of ``tiny_synth`` (a dict for :func:`landmarks.data.synth.load_config`).
-TINY_SYNTH = {"seed": 0, "n_landmarks": 8, "n_queries": 40, "ood_fraction": 0.9, "size": 64,
-              "n_nonlandmarks": 10, "max_train_per_landmark": 12}
+TINY_SYNTH = {
+    "seed": 0,
+    "n_landmarks": 8,
+    "n_queries": 40,
+    "ood_fraction": 0.9,
+    "size": 64,
+    "n_nonlandmarks": 10,
+    "max_train_per_landmark": 12,
+}
 
 #: Pillow format and mode for each ``kind`` accepted by :func:`make_image`.
 _KINDS = {
-    "jpeg": ("JPEG", "RGB"), "png": ("PNG", "RGB"), "webp": ("WEBP", "RGB"), "avif": ("AVIF", "RGB"),
-    "gif": ("GIF", "P"), "bmp": ("BMP", "RGB"), "tiff": ("TIFF", "RGB"), "gray": ("PNG", "L"),
-    "rgba": ("PNG", "RGBA"), "cmyk": ("JPEG", "CMYK"),
+    "jpeg": ("JPEG", "RGB"),
+    "png": ("PNG", "RGB"),
+    "webp": ("WEBP", "RGB"),
+    "avif": ("AVIF", "RGB"),
+    "gif": ("GIF", "P"),
+    "bmp": ("BMP", "RGB"),
+    "tiff": ("TIFF", "RGB"),
+    "gray": ("PNG", "L"),
+    "rgba": ("PNG", "RGBA"),
+    "cmyk": ("JPEG", "CMYK"),
 }
 
 
-def make_image(path: str | Path, size: tuple[int, int] = (32, 24), kind: str = "jpeg", seed: int = 0,
-               **save_kwargs: object) -> Path:
+def make_image(
+    path: str | Path,
+    size: tuple[int, int] = (32, 24),
+    kind: str = "jpeg",
+    seed: int = 0,
+    **save_kwargs: object,
+) -> Path:
     """Write a small random-but-smooth image ``size`` = (width, height) of ``kind`` (see ``_KINDS``) to ``path``.
 
     The format follows ``kind``, not the file name, so wrong extensions are easy to make.

@@ -65,7 +65,9 @@ def make_image(colour: Sequence[int], size: tuple[int, int] = (48, 40)) -> np.nd
     """A ``(h, w, 3)`` uint8 image of ``colour`` with a light texture; ``size`` is (w, h)."""
     w, h = size
     rng = np.random.default_rng(sum(colour))
-    return np.clip(np.asarray(colour, np.int16)[None, None] + rng.integers(-8, 9, (h, w, 3)), 0, 255).astype(np.uint8)
+    return np.clip(np.asarray(colour, np.int16)[None, None] + rng.integers(-8, 9, (h, w, 3)), 0, 255).astype(
+        np.uint8
+    )
 
 
 def scan_bomb(width: int, height: int, repeats: int) -> bytes:
@@ -78,7 +80,7 @@ def scan_bomb(width: int, height: int, repeats: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
     data = buf.getvalue()
-    last = data[data.rfind(b"\xff\xda"):-2]
+    last = data[data.rfind(b"\xff\xda") : -2]
     return data[:-2] + last * repeats + b"\xff\xd9"
 
 
@@ -114,15 +116,38 @@ class FakeRecognizer:
                 db = list(self.db)
             dists = [float(np.linalg.norm(mean - m)) for _, _, m, _ in db]
             order = np.argsort(dists, kind="stable")
-            neighbours = [Neighbour(db[j][0], db[j][1], round(1.0 - dists[j] / 442.0, 6), 42 if r == 0 else None,
-                                    str(db[j][3])) for r, j in enumerate(order)]
+            neighbours = [
+                Neighbour(
+                    db[j][0],
+                    db[j][1],
+                    round(1.0 - dists[j] / 442.0, 6),
+                    42 if r == 0 else None,
+                    str(db[j][3]),
+                )
+                for r, j in enumerate(order)
+            ]
             confidence = 0.0 if landmark is None else round(float(mean.max() / max(1.0, mean.sum())), 6)
-            out.append(Recognition(landmark, confidence, landmark is not None, neighbours,
-                                   {"embed": 1000 * (time.perf_counter() - t0), "search": 0.01}))
+            out.append(
+                Recognition(
+                    landmark,
+                    confidence,
+                    landmark is not None,
+                    neighbours,
+                    {"embed": 1000 * (time.perf_counter() - t0), "search": 0.01},
+                )
+            )
         return out
 
-    def add(self, records: Sequence[ImageRecord], *, num_workers: int | None = None, wait_s: float = 0.0,
-            command: str = "add", swap: bool = True, show_progress: bool = True) -> AddResult:
+    def add(
+        self,
+        records: Sequence[ImageRecord],
+        *,
+        num_workers: int | None = None,
+        wait_s: float = 0.0,
+        command: str = "add",
+        swap: bool = True,
+        show_progress: bool = True,
+    ) -> AddResult:
         from landmarks.maintenance import IndexConflictError
 
         new = []
@@ -157,9 +182,23 @@ class FakeRecognizer:
 
         with self._lock:
             n, lms = len(self.db), len({d[1] for d in self.db})
-        index = IndexInfo(path=None, size=n, landmarks=lms, non_landmarks=0, type="flat", embedding_dim=3,
-                          dtype="float32", index_bytes=0, model_fingerprint="0" * 16, model_name="fake-colour",
-                          views={}, created=None, updated=None, generation=self.generation, local_features=None)
+        index = IndexInfo(
+            path=None,
+            size=n,
+            landmarks=lms,
+            non_landmarks=0,
+            type="flat",
+            embedding_dim=3,
+            dtype="float32",
+            index_bytes=0,
+            model_fingerprint="0" * 16,
+            model_name="fake-colour",
+            views={},
+            created=None,
+            updated=None,
+            generation=self.generation,
+            local_features=None,
+        )
         return RecognizerInfo(index=index, recognize={}, ood_active=False)
 
 
@@ -193,12 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(verbose=args.verbose)
-    conf = ServeConfig(host="127.0.0.1", port=args.port, workers=args.workers, queue_size=args.queue,
-                       timeout_s=args.timeout_s, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                       token=args.token, upload_dir=args.upload_dir, graceful_timeout_s=3.0,
-                       max_jpeg_scans=args.max_jpeg_scans, header_timeout_s=args.header_timeout_s,
-                       body_timeout_s=args.body_timeout_s, max_connections=args.max_connections,
-                       max_inflight_upload_mb=args.max_inflight_upload_mb)
+    conf = ServeConfig(
+        host="127.0.0.1",
+        port=args.port,
+        workers=args.workers,
+        queue_size=args.queue,
+        timeout_s=args.timeout_s,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        token=args.token,
+        upload_dir=args.upload_dir,
+        graceful_timeout_s=3.0,
+        max_jpeg_scans=args.max_jpeg_scans,
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+        max_connections=args.max_connections,
+        max_inflight_upload_mb=args.max_inflight_upload_mb,
+    )
     serve(FakeRecognizer(args.images, slow_s=args.slow_s), conf)
     return 0
 
@@ -225,8 +275,12 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def run_server(cmd: list[str], log_path: Path, port: int | None = None, timeout_s: float = 60.0,
-               ) -> Iterator[RunningServer]:
+def run_server(
+    cmd: list[str],
+    log_path: Path,
+    port: int | None = None,
+    timeout_s: float = 60.0,
+) -> Iterator[RunningServer]:
     """Start ``cmd``, wait for /healthz, always stop it (SIGTERM, then kill).
 
     ``port``: where ``cmd`` listens; None: ``cmd`` listens on port 0 (a free port chosen by the kernel,
@@ -245,8 +299,12 @@ def run_server(cmd: list[str], log_path: Path, port: int | None = None, timeout_
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-            if not url and (m := re.search(r"serving on (http://127\.0\.0\.1:\d+)/", log_path.read_text(errors="replace"))):
+                raise RuntimeError(
+                    f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}"
+                )
+            if not url and (
+                m := re.search(r"serving on (http://127\.0\.0\.1:\d+)/", log_path.read_text(errors="replace"))
+            ):
                 url = m.group(1)
             try:
                 if url and httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
@@ -254,7 +312,9 @@ def run_server(cmd: list[str], log_path: Path, port: int | None = None, timeout_
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {timeout_s}s:\n{log_path.read_text(errors='replace')}")
+                raise RuntimeError(
+                    f"server not healthy after {timeout_s}s:\n{log_path.read_text(errors='replace')}"
+                )
             time.sleep(0.1)
         yield RunningServer(url, proc, log_path)
     finally:
@@ -272,8 +332,15 @@ def fake_server(tmp: Path, *args: str) -> Iterator[RunningServer]:
     """Serve :class:`FakeRecognizer` (index images written under ``tmp``) with extra launcher ``args``."""
     import sys
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--port", "0", "--images", str(tmp / "index-images"),
-           *args]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--port",
+        "0",
+        "--images",
+        str(tmp / "index-images"),
+        *args,
+    ]
     n = len(list(tmp.glob("server-*.log")))
     with run_server(cmd, tmp / f"server-{n}.log") as server:
         yield server
@@ -299,8 +366,11 @@ def build_tiny_index(root: Path, landmarks: int = 3, per_landmark: int = 3) -> P
     mconf = ModelConfig(backbone="test_resnet", embedding_dim=32)
     net = LandmarkNet(mconf, landmarks, pretrained="")
     pre = {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    save_model(root / "run", net, {"config": {"model": to_dict(mconf)}, "num_classes": landmarks,
-                                   "classes": {}, "preprocessing": pre})
+    save_model(
+        root / "run",
+        net,
+        {"config": {"model": to_dict(mconf)}, "num_classes": landmarks, "classes": {}, "preprocessing": pre},
+    )
     rng = np.random.default_rng(0)
     for li in range(landmarks):
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
@@ -312,11 +382,17 @@ def build_tiny_index(root: Path, landmarks: int = 3, per_landmark: int = 3) -> P
             Image.fromarray(img).save(path, quality=92)
     records = load_collection(root / "images")
     embedder = extract.load_embedder(root / "run")
-    res = extract.extract_embeddings(embedder, records, root / "index" / "work",
-                                     extract.ExtractConfig(batch_size=8, num_workers=0))
+    res = extract.extract_embeddings(
+        embedder, records, root / "index" / "work", extract.ExtractConfig(batch_size=8, num_workers=0)
+    )
     kept = [records[i] for i in res.rows]
-    index = LandmarkIndex.build(res.embeddings, res.ids, [str(r.landmark) for r in kept],
-                                paths=[str(Path(r.path).absolute()) for r in kept], model=embedder.describe())
+    index = LandmarkIndex.build(
+        res.embeddings,
+        res.ids,
+        [str(r.landmark) for r in kept],
+        paths=[str(Path(r.path).absolute()) for r in kept],
+        model=embedder.describe(),
+    )
     index.save(root / "index")
     import shutil
 

@@ -15,8 +15,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def asmk_loop(codebook: np.ndarray, db: list[np.ndarray], q: np.ndarray, ma: int, alpha: float, tau: float
-              ) -> np.ndarray:
+def asmk_loop(
+    codebook: np.ndarray, db: list[np.ndarray], q: np.ndarray, ma: int, alpha: float, tau: float
+) -> np.ndarray:
     """score(q, i) = Σ_{w ∈ Wq ∩ Wi} idf(w) σ(Vq(w)·Vi(w)) / sqrt(Σ_{Wi} idf · Σ_{Wq} idf) (non-binary ASMK)."""
 
     def words(x: np.ndarray, m: int) -> list[list[int]]:
@@ -46,7 +47,7 @@ def asmk_loop(codebook: np.ndarray, db: list[np.ndarray], q: np.ndarray, ma: int
             if w in a:
                 u = float(np.dot(vq, a[w]))
                 if u >= tau:
-                    s += idf[w] * u ** alpha
+                    s += idf[w] * u**alpha
         norm = sum(idf[w] for w in a)
         out[i] = s / math.sqrt(norm) / math.sqrt(qnorm) if norm > 0 else 0.0
     return out
@@ -57,12 +58,20 @@ def test_asmk_matches_loop(ma: int, alpha: float, tau: float) -> None:
     rng = np.random.default_rng(0)
     codebook = _unit(rng.normal(size=(6, 8)))
     db = [_unit(rng.normal(size=(int(rng.integers(15, 40)), 8))) for _ in range(9)]
-    conf = AsmkConfig(codebook_size=6, train_points=100, binary=False, query_assignment=ma, alpha=alpha,
-                      similarity_threshold=tau)
+    conf = AsmkConfig(
+        codebook_size=6,
+        train_points=100,
+        binary=False,
+        query_assignment=ma,
+        alpha=alpha,
+        similarity_threshold=tau,
+    )
     index = AsmkIndex.build(codebook, db, conf)
     for qi in range(4):
         q = _unit(rng.normal(size=(25, 8))) if qi else db[3][:20] + 0.01
-        np.testing.assert_allclose(index.scores(q), asmk_loop(codebook, db, q, ma, alpha, tau), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            index.scores(q), asmk_loop(codebook, db, q, ma, alpha, tau), rtol=1e-4, atol=1e-6
+        )
     rows, scores = index.search(db[5], topk=3)
     np.testing.assert_array_equal(rows, np.argsort(-index.scores(db[5]), kind="stable")[:3])
     assert scores[0] == pytest.approx(index.scores(db[5]).max())

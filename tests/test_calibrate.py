@@ -19,7 +19,9 @@ MODEL = {"fingerprint": "c" * 40, "name": "unit", "embedding_dim": 16}
 NO_WORKERS = ExtractConfig(num_workers=0, batch_size=8)
 
 
-def precision_loop(t: float, conf_lm: np.ndarray, correct: np.ndarray, conf_nl: np.ndarray, pi: float) -> float:
+def precision_loop(
+    t: float, conf_lm: np.ndarray, correct: np.ndarray, conf_nl: np.ndarray, pi: float
+) -> float:
     c = sum(1 for x, ok in zip(conf_lm, correct) if ok and x >= t) / len(conf_lm)
     w = sum(1 for x, ok in zip(conf_lm, correct) if not ok and x >= t) / len(conf_lm)
     f = sum(1 for x in conf_nl if x >= t) / len(conf_nl)
@@ -36,8 +38,12 @@ def test_choose_threshold_matches_a_loop(seed: int) -> None:
     for target, pi in ((0.9, 0.5), (0.8, 0.3), (0.95, 0.7)):
         got = choose_threshold(conf_lm, correct, conf_nl, target, pi)
         cands = sorted(set(conf_lm.tolist()) | set(conf_nl.tolist()))
-        ok = [t for t in cands if precision_loop(t, conf_lm, correct, conf_nl, pi) >= target
-              and any(x >= t and c for x, c in zip(conf_lm, correct))]
+        ok = [
+            t
+            for t in cands
+            if precision_loop(t, conf_lm, correct, conf_nl, pi) >= target
+            and any(x >= t and c for x, c in zip(conf_lm, correct))
+        ]
         if ok:
             assert got.reached and got.threshold == ok[0]
         else:
@@ -57,9 +63,15 @@ def _toy_index(seed: int = 0) -> LandmarkIndex:
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     nl = rng.normal(size=(12, d))
     nl /= np.linalg.norm(nl, axis=1, keepdims=True)
-    return LandmarkIndex.build(x.astype(np.float32), [f"i{j}" for j in range(len(x))], [f"lm{c}" for c in labels],
-                               model=MODEL, non_landmarks=nl.astype(np.float32),
-                               non_landmark_ids=[f"n{j}" for j in range(12)], conf=IndexConfig())
+    return LandmarkIndex.build(
+        x.astype(np.float32),
+        [f"i{j}" for j in range(len(x))],
+        [f"lm{c}" for c in labels],
+        model=MODEL,
+        non_landmarks=nl.astype(np.float32),
+        non_landmark_ids=[f"n{j}" for j in range(12)],
+        conf=IndexConfig(),
+    )
 
 
 def _vote_loop(sims: list[float], lms: list[str], pens: list[float]) -> tuple[str, float]:
@@ -81,8 +93,11 @@ def test_leave_one_out_confidences_match_a_loop() -> None:
     for n, i in enumerate(eligible):
         others = [j for j in range(len(idx)) if j != i]
         sims = sorted(((float(xb[i] @ xb[j]), j) for j in others), key=lambda t: -t[0])[:k]
-        lm, c = _vote_loop([s for s, _ in sims], [str(idx.landmarks[j]) for _, j in sims],
-                           [float(idx.penalty[j]) for _, j in sims])
+        lm, c = _vote_loop(
+            [s for s, _ in sims],
+            [str(idx.landmarks[j]) for _, j in sims],
+            [float(idx.penalty[j]) for _, j in sims],
+        )
         q_ood = np.mean(sorted(xn @ xb[i], reverse=True)[:qk])
         assert conf_lm[n] == pytest.approx(c - q_ood, abs=1e-5)
         assert correct[n] == (lm == idx.landmarks[i])
@@ -110,13 +125,25 @@ def _nonlandmark_images(folder: Path, n: int = 10) -> Path:
 def test_index_calibrates_and_the_recognizer_says_no_to_a_photo_of_nothing_it_knows(tmp_path: Path) -> None:
     coll = make_collection(tmp_path / "coll", {f"lm{j}": j + 1 for j in range(6)}, per_landmark=4)
     nl = _nonlandmark_images(tmp_path / "nl")
-    out = build_index(TinyEmbedder(), coll, tmp_path / "ix", non_landmarks=nl, extract_conf=NO_WORKERS,
-                      show_progress=False, calibration=CalibrationConfig(precision=0.9))
+    out = build_index(
+        TinyEmbedder(),
+        coll,
+        tmp_path / "ix",
+        non_landmarks=nl,
+        extract_conf=NO_WORKERS,
+        show_progress=False,
+        calibration=CalibrationConfig(precision=0.9),
+    )
     idx = LandmarkIndex.load(out)
     cal = idx.meta["calibration"]
-    assert cal["landmark_queries"] == 24 and cal["nonlandmark_queries"] == 10 and cal["precision_target"] == 0.9
+    assert (
+        cal["landmark_queries"] == 24 and cal["nonlandmark_queries"] == 10 and cal["precision_target"] == 0.9
+    )
     rec = Recognizer(idx, TinyEmbedder(), RecognizeConfig(), index_dir=out)
-    assert rec.is_landmark_threshold == cal["threshold"] and rec.info().is_landmark_threshold["source"] == "calibrated"
+    assert (
+        rec.is_landmark_threshold == cal["threshold"]
+        and rec.info().is_landmark_threshold["source"] == "calibrated"
+    )
     known = [view(pattern(3), 777 + j) for j in range(3)]
     unknown = [view(pattern(900 + j), j) for j in range(20)]
     res = rec.recognize(known + unknown)
@@ -161,8 +188,16 @@ def test_index_cli_whitens_calibrates_and_reports(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     conf = ModelConfig(backbone="test_resnet", embedding_dim=32)
-    save_model(tmp_path / "run", LandmarkNet(conf, num_classes=4), {
-        "config": {"model": to_dict(conf)}, "classes": {}, "num_classes": 4, "preprocessing": Preprocess(64).to_dict()})
+    save_model(
+        tmp_path / "run",
+        LandmarkNet(conf, num_classes=4),
+        {
+            "config": {"model": to_dict(conf)},
+            "classes": {},
+            "num_classes": 4,
+            "preprocessing": Preprocess(64).to_dict(),
+        },
+    )
     coll = make_collection(tmp_path / "coll", {f"lm{j}": j + 1 for j in range(4)}, per_landmark=4)
     nl = _nonlandmark_images(tmp_path / "nl", 8)
 
@@ -172,8 +207,23 @@ def test_index_cli_whitens_calibrates_and_reports(tmp_path: Path) -> None:
             assert main([str(a) for a in argv]) == 0
         return out.getvalue()
 
-    text = run("index", "--model", tmp_path / "run", "--images", coll, "--out", tmp_path / "ix", "--non-landmarks", nl,
-               "--whiten", "8", "--precision", "0.8", "--workers", "0")
+    text = run(
+        "index",
+        "--model",
+        tmp_path / "run",
+        "--images",
+        coll,
+        "--out",
+        tmp_path / "ix",
+        "--non-landmarks",
+        nl,
+        "--whiten",
+        "8",
+        "--precision",
+        "0.8",
+        "--workers",
+        "0",
+    )
     idx = LandmarkIndex.load(tmp_path / "ix")
     cal = idx.meta["calibration"]
     assert "whitened 32 -> 8" in text and f"confidence >= {cal['threshold']:.4f}" in text

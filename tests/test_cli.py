@@ -9,8 +9,9 @@ from landmarks.cli import VERBS, main
 
 
 def test_help_lists_every_verb() -> None:
-    out = subprocess.run([sys.executable, "-m", "landmarks", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "landmarks", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for verb, _ in VERBS:
         assert f"    {verb}" in out
 

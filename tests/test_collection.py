@@ -30,7 +30,12 @@ from landmarks.errors import DataFormatError, LandmarksError
 
 # --- GLDv2 ------------------------------------------------------------------------------------------
 
-TRAIN = {"0a1b2c3d4e5f6a7b": "12", "1b2c3d4e5f6a7b8c": "12", "2c3d4e5f6a7b8c9d": "7", "3d4e5f6a7b8c9d0e": "150"}
+TRAIN = {
+    "0a1b2c3d4e5f6a7b": "12",
+    "1b2c3d4e5f6a7b8c": "12",
+    "2c3d4e5f6a7b8c9d": "7",
+    "3d4e5f6a7b8c9d0e": "150",
+}
 
 
 def _write(p: Path, text: str) -> Path:
@@ -79,14 +84,17 @@ def test_index_and_test_csv_are_unlabelled(tmp_path: Path, name: str, split: str
     assert load_images([tmp_path / name]) == recs
 
 
-@pytest.mark.parametrize("text,words", [
-    ("id,url,landmark_id\nabc1,u,1\nabc1,u,2\n", ["abc1", "twice", ":3"]),
-    ("id,url,landmark_id\nabc1,u,1 2\n", ["landmark id", ":2"]),
-    ("id,url,landmark_id\nabc1,u\n", ["expected 3 columns", ":2"]),
-    ("landmark_id,images\n5,abc1 abc1\n", ["twice"]),
-    ("foo,bar\n1,2\n", ["neither"]),
-    ("", ["empty"]),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("id,url,landmark_id\nabc1,u,1\nabc1,u,2\n", ["abc1", "twice", ":3"]),
+        ("id,url,landmark_id\nabc1,u,1 2\n", ["landmark id", ":2"]),
+        ("id,url,landmark_id\nabc1,u\n", ["expected 3 columns", ":2"]),
+        ("landmark_id,images\n5,abc1 abc1\n", ["twice"]),
+        ("foo,bar\n1,2\n", ["neither"]),
+        ("", ["empty"]),
+    ],
+)
 def test_malformed_csv_names_file_and_line(tmp_path: Path, text: str, words: list[str]) -> None:
     p = _write(tmp_path / "train.csv", text)
     with pytest.raises(DataFormatError) as e:
@@ -103,6 +111,7 @@ def test_missing_csv(tmp_path: Path) -> None:
 
 
 # --- folders ----------------------------------------------------------------------------------------
+
 
 def test_folder_collection_ids_landmarks_and_encoding(tmp_path: Path) -> None:
     root = tmp_path / "coll"
@@ -179,6 +188,7 @@ def test_load_images_mixes_sources_and_refuses_clashes(tmp_path: Path) -> None:
 
 
 # --- subsets and splits -----------------------------------------------------------------------------
+
 
 def _records(counts: dict[str, int]) -> list[ImageRecord]:
     return [ImageRecord(f"{lm}_{k}", Path(f"{lm}/{k}.jpg"), lm) for lm, n in counts.items() for k in range(n)]

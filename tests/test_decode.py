@@ -22,7 +22,7 @@ def _two_halves(w: int = 20, h: int = 10) -> Image.Image:
     """Left half red, right half blue."""
     arr = np.zeros((h, w, 3), np.uint8)
     arr[:, : w // 2] = RED
-    arr[:, w // 2:] = BLUE
+    arr[:, w // 2 :] = BLUE
     return Image.fromarray(arr, "RGB")
 
 
@@ -31,6 +31,7 @@ def _close(a: np.ndarray, b: tuple[int, ...], tol: int = 10) -> bool:
 
 
 # --- orientation and modes --------------------------------------------------------------------------
+
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     img = _two_halves(20, 10)
@@ -53,7 +54,11 @@ def test_grayscale_becomes_rgb(tmp_path: Path) -> None:
     Image.fromarray(arr, "L").save(p)
     out = decode_image(p)
     assert out.shape == (4, 8, 3) and out.dtype == np.uint8
-    assert np.array_equal(out[..., 0], arr) and np.array_equal(out[..., 1], arr) and np.array_equal(out[..., 2], arr)
+    assert (
+        np.array_equal(out[..., 0], arr)
+        and np.array_equal(out[..., 1], arr)
+        and np.array_equal(out[..., 2], arr)
+    )
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
@@ -116,11 +121,23 @@ def test_16_bit_png_becomes_8_bit(tmp_path: Path) -> None:
 
 # --- formats recognised by content ------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,fmt,wrong_name", [
-    ("jpeg", "JPEG", "x.png"), ("png", "PNG", "x.jpg"), ("webp", "WEBP", "x.gif"), ("avif", "AVIF", "x.jpg"),
-    ("gif", "GIF", "x.bmp"), ("bmp", "BMP", "x.webp"), ("tiff", "TIFF", "x.jpg"), ("png", "PNG", "noext"),
-])
-def test_format_is_recognised_by_content_not_extension(tmp_path: Path, kind: str, fmt: str, wrong_name: str) -> None:
+
+@pytest.mark.parametrize(
+    "kind,fmt,wrong_name",
+    [
+        ("jpeg", "JPEG", "x.png"),
+        ("png", "PNG", "x.jpg"),
+        ("webp", "WEBP", "x.gif"),
+        ("avif", "AVIF", "x.jpg"),
+        ("gif", "GIF", "x.bmp"),
+        ("bmp", "BMP", "x.webp"),
+        ("tiff", "TIFF", "x.jpg"),
+        ("png", "PNG", "noext"),
+    ],
+)
+def test_format_is_recognised_by_content_not_extension(
+    tmp_path: Path, kind: str, fmt: str, wrong_name: str
+) -> None:
     p = make_image(tmp_path / wrong_name, (12, 8), kind)
     info = image_info(p)
     assert info.format == fmt and (info.width, info.height) == (12, 8)
@@ -159,6 +176,7 @@ def test_min_side_px_allows_reduced_jpeg_decoding(tmp_path: Path) -> None:
 
 # --- the pixel-count limit --------------------------------------------------------------------------
 
+
 def _png_header(w: int, h: int) -> bytes:
     """A PNG that claims ``w`` x ``h`` pixels but holds none (a decompression-bomb header)."""
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
@@ -192,6 +210,7 @@ def test_pixel_limit_is_configurable(tmp_path: Path) -> None:
 
 # --- bad inputs: typed errors that name the file ----------------------------------------------------
 
+
 def _expect_error(source: Path, *words: str) -> ImageDecodeError:
     with pytest.raises(ImageDecodeError) as e:
         decode_image(source)
@@ -222,7 +241,7 @@ def test_corrupt_bytes(tmp_path: Path) -> None:
     png = make_image(tmp_path / "ok.png", (32, 32), "png")
     data = bytearray(png.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 20] = bytes(20)
+    data[mid : mid + 20] = bytes(20)
     bad = tmp_path / "broken.png"
     bad.write_bytes(bytes(data))
     _expect_error(bad)

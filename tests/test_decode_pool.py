@@ -59,7 +59,9 @@ def test_decoder_pool_decodes_like_decode_image_and_kills_overdue_work() -> None
         t0 = time.monotonic()
         with pytest.raises(DecodeTimeoutError):
             pool.decode(scan_bomb(2000, 2000, 2000), "bomb.jpg", time.monotonic() + 0.5)  # ~8 s of decoding
-        assert pool.killed == 1 and time.monotonic() - t0 < 4.0  # stopped at the deadline, not after the decode
+        assert (
+            pool.killed == 1 and time.monotonic() - t0 < 4.0
+        )  # stopped at the deadline, not after the decode
         # the only process was replaced: the pool still decodes
         np.testing.assert_array_equal(pool.decode(good, "d.jpg", time.monotonic() + 60), decode_image(good))
     finally:

@@ -16,7 +16,7 @@ import pytest
 from landmarks.train import read_log
 
 #: Runs inside each torchrun worker: the real CLI, plus a digest of the rank's final weights.
-WORKER = r'''
+WORKER = r"""
 import hashlib, json, os, sys
 import torch
 from landmarks import train as train_mod
@@ -40,7 +40,7 @@ def run_and_digest(self):
 
 train_mod.Trainer.run = run_and_digest
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def make_shapes(root: Path, n_classes: int = 4, per_class: int = 10, size: int = 48) -> Path:
@@ -67,13 +67,39 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     out.mkdir()
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           "-q", "train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--epochs", "3",
-           "--batch-size", "8", "--image-size", "48", "--device", "cpu", "data.val_fraction=0.2",
-           "optim.warmup_steps=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(worker),
+        "-q",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "48",
+        "--device",
+        "cpu",
+        "data.val_fraction=0.2",
+        "optim.warmup_steps=1",
+    ]
     try:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:  # pragma: no cover - diagnostic

@@ -33,8 +33,16 @@ def make_run(path: Path) -> Path:
 
     torch.manual_seed(0)
     conf = ModelConfig(backbone="test_resnet", embedding_dim=32)
-    save_model(path, LandmarkNet(conf, num_classes=2), {"config": {"model": to_dict(conf)}, "classes": {},
-                                                        "num_classes": 2, "preprocessing": Preprocess(32).to_dict()})
+    save_model(
+        path,
+        LandmarkNet(conf, num_classes=2),
+        {
+            "config": {"model": to_dict(conf)},
+            "classes": {},
+            "num_classes": 2,
+            "preprocessing": Preprocess(32).to_dict(),
+        },
+    )
     return path
 
 
@@ -45,8 +53,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_collection(root / "coll", {"a": 1, "b": 2}, per_landmark=2)
     make_collection(root / "new", {"c": 3}, per_landmark=1)
     save_jpeg(view(pattern(1), 99), root / "queries" / "q.jpg")
-    build_index(root / "run", root / "coll", root / "index", extract_conf=ExtractConfig(num_workers=0),
-                show_progress=False)
+    build_index(
+        root / "run",
+        root / "coll",
+        root / "index",
+        extract_conf=ExtractConfig(num_workers=0),
+        show_progress=False,
+    )
     (root / "latin1.csv").write_bytes("id,url,landmark_id\ncaf\xe9,,1\n".encode("latin-1"))
     (root / "latin1.txt").write_bytes("queries/q.jpg\n# caf\xe9\n".encode("latin-1"))
     (root / "ids.txt").write_bytes("caf\xe9\n".encode("latin-1"))
@@ -84,6 +97,7 @@ def index_file(name: str, how: Callable[[Path], None]) -> Mutation:
         f = ix / name if name == "meta.json" else data_dir(ix) / name
         how(f)
         return f
+
     return mutate
 
 
@@ -95,6 +109,7 @@ def run_file(name: str, how: Callable[[Path], None]) -> Mutation:
     def mutate(root: Path) -> Path:
         how(root / "run" / name)
         return root / "run" / name
+
     return mutate
 
 
@@ -130,16 +145,36 @@ INDEX_CORRUPTIONS = {
     "penalty.npy missing": index_file("penalty.npy", remove),
 }
 INDEX_VERBS = {
-    "recognize": ["recognize", "--index", "{root}/index", "{root}/queries", "--out", "{root}/p.csv", "--workers", "0"],
+    "recognize": [
+        "recognize",
+        "--index",
+        "{root}/index",
+        "{root}/queries",
+        "--out",
+        "{root}/p.csv",
+        "--workers",
+        "0",
+    ],
     "remove": ["remove", "{root}/index", "a/a_0"],
     "add": ["add", "{root}/index", "{root}/new", "--workers", "0"],
     "serve": ["serve", "--index", "{root}/index", "--port", "0"],
 }
-INDEX_CMD = ["index", "--model", "{root}/run", "--images", "{root}/coll", "--out", "{root}/ix2", "--workers", "0"]
+INDEX_CMD = [
+    "index",
+    "--model",
+    "{root}/run",
+    "--images",
+    "{root}/coll",
+    "--out",
+    "{root}/ix2",
+    "--workers",
+    "0",
+]
 
 CASES: list[tuple[str, list[str], Mutation]] = [
     (f"{verb}: {what}", argv, mutate)
-    for what, mutate in INDEX_CORRUPTIONS.items() for verb, argv in INDEX_VERBS.items()
+    for what, mutate in INDEX_CORRUPTIONS.items()
+    for verb, argv in INDEX_VERBS.items()
 ] + [
     ("index: fake model.safetensors", INDEX_CMD, run_file("model.safetensors", fake_text)),
     ("index: empty model.safetensors", INDEX_CMD, run_file("model.safetensors", empty)),
@@ -147,13 +182,44 @@ CASES: list[tuple[str, list[str], Mutation]] = [
     ("index: run meta.json truncated", INDEX_CMD, run_file("meta.json", truncate)),
     ("index: run meta.json without preprocessing", INDEX_CMD, run_file("meta.json", no_preprocessing)),
     ("recognize: fake model.safetensors", INDEX_VERBS["recognize"], run_file("model.safetensors", fake_text)),
-    ("index: non-UTF-8 CSV", [*INDEX_CMD[:3], "--images", "{root}/latin1.csv", *INDEX_CMD[5:]], named("latin1.csv")),
-    ("index: short train_clean.csv row", [*INDEX_CMD[:3], "--images", "{root}/train_clean.csv", *INDEX_CMD[5:]],
-     named("train_clean.csv")),
-    ("recognize: non-UTF-8 list file", ["recognize", "--index", "{root}/index", "{root}/latin1.txt", "--out",
-                                        "{root}/p.csv", "--workers", "0"], named("latin1.txt")),
-    ("recognize: missing list file", ["recognize", "--index", "{root}/index", "{root}/missing.txt", "--out",
-                                      "{root}/p.csv", "--workers", "0"], named("missing.txt")),
+    (
+        "index: non-UTF-8 CSV",
+        [*INDEX_CMD[:3], "--images", "{root}/latin1.csv", *INDEX_CMD[5:]],
+        named("latin1.csv"),
+    ),
+    (
+        "index: short train_clean.csv row",
+        [*INDEX_CMD[:3], "--images", "{root}/train_clean.csv", *INDEX_CMD[5:]],
+        named("train_clean.csv"),
+    ),
+    (
+        "recognize: non-UTF-8 list file",
+        [
+            "recognize",
+            "--index",
+            "{root}/index",
+            "{root}/latin1.txt",
+            "--out",
+            "{root}/p.csv",
+            "--workers",
+            "0",
+        ],
+        named("latin1.txt"),
+    ),
+    (
+        "recognize: missing list file",
+        [
+            "recognize",
+            "--index",
+            "{root}/index",
+            "{root}/missing.txt",
+            "--out",
+            "{root}/p.csv",
+            "--workers",
+            "0",
+        ],
+        named("missing.txt"),
+    ),
     ("remove: non-UTF-8 id file", ["remove", "{root}/index", "{root}/ids.txt"], named("ids.txt")),
     ("match: JPEG with corrupt EXIF", ["match", "{root}/exif.jpg", "{root}/ok.jpg"], named("exif.jpg")),
     ("demo: --out is a file", ["demo", "--out", "{root}/a-file"], named("a-file")),
@@ -161,8 +227,9 @@ CASES: list[tuple[str, list[str], Mutation]] = [
 
 
 @pytest.mark.parametrize("argv,mutate", [(a, m) for _, a, m in CASES], ids=[c[0] for c in CASES])
-def test_bad_file_is_one_line_exit_2(base: Path, tmp_path: Path, argv: list[str], mutate: Mutation,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_file_is_one_line_exit_2(
+    base: Path, tmp_path: Path, argv: list[str], mutate: Mutation, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import landmarks.serve
     from landmarks.cli import main
 

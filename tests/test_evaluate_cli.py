@@ -16,7 +16,12 @@ RECOGNITION_KEYS = ["gap", "gap_ignore_non_landmarks", "top1_accuracy"]
 
 
 def retrieval_keys(k):
-    return [f"map@{k}", *[f"mean_precision@{r}" for r in (1, 5, 10, 50, 100)], "mean_position", "median_position"]
+    return [
+        f"map@{k}",
+        *[f"mean_precision@{r}" for r in (1, 5, 10, 50, 100)],
+        "mean_position",
+        "median_position",
+    ]
 
 
 def run_json(capsys, *argv):
@@ -40,15 +45,21 @@ def test_recognition_json(capsys, challenge_files):
     out = run_json(capsys, "recognition", "--solution", str(solution), "--predictions", str(predictions))
     assert list(out) == ["all", "public", "private"]
     assert all(list(v) == RECOGNITION_KEYS for v in out.values())
-    assert out["all"] == pytest.approx({"gap": 1 / 6, "gap_ignore_non_landmarks": 1 / 3, "top1_accuracy": 1 / 3}, abs=1e-12)
+    assert out["all"] == pytest.approx(
+        {"gap": 1 / 6, "gap_ignore_non_landmarks": 1 / 3, "top1_accuracy": 1 / 3}, abs=1e-12
+    )
     # Public: c (right) then b (wrong), M = 3. Private: no landmark query -> undefined -> null.
-    assert out["public"] == pytest.approx({"gap": 1 / 3, "gap_ignore_non_landmarks": 1 / 3, "top1_accuracy": 1 / 3})
+    assert out["public"] == pytest.approx(
+        {"gap": 1 / 3, "gap_ignore_non_landmarks": 1 / 3, "top1_accuracy": 1 / 3}
+    )
     assert out["private"] == {"gap": None, "gap_ignore_non_landmarks": None, "top1_accuracy": None}
 
 
 def test_recognition_table(capsys, challenge_files):
     solution, predictions = challenge_files
-    assert main(["evaluate", "recognition", "--solution", str(solution), "--predictions", str(predictions)]) == 0
+    assert (
+        main(["evaluate", "recognition", "--solution", str(solution), "--predictions", str(predictions)]) == 0
+    )
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert "GAP" in lines[1] and "top-1" in lines[1]
@@ -59,7 +70,9 @@ def test_recognition_table(capsys, challenge_files):
 def test_no_usage_column_gives_only_all(tmp_path, capsys):
     (tmp_path / "s.csv").write_text("id,landmarks\na,1\nb,\n")
     (tmp_path / "p.csv").write_text("id,landmarks\nb,1 0.9\na,1 0.5\n")
-    out = run_json(capsys, "recognition", "--solution", str(tmp_path / "s.csv"), "--predictions", str(tmp_path / "p.csv"))
+    out = run_json(
+        capsys, "recognition", "--solution", str(tmp_path / "s.csv"), "--predictions", str(tmp_path / "p.csv")
+    )
     assert out == {"all": {"gap": 0.5, "gap_ignore_non_landmarks": 1.0, "top1_accuracy": 1.0}}
 
 
@@ -85,11 +98,16 @@ def test_retrieval_json_and_k(tmp_path, capsys):
 def random_case(rng):
     n = int(rng.integers(1, 40))
     usage = {f"q{i}": str(rng.choice(["Public", "Private", "Ignored"], p=[0.5, 0.4, 0.1])) for i in range(n)}
-    truth = {q: [str(x) for x in rng.choice(6, size=int(rng.choice([0, 1, 1, 2])), replace=False)] for q in usage}
+    truth = {
+        q: [str(x) for x in rng.choice(6, size=int(rng.choice([0, 1, 1, 2])), replace=False)] for q in usage
+    }
     preds = {}
     for q in usage:
         if rng.random() < 0.8:
-            preds[q] = (str(rng.integers(0, 6)), float(rng.integers(0, 3)) / 4 if rng.random() < 0.6 else float(rng.random()))
+            preds[q] = (
+                str(rng.integers(0, 6)),
+                float(rng.integers(0, 3)) / 4 if rng.random() < 0.6 else float(rng.random()),
+            )
     return truth, usage, preds
 
 
@@ -99,8 +117,19 @@ def test_recognition_cli_matches_library_per_split(tmp_path, capsys):
         truth, usage, preds = random_case(rng)
         write_solution_csv(tmp_path / "s.csv", "recognition", truth, usage)
         write_recognition_csv(tmp_path / "p.csv", preds, ids=list(truth))
-        out = run_json(capsys, "recognition", "--solution", str(tmp_path / "s.csv"), "--predictions", str(tmp_path / "p.csv"))
-        for split, wanted in (("all", ("Public", "Private")), ("public", ("Public",)), ("private", ("Private",))):
+        out = run_json(
+            capsys,
+            "recognition",
+            "--solution",
+            str(tmp_path / "s.csv"),
+            "--predictions",
+            str(tmp_path / "p.csv"),
+        )
+        for split, wanted in (
+            ("all", ("Public", "Private")),
+            ("public", ("Public",)),
+            ("private", ("Private",)),
+        ):
             sub = {q: t for q, t in truth.items() if usage[q] in wanted}
             expected = recognition_metrics({q: p for q, p in preds.items() if q in sub}, sub)
             for key in RECOGNITION_KEYS:
@@ -112,15 +141,29 @@ def test_recognition_cli_matches_library_per_split(tmp_path, capsys):
 
 def test_retrieval_cli_matches_library(tmp_path, capsys):
     rng = np.random.default_rng(7)
-    truth = {f"q{i}": [f"i{x}" for x in rng.choice(30, size=int(rng.integers(1, 8)), replace=False)] for i in range(25)}
+    truth = {
+        f"q{i}": [f"i{x}" for x in rng.choice(30, size=int(rng.integers(1, 8)), replace=False)]
+        for i in range(25)
+    }
     usage = {q: ("Public" if i % 2 else "Private") for i, q in enumerate(truth)}
     ranked = {q: [f"i{x}" for x in rng.integers(0, 30, size=int(rng.integers(0, 120)))] for q in truth}
     write_solution_csv(tmp_path / "s.csv", "retrieval", truth, usage)
     write_retrieval_csv(tmp_path / "p.csv", ranked)
-    out = run_json(capsys, "retrieval", "--solution", str(tmp_path / "s.csv"), "--predictions", str(tmp_path / "p.csv"), "--k", "10")
+    out = run_json(
+        capsys,
+        "retrieval",
+        "--solution",
+        str(tmp_path / "s.csv"),
+        "--predictions",
+        str(tmp_path / "p.csv"),
+        "--k",
+        "10",
+    )
     assert out["all"] == pytest.approx(retrieval_metrics(ranked, truth, k=10), abs=1e-12)
     public = {q: t for q, t in truth.items() if usage[q] == "Public"}
-    assert out["public"] == pytest.approx(retrieval_metrics({q: ranked[q] for q in public}, public, k=10), abs=1e-12)
+    assert out["public"] == pytest.approx(
+        retrieval_metrics({q: ranked[q] for q in public}, public, k=10), abs=1e-12
+    )
 
 
 BAD_PREDICTIONS = [
@@ -134,7 +177,17 @@ BAD_PREDICTIONS = [
 def test_bad_predictions_exit_2_naming_the_line(tmp_path, capsys, challenge_files, text, line):
     solution, _ = challenge_files
     (tmp_path / "bad.csv").write_text(text)
-    status = main(["evaluate", "recognition", "--solution", str(solution), "--predictions", str(tmp_path / "bad.csv"), "--json"])
+    status = main(
+        [
+            "evaluate",
+            "recognition",
+            "--solution",
+            str(solution),
+            "--predictions",
+            str(tmp_path / "bad.csv"),
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
     assert "bad.csv" in captured.err and f"line {line}" in captured.err
@@ -143,10 +196,34 @@ def test_bad_predictions_exit_2_naming_the_line(tmp_path, capsys, challenge_file
 def test_bad_solution_and_missing_file_exit_2(tmp_path, capsys, challenge_files):
     _, predictions = challenge_files
     (tmp_path / "s.csv").write_text("id,landmarks,Usage\na,1,Public\nb,2,Secret\n")
-    assert main(["evaluate", "recognition", "--solution", str(tmp_path / "s.csv"), "--predictions", str(predictions)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "recognition",
+                "--solution",
+                str(tmp_path / "s.csv"),
+                "--predictions",
+                str(predictions),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "line 3" in err and "Usage" in err
-    assert main(["evaluate", "retrieval", "--solution", str(tmp_path / "none.csv"), "--predictions", str(predictions)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "retrieval",
+                "--solution",
+                str(tmp_path / "none.csv"),
+                "--predictions",
+                str(predictions),
+            ]
+        )
+        == 2
+    )
     assert "none.csv" in capsys.readouterr().err
 
 

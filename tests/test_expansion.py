@@ -66,7 +66,9 @@ def test_off_and_edge_cases() -> None:
     np.testing.assert_allclose(got, want, atol=2e-5)
     # negative similarities weigh nothing (alpha > 0) instead of flipping the sum
     pair = _unit(np.array([[1.0, 0.1], [-1.0, 0.1]]))
-    np.testing.assert_allclose(database_side_augmentation(pair, ExpansionConfig(n=1, alpha=3.0)), pair, atol=1e-6)
+    np.testing.assert_allclose(
+        database_side_augmentation(pair, ExpansionConfig(n=1, alpha=3.0)), pair, atol=1e-6
+    )
     for bad in ({"n": -1}, {"n": 1.5}, {"alpha": -1.0}, {"alpha": float("nan")}):
         with pytest.raises(ConfigError):
             ExpansionConfig(**bad)  # type: ignore[arg-type]
@@ -74,8 +76,13 @@ def test_off_and_edge_cases() -> None:
 
 def _index(xb: np.ndarray, type_: str = "flat") -> LandmarkIndex:
     ids = [f"i{j:04d}" for j in range(len(xb))]
-    return LandmarkIndex.build(xb, ids, [f"L{j % 7}" for j in range(len(xb))],
-                               model={"fingerprint": "f" * 40}, conf=IndexConfig(type=type_))  # type: ignore[arg-type]
+    return LandmarkIndex.build(
+        xb,
+        ids,
+        [f"L{j % 7}" for j in range(len(xb))],
+        model={"fingerprint": "f" * 40},
+        conf=IndexConfig(type=type_),
+    )  # type: ignore[arg-type]
 
 
 def test_index_dba_save_load_add_remove(tmp_path: Path) -> None:
@@ -99,10 +106,14 @@ def test_index_dba_save_load_add_remove(tmp_path: Path) -> None:
     gone = [f"i{j:04d}" for j in range(0, 120, 3)]
     back.remove(gone)
     keep = np.array([j for j in range(150) if not (j < 120 and j % 3 == 0)])
-    np.testing.assert_allclose(np.asarray(back.embeddings), database_side_augmentation(xb[keep], conf), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(back.embeddings), database_side_augmentation(xb[keep], conf), atol=1e-6
+    )
     back.save(tmp_path / "ix")
     again = LandmarkIndex.load(tmp_path / "ix")
-    np.testing.assert_allclose(np.asarray(again.embeddings), database_side_augmentation(xb[keep], conf), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(again.embeddings), database_side_augmentation(xb[keep], conf), atol=1e-6
+    )
     # n = 0 removes DBA: the raw rows come back
     apply_dba(again, ExpansionConfig(n=0))
     assert again.dba is None and again.raw_embeddings is None
@@ -156,8 +167,9 @@ def test_recognizer_searches_with_the_expanded_query() -> None:
 
     emb = TinyEmbedder(dim=16)
     xb = _data(200)
-    idx = LandmarkIndex.build(xb, [f"i{j}" for j in range(200)], [f"L{j % 9}" for j in range(200)],
-                              model=emb.describe())
+    idx = LandmarkIndex.build(
+        xb, [f"i{j}" for j in range(200)], [f"L{j % 9}" for j in range(200)], model=emb.describe()
+    )
     xq = _data(12, seed=5)
     rec = Recognizer(idx, emb, RecognizeConfig(k=5, qe_n=3, qe_alpha=3.0, qe_vote=True))
     out = rec.recognize_embeddings(xq, retrieval_k=20)
@@ -169,7 +181,9 @@ def test_recognizer_searches_with_the_expanded_query() -> None:
     plain = Recognizer(idx, emb, RecognizeConfig(k=5, qe_n=0)).recognize_embeddings(xq, retrieval_k=20)
     assert any(a.retrieval != b.retrieval for a, b in zip(out, plain))
     # without qe_vote only the retrieval list is expanded: the voting neighbours are the plain ones
-    split = Recognizer(idx, emb, RecognizeConfig(k=5, qe_n=3, qe_alpha=3.0)).recognize_embeddings(xq, retrieval_k=20)
+    split = Recognizer(idx, emb, RecognizeConfig(k=5, qe_n=3, qe_alpha=3.0)).recognize_embeddings(
+        xq, retrieval_k=20
+    )
     for a, b, c in zip(split, out, plain):
         assert a.retrieval == b.retrieval
         assert [n.id for n in a.neighbours] == [n.id for n in c.neighbours]
@@ -186,12 +200,14 @@ def test_build_index_with_dba_stores_it_and_add_keeps_it_exact(tmp_path: Path) -
     coll = make_collection(tmp_path / "c", {"a": 1, "b": 2, "c": 3}, per_landmark=5)
     emb = TinyEmbedder()
     conf = ExpansionConfig(n=2, alpha=3.0)
-    out = build_index(emb, coll, tmp_path / "ix", extract_conf=ExtractConfig(num_workers=0), show_progress=False,
-                      dba=conf)
+    out = build_index(
+        emb, coll, tmp_path / "ix", extract_conf=ExtractConfig(num_workers=0), show_progress=False, dba=conf
+    )
     idx = LandmarkIndex.load(out)
     assert idx.dba == {"n": 2, "alpha": 3.0}
-    raw = extract_embeddings(emb, load_folder_collection(coll), tmp_path / "e", ExtractConfig(num_workers=0),
-                             show_progress=False).embeddings
+    raw = extract_embeddings(
+        emb, load_folder_collection(coll), tmp_path / "e", ExtractConfig(num_workers=0), show_progress=False
+    ).embeddings
     np.testing.assert_allclose(np.asarray(idx.raw_embeddings), raw, atol=1e-6)
     np.testing.assert_allclose(np.asarray(idx.embeddings), database_side_augmentation(raw, conf), atol=1e-6)
     assert not (out / "work").exists()
@@ -202,4 +218,6 @@ def test_build_index_with_dba_stores_it_and_add_keeps_it_exact(tmp_path: Path) -
     again = LandmarkIndex.load(out)
     raw2 = np.asarray(again.raw_embeddings)
     assert len(raw2) == 18
-    np.testing.assert_allclose(np.asarray(again.embeddings), database_side_augmentation(raw2, conf), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(again.embeddings), database_side_augmentation(raw2, conf), atol=1e-6
+    )

@@ -55,16 +55,20 @@ def test_embed_batch_views_match_loop() -> None:
     total = torch.zeros(3, 16)
     for s in MULTISCALE:
         for i in range(3):
-            xi = x[i:i + 1]
+            xi = x[i : i + 1]
             if s != 1.0:
                 size = round(32 * s)
-                xi = F.interpolate(xi, size=(size, size), mode="bilinear", align_corners=False, antialias=s < 1)
+                xi = F.interpolate(
+                    xi, size=(size, size), mode="bilinear", align_corners=False, antialias=s < 1
+                )
             total[i] += emb.embed(xi)[0] + emb.embed(xi.flip(-1))[0]
     assert torch.allclose(both, F.normalize(total, dim=1), atol=1e-5)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_extraction_matches_in_memory_embedding(collection: list[ImageRecord], tmp_path: Path, workers: int) -> None:
+def test_extraction_matches_in_memory_embedding(
+    collection: list[ImageRecord], tmp_path: Path, workers: int
+) -> None:
     emb = TinyEmbedder()
     conf = ExtractConfig(batch_size=4, chunk_size=6, num_workers=workers, flip=True)
     res = extract_embeddings(emb, collection, tmp_path / "out", conf, show_progress=False)
@@ -73,7 +77,8 @@ def test_extraction_matches_in_memory_embedding(collection: list[ImageRecord], t
     assert res.embeddings.dtype == np.float32 and res.embeddings.shape == (len(collection), 32)
     np.testing.assert_allclose(res.embeddings, _oracle(emb, collection, conf), atol=1e-5)
     assert sorted(p.name for p in (tmp_path / "out" / "chunks").iterdir()) == [
-        f"{c:05d}.{ext}" for c in range(3) for ext in ("json", "npy")]
+        f"{c:05d}.{ext}" for c in range(3) for ext in ("json", "npy")
+    ]
 
 
 def test_resume_redoes_only_missing_chunks(collection: list[ImageRecord], tmp_path: Path) -> None:
@@ -105,9 +110,13 @@ def test_bad_images_are_skipped_and_logged(collection: list[ImageRecord], tmp_pa
     missing = tmp_path / "bad" / "missing.jpg"
     records = list(collection[:3]) + [ImageRecord(f"bad{i}", p, "x") for i, p in enumerate(bad)]
     records += [ImageRecord("missing", missing, "x")] + list(collection[3:6])
-    res = extract_embeddings(TinyEmbedder(), records, tmp_path / "out", ExtractConfig(batch_size=3, chunk_size=4,
-                                                                                       num_workers=1),
-                             show_progress=False)
+    res = extract_embeddings(
+        TinyEmbedder(),
+        records,
+        tmp_path / "out",
+        ExtractConfig(batch_size=3, chunk_size=4, num_workers=1),
+        show_progress=False,
+    )
     good = [r.id for r in records if not r.id.startswith(("bad", "missing"))]
     assert res.ids == good
     assert len(res.skipped) == 4
@@ -128,9 +137,16 @@ def test_all_bad_chunk_and_other_inputs_refused(tmp_path: Path, collection: list
     with pytest.raises(IncompatibleArtifactError, match="other inputs or settings"):
         extract_embeddings(TinyEmbedder(seed=1), records, tmp_path / "out", conf, show_progress=False)
     with pytest.raises(IncompatibleArtifactError, match="flip"):
-        extract_embeddings(TinyEmbedder(), records, tmp_path / "out",
-                           ExtractConfig(batch_size=2, chunk_size=3, num_workers=0, flip=True), show_progress=False)
-    res2 = extract_embeddings(TinyEmbedder(seed=1), records, tmp_path / "out", conf, overwrite=True, show_progress=False)
+        extract_embeddings(
+            TinyEmbedder(),
+            records,
+            tmp_path / "out",
+            ExtractConfig(batch_size=2, chunk_size=3, num_workers=0, flip=True),
+            show_progress=False,
+        )
+    res2 = extract_embeddings(
+        TinyEmbedder(seed=1), records, tmp_path / "out", conf, overwrite=True, show_progress=False
+    )
     assert res2.ids == res.ids and not np.allclose(res2.embeddings, res.embeddings)
     # a private work folder (queries, `add`) starts over instead of refusing
     res3 = extract_resumable(TinyEmbedder(), records, tmp_path / "out", conf, show_progress=False)
@@ -161,15 +177,26 @@ def test_torchrun_two_ranks_match_single_process(collection: list[ImageRecord], 
     script.write_text(_DIST_SCRIPT.format(tests=str(Path(__file__).parent), root=root, out=str(out)))
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(torchrun), "--nproc_per_node=2", "--standalone", str(script)], check=True,
-                   env=env, timeout=180, capture_output=True)
-    single = extract_embeddings(TinyEmbedder(), collection, tmp_path / "single",
-                                ExtractConfig(batch_size=2, chunk_size=3, num_workers=0), show_progress=False)
+    subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--standalone", str(script)],
+        check=True,
+        env=env,
+        timeout=180,
+        capture_output=True,
+    )
+    single = extract_embeddings(
+        TinyEmbedder(),
+        collection,
+        tmp_path / "single",
+        ExtractConfig(batch_size=2, chunk_size=3, num_workers=0),
+        show_progress=False,
+    )
     for rank in (0, 1):
         np.testing.assert_array_equal(np.load(out / f"result-{rank}.npy"), single.embeddings)
 
 
 # --- real timm models with DataLoader workers -------------------------------------------------------------
+
 
 def _save_random_run(run: Path, backbone: str, size: int = 64) -> int:
     """A run folder holding an untrained LandmarkNet on ``backbone``; returns its number of tensors."""
@@ -183,8 +210,12 @@ def _save_random_run(run: Path, backbone: str, size: int = 64) -> int:
     conf = ModelConfig(backbone=backbone, embedding_dim=32)
     torch.manual_seed(0)
     net = LandmarkNet(conf, num_classes=3, class_counts=[1, 1, 1])
-    meta = {"config": {"model": json.loads(json.dumps(dataclasses.asdict(conf)))}, "num_classes": 3,
-            "classes": [{"landmark": c, "count": 1} for c in "abc"], "preprocessing": Preprocess(size).to_dict()}
+    meta = {
+        "config": {"model": json.loads(json.dumps(dataclasses.asdict(conf)))},
+        "num_classes": 3,
+        "classes": [{"landmark": c, "count": 1} for c in "abc"],
+        "preprocessing": Preprocess(size).to_dict(),
+    }
     ckpt.save_model(run, net, meta)
     return len(net.state_dict())
 
@@ -206,8 +237,9 @@ def test_real_models_index_with_workers(backbone: str, tmp_path: Path) -> None:
     if backbone == "tf_efficientnet_lite0":
         assert n_tensors >= 300
     emb = load_embedder(tmp_path / "run")
-    res = extract_embeddings(emb, records, tmp_path / "out", ExtractConfig(batch_size=4, num_workers=2),
-                             show_progress=False)
+    res = extract_embeddings(
+        emb, records, tmp_path / "out", ExtractConfig(batch_size=4, num_workers=2), show_progress=False
+    )
     assert res.embeddings.shape == (6, 32)
     direct = embed_images(emb, [decode_image(r.path) for r in records])
     np.testing.assert_allclose(res.embeddings, direct, atol=1e-4)
@@ -220,9 +252,24 @@ def test_index_cli_killed_then_resumed_with_efficientnet(tmp_path: Path) -> None
 
     make_collection(tmp_path / "c", {f"l{i}": i for i in range(4)}, per_landmark=8)
     _save_random_run(tmp_path / "run", "tf_efficientnet_lite0")
-    cmd = [sys.executable, "-m", "landmarks", "index", "--model", str(tmp_path / "run"), "--images",
-           str(tmp_path / "c"), "--out", str(tmp_path / "idx"), "--workers", "2", "--batch-size", "2",
-           "--chunk-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "landmarks",
+        "index",
+        "--model",
+        str(tmp_path / "run"),
+        "--images",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "idx"),
+        "--workers",
+        "2",
+        "--batch-size",
+        "2",
+        "--chunk-size",
+        "4",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     chunks = tmp_path / "idx" / "work" / "images" / "chunks"
     deadline = time.monotonic() + 120

@@ -61,14 +61,20 @@ def test_frozen_levels_and_bn_stay_pretrained(shapes: Path, tmp_path: Path) -> N
     conf = tiny(finetune={"frozen_levels": 3, "freeze_bn": True})
     train(conf, shapes, tmp_path / "run", on_trainer=grab)  # type: ignore[arg-type]
     start, end = seen["start"], _state(tmp_path / "run")
-    frozen = [k for k in start if k.startswith("backbone.model.") and not k.startswith(
-        ("backbone.model.layer3.", "backbone.model.layer4."))]
+    frozen = [
+        k
+        for k in start
+        if k.startswith("backbone.model.")
+        and not k.startswith(("backbone.model.layer3.", "backbone.model.layer4."))
+    ]
     for k in frozen:  # weights and BN statistics of the stem, layer1 and layer2
         torch.testing.assert_close(end[k], start[k], rtol=0, atol=0, msg=k)
     for k in start:  # freeze_bn: no running statistics move anywhere in the backbone
         if k.startswith("backbone.") and ("running_mean" in k or "running_var" in k):
             torch.testing.assert_close(end[k], start[k], rtol=0, atol=0, msg=k)
-    assert not torch.equal(end["backbone.model.layer4.0.conv1.weight"], start["backbone.model.layer4.0.conv1.weight"])
+    assert not torch.equal(
+        end["backbone.model.layer4.0.conv1.weight"], start["backbone.model.layer4.0.conv1.weight"]
+    )
     assert not torch.equal(end["neck.linear.weight"], start["neck.linear.weight"])
 
 
@@ -115,7 +121,9 @@ def test_head_warmup_trains_heads_on_cached_features(shapes: Path, tmp_path: Pat
 
 
 def test_local_head_and_new_parts_learn_at_head_lr() -> None:
-    conf = make_config("tiny", {"model": {"local": {"enabled": True}}, "optim": {"lr": 1e-3, "head_lr_mult": 10.0}})
+    conf = make_config(
+        "tiny", {"model": {"local": {"enabled": True}}, "optim": {"lr": 1e-3, "head_lr_mult": 10.0}}
+    )
     from landmarks.models.net import LandmarkNet
 
     net = LandmarkNet(conf.model, 3, [1, 1, 1])
@@ -130,7 +138,9 @@ def test_local_head_normalises_its_input() -> None:
     head.train()
     out = head(x)
     # the autoencoder reconstructs the standardised map: a zero reconstruction scores ~1, not ~58
-    z = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.var(dim=(0, 2, 3), unbiased=False, keepdim=True).add(1e-5).sqrt()
+    z = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.var(dim=(0, 2, 3), unbiased=False, keepdim=True).add(
+        1e-5
+    ).sqrt()
     recon = head.decoder(head.encoder(z))
     torch.testing.assert_close(out["recon_loss"], F.mse_loss(recon, z))
     assert float(F.mse_loss(torch.zeros_like(z), z)) == pytest.approx(1.0, abs=1e-3)

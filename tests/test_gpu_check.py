@@ -16,9 +16,23 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     md = tmp_path / "gpu.md"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--work",
-                          str(tmp_path / "work"), "--results", str(md), "--json", str(out)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_check.py"),
+            "--dry-run",
+            "--work",
+            str(tmp_path / "work"),
+            "--results",
+            str(md),
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     figures = json.loads(out.read_text())
     st = figures["stages"]
@@ -50,8 +64,9 @@ def test_stages_past_the_budget_are_skipped(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(REPO / "bench"))
     seen: list[list[str]] = []
-    res, seconds = gpu_check.run_stages(tmp_path, gpu_check.dry_sizes(), budget_s=-1.0,
-                                        after_stage=lambda r, s: seen.append(list(r)))
+    res, seconds = gpu_check.run_stages(
+        tmp_path, gpu_check.dry_sizes(), budget_s=-1.0, after_stage=lambda r, s: seen.append(list(r))
+    )
     assert list(res) == ["synth", "throughput", "train", "ddp", "local", "extract", "recognize"]
     assert res["synth"] == {"skipped": "the -1 s budget of the run was spent"}
     assert all("skipped" in r for r in res.values()) and seconds == {} and seen == []

@@ -26,8 +26,15 @@ from landmarks.models.heads import (
 )
 
 
-def _slow_logits(emb: np.ndarray, weight: np.ndarray, labels: np.ndarray | None, kind: str, k: int,
-                 margins: np.ndarray, scale: float) -> np.ndarray:
+def _slow_logits(
+    emb: np.ndarray,
+    weight: np.ndarray,
+    labels: np.ndarray | None,
+    kind: str,
+    k: int,
+    margins: np.ndarray,
+    scale: float,
+) -> np.ndarray:
     """One sample, one class, one sub-centre at a time, with math.* scalars."""
     b, d = emb.shape
     c = weight.shape[0] // k
@@ -59,23 +66,30 @@ def test_heads_match_slow_loop(kind: str, k: int, dynamic: bool) -> None:
     torch.manual_seed(0)
     d, c, b = 8, 5, 6
     counts = [1, 2, 5, 40, 300]
-    head = build_head(kind, d, c, scale=10.0, margin_rad=0.4, subcenters=k, dynamic=dynamic, class_counts=counts)
+    head = build_head(
+        kind, d, c, scale=10.0, margin_rad=0.4, subcenters=k, dynamic=dynamic, class_counts=counts
+    )
     emb = torch.randn(b, d)
     labels = torch.tensor([0, 1, 2, 3, 4, 2])
     # Make sample 5 point away from its class's sub-centres so that θ + m > π (ArcFace fallback).
     with torch.no_grad():
-        head.weight[2 * k:3 * k] = torch.randn(d).abs().unsqueeze(0) + 0.01 * torch.randn(k, d)
-        emb[5] = -head.weight[2 * k:3 * k].mean(0)
+        head.weight[2 * k : 3 * k] = torch.randn(d).abs().unsqueeze(0) + 0.01 * torch.randn(k, d)
+        emb[5] = -head.weight[2 * k : 3 * k].mean(0)
     margins = dynamic_margins(counts) if dynamic else np.full(c, 0.4)
     got = head(emb, labels).detach().numpy()
     want = _slow_logits(emb.numpy(), head.weight.detach().numpy(), labels.numpy(), kind, k, margins, 10.0)
     np.testing.assert_allclose(got, want, atol=1e-4)
     plain = head(emb).detach().numpy()
-    np.testing.assert_allclose(plain, _slow_logits(emb.numpy(), head.weight.detach().numpy(), None, kind, k,
-                                                   margins, 10.0), atol=1e-4)
+    np.testing.assert_allclose(
+        plain,
+        _slow_logits(emb.numpy(), head.weight.detach().numpy(), None, kind, k, margins, 10.0),
+        atol=1e-4,
+    )
     if kind == "arcface":
         cos_y = head.cosine(emb)[5, 2].item()
-        assert math.acos(max(-1.0, min(1.0, cos_y))) + margins[2] > math.pi  # the fallback branch was exercised
+        assert (
+            math.acos(max(-1.0, min(1.0, cos_y))) + margins[2] > math.pi
+        )  # the fallback branch was exercised
 
 
 def test_each_variant_overrides_one_hook() -> None:
@@ -91,7 +105,11 @@ def test_each_variant_overrides_one_hook() -> None:
     assert head_class("arcface", True, False) is SubCenterArcFace
     assert head_class("arcface", True, True) is DynamicSubCenterArcFace
     composed = head_class("cosface", True, True)
-    assert issubclass(composed, CosFace) and issubclass(composed, SubCenter) and issubclass(composed, DynamicMargins)
+    assert (
+        issubclass(composed, CosFace)
+        and issubclass(composed, SubCenter)
+        and issubclass(composed, DynamicMargins)
+    )
     with pytest.raises(ConfigError):
         ArcFace(8, 3, subcenters=3)
     with pytest.raises(ConfigError):
@@ -101,7 +119,7 @@ def test_each_variant_overrides_one_hook() -> None:
 def test_dynamic_margins_formula() -> None:
     counts = [1, 3, 10, 100, 1000]
     got = dynamic_margins(counts, a=0.45, b=0.05)
-    t = [n ** -0.25 for n in counts]
+    t = [n**-0.25 for n in counts]
     want = [0.45 * (v - min(t)) / (max(t) - min(t)) + 0.05 for v in t]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert got[0] == pytest.approx(0.5) and got[-1] == pytest.approx(0.05)
@@ -159,5 +177,5 @@ def test_glr_sized_head_memory() -> None:
     opt.step()
     assert torch.isfinite(loss)
     assert head.weight.numel() == c * k * d
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     assert peak_gb < 8.0

@@ -16,7 +16,9 @@ faiss.omp_set_num_threads(1)
 MODEL = {"fingerprint": "f" * 40, "name": "unit", "embedding_dim": 32}
 
 
-def clustered(n: int, d: int = 32, n_classes: int = 50, seed: int = 0, spread: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
+def clustered(
+    n: int, d: int = 32, n_classes: int = 50, seed: int = 0, spread: float = 0.35
+) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors around random class centres, and their class ids."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_classes, d)).astype(np.float32)
@@ -36,8 +38,14 @@ def brute(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
 
 def build(x: np.ndarray, labels: np.ndarray, **kw: object) -> LandmarkIndex:
     ids = [f"img{i}" for i in range(len(x))]
-    return LandmarkIndex.build(x, ids, [f"lm{c}" for c in labels], model=MODEL, paths=[f"/p/{i}.jpg" for i in ids],
-                               conf=IndexConfig(**kw))  # type: ignore[arg-type]
+    return LandmarkIndex.build(
+        x,
+        ids,
+        [f"lm{c}" for c in labels],
+        model=MODEL,
+        paths=[f"/p/{i}.jpg" for i in ids],
+        conf=IndexConfig(**kw),
+    )  # type: ignore[arg-type]
 
 
 def test_exact_search_matches_brute_force() -> None:
@@ -110,7 +118,9 @@ def test_add_remove_and_roundtrip(kind: str, tmp_path: Path) -> None:
         idx.add(x[:1], ["img0"], ["lm0"])
     np.testing.assert_allclose(idx.penalty, mean_topk_similarity(x, nonlm, 5), atol=1e-4)
     D, rows = idx.search(x[2000:2010], 1)
-    assert [idx.ids[r] for r in rows[:, 0]] == new_ids[:10] and all(idx.landmarks[r] == "brand-new" for r in rows[:, 0])
+    assert [idx.ids[r] for r in rows[:, 0]] == new_ids[:10] and all(
+        idx.landmarks[r] == "brand-new" for r in rows[:, 0]
+    )
     # remove: gone from results, rows realigned
     gone = [f"img{i}" for i in range(0, 2000, 3)] + new_ids[:5]
     assert idx.remove(gone) == len(gone)
@@ -154,8 +164,10 @@ def test_float16_storage_and_info(tmp_path: Path) -> None:
 def test_other_model_is_refused(tmp_path: Path) -> None:
     x, labels = clustered(50)
     build(x, labels).save(tmp_path / "ix")
-    with pytest.raises(IncompatibleArtifactError, match="built with model ffffffffffff .unit.*not with the model given, "
-                                                         "abcdef"):
+    with pytest.raises(
+        IncompatibleArtifactError,
+        match="built with model ffffffffffff .unit.*not with the model given, abcdef",
+    ):
         LandmarkIndex.load(tmp_path / "ix", fingerprint="abcdef" * 6, model_name="other")
 
 

@@ -64,8 +64,16 @@ def make_run(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     conf = ModelConfig(backbone="test_resnet", embedding_dim=64)
     net = LandmarkNet(conf, num_classes=4)
-    save_model(path, net, {"config": {"model": to_dict(conf)}, "classes": {}, "num_classes": 4,
-                           "preprocessing": Preprocess(64).to_dict()})
+    save_model(
+        path,
+        net,
+        {
+            "config": {"model": to_dict(conf)},
+            "classes": {},
+            "num_classes": 4,
+            "preprocessing": Preprocess(64).to_dict(),
+        },
+    )
     return path
 
 
@@ -90,8 +98,23 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def index(data: Path) -> Path:
-    cli("index", "--model", data / "run", "--images", data / "coll", "--out", data / "index",
-        "--non-landmarks", data / "nonlm", "--workers", "1", "--batch-size", "4", "--flip", subprocess_=True)
+    cli(
+        "index",
+        "--model",
+        data / "run",
+        "--images",
+        data / "coll",
+        "--out",
+        data / "index",
+        "--non-landmarks",
+        data / "nonlm",
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+        "--flip",
+        subprocess_=True,
+    )
     return data / "index"
 
 
@@ -115,8 +138,20 @@ def test_index_skips_bad_images_and_does_every_good_one(index: Path, data: Path)
 
 def test_recognize_writes_csv_neighbours_and_retrieval(index: Path, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "pred.csv"
-    res = cli("recognize", "--index", index, data / "queries", "--out", out, "--neighbours", tmp_path / "n.jsonl",
-              "--retrieval", tmp_path / "r.csv", "--workers", "0")
+    res = cli(
+        "recognize",
+        "--index",
+        index,
+        data / "queries",
+        "--out",
+        out,
+        "--neighbours",
+        tmp_path / "n.jsonl",
+        "--retrieval",
+        tmp_path / "r.csv",
+        "--workers",
+        "0",
+    )
     assert "recognized 5 of 6 queries" in res.stdout
     rows = {r["id"]: r["landmarks"] for r in read_csv(out)}
     assert set(rows) == {f"q_{n}" for n in LANDMARKS} | {"q_none", "q_bad"}
@@ -132,8 +167,19 @@ def test_recognize_writes_csv_neighbours_and_retrieval(index: Path, data: Path, 
     retr = {r["id"]: r["images"].split() for r in read_csv(tmp_path / "r.csv")}
     assert len(retr["q_bigben"]) == 16 and retr["q_bigben"][0].startswith("bigben/") and retr["q_bad"] == []
     # without the out-of-domain handling the confidences are plain sums of cosine similarities
-    cli("recognize", "--index", index, data / "queries", "--out", tmp_path / "plain.csv", "--no-ood", "--k", "5",
-        "--workers", "0")
+    cli(
+        "recognize",
+        "--index",
+        index,
+        data / "queries",
+        "--out",
+        tmp_path / "plain.csv",
+        "--no-ood",
+        "--k",
+        "5",
+        "--workers",
+        "0",
+    )
     plain = {r["id"]: r["landmarks"] for r in read_csv(tmp_path / "plain.csv")}
     assert all(float(plain[f"q_{n}"].split()[1]) > float(rows[f"q_{n}"].split()[1]) for n in LANDMARKS)
 
@@ -141,27 +187,55 @@ def test_recognize_writes_csv_neighbours_and_retrieval(index: Path, data: Path, 
 def test_gldv2_csv_queries(index: Path, tmp_path: Path) -> None:
     ids = ["a1b2c3d4", "f0e1d2c3"]
     for image_id, pat in zip(ids, (2, 3)):
-        save_jpeg(view(pattern(pat), 31 + pat), tmp_path / "test" / image_id[0] / image_id[1] / image_id[2]
-                  / f"{image_id}.jpg")
+        save_jpeg(
+            view(pattern(pat), 31 + pat),
+            tmp_path / "test" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg",
+        )
     (tmp_path / "test.csv").write_text("id\n" + "\n".join(ids) + "\n")
-    cli("recognize", "--index", index, tmp_path / "test.csv", "--out", tmp_path / "pred.csv", "--workers", "0")
+    cli(
+        "recognize", "--index", index, tmp_path / "test.csv", "--out", tmp_path / "pred.csv", "--workers", "0"
+    )
     rows = {r["id"]: r["landmarks"].split()[0] for r in read_csv(tmp_path / "pred.csv")}
     assert rows == {"a1b2c3d4": "bigben", "f0e1d2c3": "colosseum"}
 
 
 def test_other_model_is_refused(index: Path, data: Path, tmp_path: Path) -> None:
-    res = cli("recognize", "--index", index, data / "queries", "--out", tmp_path / "p.csv", "--model", data / "other",
-              check=False)
+    res = cli(
+        "recognize",
+        "--index",
+        index,
+        data / "queries",
+        "--out",
+        tmp_path / "p.csv",
+        "--model",
+        data / "other",
+        check=False,
+    )
     assert res.returncode == 2
-    assert "was built with model" in res.stderr and "other" in res.stderr and not (tmp_path / "p.csv").exists()
+    assert (
+        "was built with model" in res.stderr and "other" in res.stderr and not (tmp_path / "p.csv").exists()
+    )
     res = cli("add", index, data / "new", "--model", data / "other", check=False)
     assert res.returncode == 2 and "was built with model" in res.stderr
 
 
 def test_add_new_landmark_then_remove(data: Path, tmp_path: Path) -> None:
     ix = tmp_path / "index"
-    cli("index", "--model", data / "run", "--images", data / "coll", "--out", ix, "--type", "hnsw",
-        "--dtype", "float16", "--workers", "0")
+    cli(
+        "index",
+        "--model",
+        data / "run",
+        "--images",
+        data / "coll",
+        "--out",
+        ix,
+        "--type",
+        "hnsw",
+        "--dtype",
+        "float16",
+        "--workers",
+        "0",
+    )
     cli("recognize", "--index", ix, data / "q_tower.jpg", "--out", tmp_path / "before.csv", "--workers", "0")
     assert read_csv(tmp_path / "before.csv")[0]["landmarks"].split()[0] != "tower"
     res = cli("add", ix, data / "new", "--workers", "0")
@@ -186,9 +260,20 @@ def test_sigkilled_index_resumes_to_the_same_index(tmp_path: Path) -> None:
     write_tiny_run(tmp_path / "fast")
     args = ["index", "--images", coll, "--batch-size", "2", "--chunk-size", "2", "--workers", "1"]
     cli(*args, "--model", tmp_path / "fast", "--out", tmp_path / "whole", main="_index_cli_main.py")
-    proc = subprocess.Popen([sys.executable, str(TESTS / "_index_cli_main.py"), *map(str, args), "--model",
-                             tmp_path / "slow", "--out", tmp_path / "killed"], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(TESTS / "_index_cli_main.py"),
+            *map(str, args),
+            "--model",
+            tmp_path / "slow",
+            "--out",
+            tmp_path / "killed",
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     chunks = tmp_path / "killed" / "work" / "images" / "chunks"
     deadline = time.time() + 120
     while len(list(chunks.glob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
@@ -198,7 +283,15 @@ def test_sigkilled_index_resumes_to_the_same_index(tmp_path: Path) -> None:
     proc.wait()
     done = len(list(chunks.glob("*.json")))
     assert done == 3 and not (tmp_path / "killed" / "meta.json").exists()
-    res = cli(*args, "--model", tmp_path / "fast", "--out", tmp_path / "killed", main="_index_cli_main.py", check=False)
+    res = cli(
+        *args,
+        "--model",
+        tmp_path / "fast",
+        "--out",
+        tmp_path / "killed",
+        main="_index_cli_main.py",
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert f"resuming, {done} of 9 chunks already done" in res.stderr
     a, b = LandmarkIndex.load(tmp_path / "whole"), LandmarkIndex.load(tmp_path / "killed")
@@ -214,13 +307,36 @@ def test_torchrun_index_matches_single_process(tmp_path: Path) -> None:
     coll = make_collection(tmp_path / "coll", {"a": 21, "b": 22, "c": 23}, per_landmark=5)
     write_bad_images(coll / "a" / "bad")
     write_tiny_run(tmp_path / "run")
-    args = ["index", "--model", tmp_path / "run", "--images", coll, "--chunk-size", "3", "--batch-size", "2",
-            "--workers", "0"]
+    args = [
+        "index",
+        "--model",
+        tmp_path / "run",
+        "--images",
+        coll,
+        "--chunk-size",
+        "3",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    ]
     cli(*args, "--out", tmp_path / "single", main="_index_cli_main.py")
     torchrun = Path(sys.executable).parent / "torchrun"
-    subprocess.run([str(torchrun), "--nproc_per_node=2", "--standalone", str(TESTS / "_index_cli_main.py"),
-                    *map(str, args), "--out", str(tmp_path / "dist")], check=True, env=ENV, timeout=180,
-                   capture_output=True)
+    subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node=2",
+            "--standalone",
+            str(TESTS / "_index_cli_main.py"),
+            *map(str, args),
+            "--out",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        env=ENV,
+        timeout=180,
+        capture_output=True,
+    )
     a, b = LandmarkIndex.load(tmp_path / "single"), LandmarkIndex.load(tmp_path / "dist")
     assert a.ids == b.ids and len(a) == 15
     np.testing.assert_array_equal(np.asarray(a.embeddings), np.asarray(b.embeddings))
@@ -229,17 +345,50 @@ def test_torchrun_index_matches_single_process(tmp_path: Path) -> None:
 
 def test_unlabelled_retrieval_index_and_rerank_hook(data: Path, tmp_path: Path) -> None:
     ix = tmp_path / "retrieval"
-    res = cli("index", "--model", data / "run", "--images", data / "nonlm", "--out", ix, "--unlabelled",
-              "--workers", "0")
+    res = cli(
+        "index",
+        "--model",
+        data / "run",
+        "--images",
+        data / "nonlm",
+        "--out",
+        ix,
+        "--unlabelled",
+        "--workers",
+        "0",
+    )
     assert "indexed 8 images of 0 landmarks" in res.stdout
-    cli("recognize", "--index", ix, data / "nonlm" / "n3.jpg", "--out", tmp_path / "p.csv", "--retrieval",
-        tmp_path / "r.csv", "--neighbours", tmp_path / "n.jsonl", "--workers", "0")
+    cli(
+        "recognize",
+        "--index",
+        ix,
+        data / "nonlm" / "n3.jpg",
+        "--out",
+        tmp_path / "p.csv",
+        "--retrieval",
+        tmp_path / "r.csv",
+        "--neighbours",
+        tmp_path / "n.jsonl",
+        "--workers",
+        "0",
+    )
     assert read_csv(tmp_path / "p.csv") == [{"id": "n3", "landmarks": ""}]
     assert read_csv(tmp_path / "r.csv")[0]["images"].split()[0] == "n3"
     row = json.loads((tmp_path / "n.jsonl").read_text())
     assert row["landmark"] is None and row["neighbours"][0]["landmark"] == ""
-    res = cli("recognize", "--index", ix, data / "nonlm", "--out", tmp_path / "q.csv", "--rerank", "local",
-              check=False)
+    res = cli(
+        "recognize",
+        "--index",
+        ix,
+        data / "nonlm",
+        "--out",
+        tmp_path / "q.csv",
+        "--rerank",
+        "local",
+        check=False,
+    )
     assert res.returncode == 2 and "re-ranker" in res.stderr
-    res = cli("index", "--model", data / "run", "--images", data / "nonlm", "--out", tmp_path / "x", check=False)
+    res = cli(
+        "index", "--model", data / "run", "--images", data / "nonlm", "--out", tmp_path / "x", check=False
+    )
     assert res.returncode == 2 and "--unlabelled" in res.stderr

@@ -36,8 +36,10 @@ def test_skipped_log(tmp_path: Path) -> None:
     again.add("b.jpg", "x")
     with open(tmp_path / "skipped.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["path"], r["reason"]) for r in rows] == [("a.jpg", "truncated image"),
-                                                        ("b.jpg", "not an image second line")]
+    assert [(r["path"], r["reason"]) for r in rows] == [
+        ("a.jpg", "truncated image"),
+        ("b.jpg", "not an image second line"),
+    ]
 
 
 def test_remove_entries_removes_files_folders_and_links_only(tmp_path: Path) -> None:

@@ -38,7 +38,9 @@ def textured_image(seed: int, h: int = 240, w: int = 320) -> np.ndarray:
         if rng.integers(2):
             cv2.circle(img, (x, y), int(rng.integers(2, 14)), color, -1)
         else:
-            cv2.rectangle(img, (x, y), (x + int(rng.integers(3, 25)), y + int(rng.integers(3, 25))), color, -1)
+            cv2.rectangle(
+                img, (x, y), (x + int(rng.integers(3, 25)), y + int(rng.integers(3, 25))), color, -1
+            )
     return cv2.GaussianBlur(np.clip(img + rng.normal(0, 6.0, img.shape), 0, 255).astype(np.uint8), (3, 3), 0)
 
 
@@ -100,7 +102,9 @@ def test_sift_keypoints_in_original_pixels_after_resize():
 
 def test_map_to_original_pixel_centres():
     # A 2x downscale: pixel 0 of the small image covers pixels 0 and 1 of the original: centre 0.5.
-    np.testing.assert_allclose(map_to_original(np.array([[0.0, 0.0], [1.0, 2.0]]), 0.5, 0.5), [[0.5, 0.5], [2.5, 4.5]])
+    np.testing.assert_allclose(
+        map_to_original(np.array([[0.0, 0.0], [1.0, 2.0]]), 0.5, 0.5), [[0.5, 0.5], [2.5, 4.5]]
+    )
     np.testing.assert_allclose(map_to_original(np.array([[3.0, 3.0]]), 1.0, 1.0), [[3.0, 3.0]])
 
 
@@ -128,8 +132,9 @@ class FakeLocalNet(torch.nn.Module):
         pooled = F.avg_pool2d(x, self.local_stride)  # (B, 3, h, w)
         att = torch.relu(pooled[:, 0])
         b, _, h, w = pooled.shape
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+        )
         feats = torch.cat([pooled, xs.expand(b, 1, h, w) / 10, ys.expand(b, 1, h, w) / 10], dim=1)
         desc = torch.einsum("dc,bchw->bdhw", self.proj, feats)
         return att, F.normalize(desc, dim=1)
@@ -138,7 +143,9 @@ class FakeLocalNet(torch.nn.Module):
 class FakeLoaded:
     def __init__(self, model: torch.nn.Module, meta: dict | None = None):
         self.model = model
-        self.meta = meta or {"preprocessing": {"image_size": 64, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}
+        self.meta = meta or {
+            "preprocessing": {"image_size": 64, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+        }
         self.fingerprint = "fake123"
 
 
@@ -148,7 +155,15 @@ def test_default_scales():
 
 def test_pyramid_sizes_capped_and_deduplicated():
     ex = DelgExtractor(FakeLoaded(FakeLocalNet()), max_side_px=300)
-    assert ex.pyramid_sizes(200, 100) == [(50, 25), (71, 35), (100, 50), (141, 71), (200, 100), (283, 141), (300, 150)]
+    assert ex.pyramid_sizes(200, 100) == [
+        (50, 25),
+        (71, 35),
+        (100, 50),
+        (141, 71),
+        (200, 100),
+        (283, 141),
+        (300, 150),
+    ]
     ex = DelgExtractor(FakeLoaded(FakeLocalNet()), max_side_px=200)
     assert ex.pyramid_sizes(200, 100)[-1] == (200, 100) and len(ex.pyramid_sizes(200, 100)) == 5
     # Levels below min_side_px (2 x stride = 16) are skipped; a tiny image keeps one level.
@@ -196,7 +211,9 @@ def test_delg_top_n_threshold_and_descriptors():
     # The top 40 are the 40 best cells over all levels (a brute-force oracle over the same levels).
     all_scores = []
     for w, h in ex.pyramid_sizes(128, 96):
-        x = torch.from_numpy(cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if w < 128 else cv2.INTER_LINEAR))
+        x = torch.from_numpy(
+            cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if w < 128 else cv2.INTER_LINEAR)
+        )
         att, _ = net.local_features(x.permute(2, 0, 1)[None].float() / 255)
         all_scores.append(att.reshape(-1).numpy())
     ref = np.sort(np.concatenate(all_scores))[::-1]
@@ -228,14 +245,20 @@ def test_delg_uses_normalisation_from_meta_and_refuses_models_without_local_head
 
 
 def test_registry_round_trips_settings_through_info():
-    sift = SiftExtractor(max_features=123, max_side_px=None, contrast_threshold=0.03, edge_threshold=7.0, root=False)
+    sift = SiftExtractor(
+        max_features=123, max_side_px=None, contrast_threshold=0.03, edge_threshold=7.0, root=False
+    )
     again = extractor_from_info(sift.to_info())
     assert type(again) is SiftExtractor and again.to_info() == sift.to_info()
     img = textured_image(4)
     np.testing.assert_array_equal(again(img).descriptors, sift(img).descriptors)
     assert make_local_extractor("sift").to_info() == SiftExtractor().to_info()
-    assert SiftExtractor().contrast_threshold == 0.02  # what `landmarks index --local sift` has always recorded
-    delg = DelgExtractor(FakeLoaded(FakeLocalNet()), scales=(0.5, 1.0), top_n=17, threshold=0.1, max_side_px=200)
+    assert (
+        SiftExtractor().contrast_threshold == 0.02
+    )  # what `landmarks index --local sift` has always recorded
+    delg = DelgExtractor(
+        FakeLoaded(FakeLocalNet()), scales=(0.5, 1.0), top_n=17, threshold=0.1, max_side_px=200
+    )
     back = extractor_from_info(delg.to_info(), FakeLoaded(FakeLocalNet()))
     assert type(back) is DelgExtractor and back.to_info() == delg.to_info()
     assert make_local_extractor("model", FakeLoaded(FakeLocalNet()), top_n=17).top_n == 17
@@ -342,7 +365,9 @@ def test_store_with_empty_chunk(tmp_path: Path):
 def test_delg_with_a_random_landmarknet():
     from landmarks import models
 
-    net = models.LandmarkNet(models.ModelConfig(backbone="resnet18", local=models.LocalConfig(enabled=True)), 4)
+    net = models.LandmarkNet(
+        models.ModelConfig(backbone="resnet18", local=models.LocalConfig(enabled=True)), 4
+    )
     net.eval()
     ex = DelgExtractor(net, scales=(0.5, 1.0), top_n=50)
     img = textured_image(3, 96, 128)

@@ -35,22 +35,34 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def cli_proc(*args: str | Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(TESTS / "_index_cli_main.py"), *[str(a) for a in args]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, str(TESTS / "_index_cli_main.py"), *[str(a) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
 @pytest.fixture()
 def ix(tmp_path: Path) -> Path:
     run = write_tiny_run(tmp_path / "run")
     make_collection(tmp_path / "coll", {"a": 1, "b": 2}, per_landmark=3)
-    return build_index(TinyEmbedder.from_run(run), tmp_path / "coll", tmp_path / "ix",
-                       extract_conf=ExtractConfig(num_workers=0), show_progress=False)
+    return build_index(
+        TinyEmbedder.from_run(run),
+        tmp_path / "coll",
+        tmp_path / "ix",
+        extract_conf=ExtractConfig(num_workers=0),
+        show_progress=False,
+    )
 
 
 def test_second_writer_is_refused_naming_the_holder(ix: Path) -> None:
     with index_writer(ix, "first writer"):
         assert describe_holder(ix) == f"{os.getpid()} first writer"
-        with pytest.raises(IndexBusyError, match=rf"index .* is being written by PID {os.getpid()} \(first writer\)"):
+        with pytest.raises(
+            IndexBusyError, match=rf"index .* is being written by PID {os.getpid()} \(first writer\)"
+        ):
             with index_writer(ix, "second"):
                 pass
     assert describe_holder(ix) is None
@@ -82,10 +94,16 @@ def test_waiting_writer_gets_the_lock_after_the_holder_releases(ix: Path) -> Non
 
 
 def test_a_killed_holder_leaves_the_index_unlocked(ix: Path) -> None:
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from landmarks.maintenance import index_writer\n"
-            "with index_writer(sys.argv[2], 'sleeper'):\n    print('held', flush=True); time.sleep(120)")
-    p = subprocess.Popen([sys.executable, "-c", code, str(TESTS.parent / "src"), str(ix)], stdout=subprocess.PIPE,
-                         text=True, env=ENV)
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from landmarks.maintenance import index_writer\n"
+        "with index_writer(sys.argv[2], 'sleeper'):\n    print('held', flush=True); time.sleep(120)"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(TESTS.parent / "src"), str(ix)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "held"
         assert describe_holder(ix) == f"{p.pid} sleeper"
@@ -103,8 +121,10 @@ def test_cli_add_is_refused_while_another_process_writes(ix: Path, tmp_path: Pat
         out, err = p.communicate(timeout=120)
     assert p.returncode == 2, err
     lines = [x for x in err.splitlines() if x.strip() and " INFO " not in x]
-    assert lines == [f"landmarks add: error: index {ix} is being written by PID {os.getpid()} (test holder); "
-                     "try again when it has finished (or pass --wait SECONDS)"]
+    assert lines == [
+        f"landmarks add: error: index {ix} is being written by PID {os.getpid()} (test holder); "
+        "try again when it has finished (or pass --wait SECONDS)"
+    ]
     assert len(LandmarkIndex.load(ix)) == 6
 
 
@@ -132,7 +152,9 @@ def test_add_starts_from_the_disk_not_from_a_stale_copy(ix: Path, tmp_path: Path
     add_to_index(ix, load_folder_collection(other), rec.embedder, num_workers=0, show_progress=False)
     newer = rec.load_newer()  # the reader notices the newer generation ...
     assert newer is not None and newer.generation == rec.generation + 1 and len(newer) == 8
-    res = rec.add(load_folder_collection(mine), num_workers=0, show_progress=False)  # ... and never writes from its copy
+    res = rec.add(
+        load_folder_collection(mine), num_workers=0, show_progress=False
+    )  # ... and never writes from its copy
     assert len(res.index) == 10 and len(LandmarkIndex.load(ix)) == 10 and len(rec.index) == 10
     assert rec.load_newer() is None
     assert not rec.replace_index(newer)  # an older generation never replaces a newer one
@@ -143,8 +165,12 @@ def test_relabelling_on_add_is_refused_and_remove_by_landmark(ix: Path, tmp_path
     first = index.ids[0]
     path = Path(str(index.paths[0]))
     with pytest.raises(IndexConflictError, match=rf"{first} \(indexed as a, given zz\)"):
-        add_to_index(ix, [ImageRecord(first, path, "zz")], TinyEmbedder.from_run(tmp_path / "run"), num_workers=0)
-    same = add_to_index(ix, [ImageRecord(first, path, "a")], TinyEmbedder.from_run(tmp_path / "run"), num_workers=0)
+        add_to_index(
+            ix, [ImageRecord(first, path, "zz")], TinyEmbedder.from_run(tmp_path / "run"), num_workers=0
+        )
+    same = add_to_index(
+        ix, [ImageRecord(first, path, "a")], TinyEmbedder.from_run(tmp_path / "run"), num_workers=0
+    )
     assert same.added == [] and same.known == [first] and same.generation == index.generation
     res = remove_from_index(ix, ["b"], landmarks=True)
     assert sorted(res.removed) == sorted(i for i, lm in zip(index.ids, index.landmarks) if lm == "b")

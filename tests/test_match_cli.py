@@ -23,7 +23,9 @@ def textured_image(seed: int, h: int = 240, w: int = 320) -> np.ndarray:
         if rng.integers(2):
             cv2.circle(img, (x, y), int(rng.integers(2, 14)), color, -1)
         else:
-            cv2.rectangle(img, (x, y), (x + int(rng.integers(3, 25)), y + int(rng.integers(3, 25))), color, -1)
+            cv2.rectangle(
+                img, (x, y), (x + int(rng.integers(3, 25)), y + int(rng.integers(3, 25))), color, -1
+            )
     return cv2.GaussianBlur(np.clip(img + rng.normal(0, 6.0, img.shape), 0, 255).astype(np.uint8), (3, 3), 0)
 
 
@@ -69,7 +71,12 @@ def test_fundamental_default_and_text_output(images, capsys):
     assert r["homography"] is not None and r["homography_inliers"] <= r["inliers"]
     code, out, _ = _run(capsys, str(a), str(b))
     assert code == 0
-    assert "keypoints" in out and "putative matches" in out and "inliers (fundamental" in out and "homography" in out
+    assert (
+        "keypoints" in out
+        and "putative matches" in out
+        and "inliers (fundamental" in out
+        and "homography" in out
+    )
 
 
 def test_same_output_twice(images, capsys):
@@ -130,13 +137,16 @@ def test_index_option_extracts_with_the_settings_the_index_recorded(images, caps
     recorded = SiftExtractor(max_features=70, contrast_threshold=0.03)
     ix = tmp_path / "ix"
     ix.mkdir()
-    (ix / "meta.json").write_text(json.dumps({"local": {"features": "sift", "dir": "local",
-                                                        "extractor": recorded.to_info()}}))
+    (ix / "meta.json").write_text(
+        json.dumps({"local": {"features": "sift", "dir": "local", "extractor": recorded.to_info()}})
+    )
     code, out, _ = _run(capsys, str(a), str(b), "--index", str(ix), "--json", "--seed", "4")
     assert code == 0
     r = json.loads(out)
     fa, fb = recorded(decode_image(a)), recorded(decode_image(b))
-    v = PairVerifier(recorded, seed=4, max_iters=10000).verify(fa, fb)  # the CLI's RANSAC: verify()'s defaults
+    v = PairVerifier(recorded, seed=4, max_iters=10000).verify(
+        fa, fb
+    )  # the CLI's RANSAC: verify()'s defaults
     assert r["keypoints"] == [len(fa), len(fb)] == [70, 70] and r["inliers"] == v.num_inliers
     (ix / "meta.json").write_text(json.dumps({"model": {}}))
     code, _, err = _run(capsys, str(a), str(b), "--index", str(ix))
@@ -159,7 +169,13 @@ def test_draw_verification_draws_the_inliers_on_shrunk_images():
     inl = v.matches[v.inlier_mask]
     small_a = cv2.resize(img, (160, 120), interpolation=cv2.INTER_AREA)
     small_b = cv2.resize(warped, (160, 120), interpolation=cv2.INTER_AREA)
-    want = draw_matches(small_a, small_b, (fa.keypoints[inl[:, 0]] + 0.5) * 0.5 - 0.5,
-                        (fb.keypoints[inl[:, 1]] + 0.5) * 0.5 - 0.5)
+    want = draw_matches(
+        small_a,
+        small_b,
+        (fa.keypoints[inl[:, 0]] + 0.5) * 0.5 - 0.5,
+        (fb.keypoints[inl[:, 1]] + 0.5) * 0.5 - 0.5,
+    )
     np.testing.assert_array_equal(got, want)
-    assert len(inl) >= 50 and not np.array_equal(got, draw_matches(small_a, small_b, np.zeros((0, 2)), np.zeros((0, 2))))
+    assert len(inl) >= 50 and not np.array_equal(
+        got, draw_matches(small_a, small_b, np.zeros((0, 2)), np.zeros((0, 2)))
+    )

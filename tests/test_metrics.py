@@ -156,7 +156,9 @@ CHALLENGE_PREDICTIONS = {"d": ("150", 15.0), "c": ("1", 10.0), "b": ("0", 0.01)}
 
 
 def test_challenge_example():
-    assert global_average_precision(CHALLENGE_PREDICTIONS, CHALLENGE_SOLUTION) == pytest.approx(1 / 6, abs=1e-12)
+    assert global_average_precision(CHALLENGE_PREDICTIONS, CHALLENGE_SOLUTION) == pytest.approx(
+        1 / 6, abs=1e-12
+    )
     assert global_average_precision(
         CHALLENGE_PREDICTIONS, CHALLENGE_SOLUTION, ignore_non_landmarks=True
     ) == pytest.approx(1 / 3, abs=1e-12)
@@ -209,7 +211,9 @@ def random_recognition(rng, n_queries):
     solution, predictions = {}, {}
     for q in ids:
         n_true = int(rng.choice([0, 0, 1, 1, 1, 2, 3]))
-        solution[q] = [str(x) for x in rng.choice(len(landmarks), size=min(n_true, len(landmarks)), replace=False)]
+        solution[q] = [
+            str(x) for x in rng.choice(len(landmarks), size=min(n_true, len(landmarks)), replace=False)
+        ]
         r = rng.random()
         if r < 0.15:
             continue  # no row at all
@@ -258,7 +262,9 @@ def test_map_hand_computed():
     assert mean_average_precision(RETRIEVAL_PREDICTIONS, RETRIEVAL_SOLUTION, k=1) == pytest.approx(0.5)
     # A repeated relevant id is counted once; the list is not "compacted".
     assert mean_average_precision({"q": ["b", "a", "a", "a"]}, {"q": ["a", "b"]}) == pytest.approx(1.0)
-    assert mean_average_precision({"q": ["n", "a", "a", "b"]}, {"q": ["a", "b"]}) == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert mean_average_precision({"q": ["n", "a", "a", "b"]}, {"q": ["a", "b"]}) == pytest.approx(
+        (1 / 2 + 2 / 4) / 2
+    )
 
 
 def test_retrieval_per_query_hand_computed():
@@ -326,7 +332,9 @@ def test_retrieval_matches_oracle_on_random_data():
         rng = np.random.default_rng(1000 + seed)
         predictions, solution = random_retrieval(rng)
         for k in (1, 3, 10, 100):
-            assert close(mean_average_precision(predictions, solution, k=k), map_oracle(predictions, solution, k)), (seed, k)
+            assert close(
+                mean_average_precision(predictions, solution, k=k), map_oracle(predictions, solution, k)
+            ), (seed, k)
             got = mean_median_position(predictions, solution, k=k)
             want = positions_oracle(predictions, solution, k)
             assert close(got[0], want[0]) and close(got[1], want[1]), (seed, k)
@@ -385,7 +393,12 @@ def test_revisited_matches_oracle_on_random_data():
         gnd = []
         for _ in range(n_q):
             labels = rng.integers(0, 5, size=n_db)  # 0 easy, 1 hard, 2 junk, 3-4 negatives
-            gnd.append({name: np.flatnonzero(labels == i).tolist() for i, name in enumerate(["easy", "hard", "junk"])})
+            gnd.append(
+                {
+                    name: np.flatnonzero(labels == i).tolist()
+                    for i, name in enumerate(["easy", "hard", "junk"])
+                }
+            )
         kappas = (1, 5, 10)
         got, want = revisited_map(ranks, gnd, kappas), revisited_oracle(ranks.tolist(), gnd, kappas)
         for name in ("easy", "medium", "hard"):

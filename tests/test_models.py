@@ -44,6 +44,7 @@ def tiny_conf(local: bool = False) -> ModelConfig:
 
 # --- pooling -----------------------------------------------------------------------------------------
 
+
 def test_gem_matches_loop_and_limits() -> None:
     torch.manual_seed(0)
     x = torch.rand(2, 3, 4, 5) + 0.01
@@ -62,6 +63,7 @@ def test_gem_matches_loop_and_limits() -> None:
 
 
 # --- backbone and net ----------------------------------------------------------------------------------
+
 
 def test_backbone_widths_from_timm() -> None:
     bb = Backbone("test_resnet")
@@ -151,6 +153,7 @@ def test_cpu_preset_builds() -> None:
 
 # --- transforms ----------------------------------------------------------------------------------------
 
+
 def _photo(h: int = 90, w: int = 120, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -197,6 +200,7 @@ def test_preprocess_matches_batch_normalisation() -> None:
 
 # --- datasets ---------------------------------------------------------------------------------------------
 
+
 def _records(tmp_path: Path, n: int = 6) -> list[ImageRecord]:
     recs = []
     for i in range(n):
@@ -226,13 +230,19 @@ def test_epoch_sampler_ranks_and_resume() -> None:
     full.set_epoch(2)
     items = list(full)
     assert len(items) == 6 * 8 and len({i for i, _ in items}) == 48
-    r0, r1 = EpochSampler(50, 8, seed=3, rank=0, world_size=2), EpochSampler(50, 8, seed=3, rank=1, world_size=2)
+    r0, r1 = (
+        EpochSampler(50, 8, seed=3, rank=0, world_size=2),
+        EpochSampler(50, 8, seed=3, rank=1, world_size=2),
+    )
     r0.set_epoch(2)
     r1.set_epoch(2)
     a, b = list(r0), list(r1)
     assert not {i for i, _ in a} & {i for i, _ in b}
     for batch in range(6):  # each global batch = rank 0's slice + rank 1's slice
-        assert a[batch * 4:(batch + 1) * 4] + b[batch * 4:(batch + 1) * 4] == items[batch * 8:(batch + 1) * 8]
+        assert (
+            a[batch * 4 : (batch + 1) * 4] + b[batch * 4 : (batch + 1) * 4]
+            == items[batch * 8 : (batch + 1) * 8]
+        )
     full.set_epoch(2, start_batch=4)
     assert list(full) == items[32:]
     full.set_epoch(3)
@@ -241,13 +251,17 @@ def test_epoch_sampler_ranks_and_resume() -> None:
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
+
 def _save_tiny(run: Path, local: bool = False) -> LandmarkNet:
     torch.manual_seed(0)
     net = LandmarkNet(tiny_conf(local), num_classes=3, class_counts=[1, 2, 3])
-    meta = {"config": {"model": json.loads(json.dumps(__import__("dataclasses").asdict(tiny_conf(local))))},
-            "num_classes": 3, "classes": [{"landmark": c, "count": n} for c, n in zip("abc", (1, 2, 3))],
-            "preprocessing": Preprocess(64).to_dict(),
-            "local": {"stride": 16, "receptive_field": list(net.local_receptive_field)} if local else None}
+    meta = {
+        "config": {"model": json.loads(json.dumps(__import__("dataclasses").asdict(tiny_conf(local))))},
+        "num_classes": 3,
+        "classes": [{"landmark": c, "count": n} for c, n in zip("abc", (1, 2, 3))],
+        "preprocessing": Preprocess(64).to_dict(),
+        "local": {"stride": 16, "receptive_field": list(net.local_receptive_field)} if local else None,
+    }
     ckpt.save_model(run, net, meta)
     return net
 

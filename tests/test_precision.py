@@ -20,17 +20,22 @@ from landmarks.utils.precision import (
 BF16, FP16 = torch.bfloat16, torch.float16
 
 
-@pytest.mark.parametrize(("amp", "device", "cuda_bf16", "cpu_amx", "want"), [
-    ("auto", "cuda", True, False, BF16),    # Ampere and newer
-    ("auto", "cuda", False, False, FP16),   # V100, T4: fp16 + grad scaler
-    ("auto", "cpu", False, True, BF16),     # AMX tiles
-    ("auto", "cpu", False, False, None),    # AVX512-BF16 alone was slower than fp32
-    ("auto", "mps", False, False, None),
-    ("off", "cuda", True, True, None),
-    ("bf16", "cpu", False, False, BF16),    # forced
-    ("fp16", "cuda", True, False, FP16),
-])
-def test_choose_amp_dtype(amp: str, device: str, cuda_bf16: bool, cpu_amx: bool, want: torch.dtype | None) -> None:
+@pytest.mark.parametrize(
+    ("amp", "device", "cuda_bf16", "cpu_amx", "want"),
+    [
+        ("auto", "cuda", True, False, BF16),  # Ampere and newer
+        ("auto", "cuda", False, False, FP16),  # V100, T4: fp16 + grad scaler
+        ("auto", "cpu", False, True, BF16),  # AMX tiles
+        ("auto", "cpu", False, False, None),  # AVX512-BF16 alone was slower than fp32
+        ("auto", "mps", False, False, None),
+        ("off", "cuda", True, True, None),
+        ("bf16", "cpu", False, False, BF16),  # forced
+        ("fp16", "cuda", True, False, FP16),
+    ],
+)
+def test_choose_amp_dtype(
+    amp: str, device: str, cuda_bf16: bool, cpu_amx: bool, want: torch.dtype | None
+) -> None:
     assert choose_amp_dtype(amp, device, cuda_bf16=cuda_bf16, cpu_amx=cpu_amx) is want
 
 

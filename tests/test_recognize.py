@@ -31,6 +31,7 @@ torch.set_num_threads(1)
 
 # --- pure functions vs loops ------------------------------------------------------------------------
 
+
 def vote_loop(scores: np.ndarray, labels: np.ndarray) -> tuple[list[int], list[float]]:
     best, conf = [], []
     for s_row, l_row in zip(scores, labels):
@@ -85,7 +86,9 @@ def test_neighbour_scores_and_query_penalty_match_loops() -> None:
     np.testing.assert_array_equal(neighbour_scores(sims, None), sims)
     conf = rng.uniform(0, 3, 50).astype(np.float32)
     ood = rng.uniform(0, 1, 50).astype(np.float32)
-    np.testing.assert_allclose(query_confidence(conf, ood, 0.7), [c - 0.7 * o for c, o in zip(conf, ood)], atol=1e-6)
+    np.testing.assert_allclose(
+        query_confidence(conf, ood, 0.7), [c - 0.7 * o for c, o in zip(conf, ood)], atol=1e-6
+    )
     np.testing.assert_array_equal(query_confidence(conf, None), conf)
 
 
@@ -154,6 +157,7 @@ class _FakeEmbedder:
 
 # --- the Recognizer on images ----------------------------------------------------------------------
 
+
 @pytest.fixture()
 def index_dir(tmp_path: Path) -> Path:
     emb = TinyEmbedder()
@@ -161,11 +165,18 @@ def index_dir(tmp_path: Path) -> Path:
     records = load_folder_collection(root)
     from landmarks.extract import ExtractConfig, extract_embeddings
 
-    res = extract_embeddings(emb, records, tmp_path / "work", ExtractConfig(batch_size=4, num_workers=0),
-                             show_progress=False)
+    res = extract_embeddings(
+        emb, records, tmp_path / "work", ExtractConfig(batch_size=4, num_workers=0), show_progress=False
+    )
     nl = embed_images(emb, [view(pattern(100 + i), i) for i in range(12)])
-    idx = LandmarkIndex.build(res.embeddings, res.ids, [str(r.landmark) for r in records],
-                              paths=[str(r.path) for r in records], model=emb.describe(), non_landmarks=nl)
+    idx = LandmarkIndex.build(
+        res.embeddings,
+        res.ids,
+        [str(r.landmark) for r in records],
+        paths=[str(r.path) for r in records],
+        model=emb.describe(),
+        non_landmarks=nl,
+    )
     idx.save(tmp_path / "index")
     return tmp_path / "index"
 
@@ -228,15 +239,17 @@ def test_rerank_hook(index_dir: Path) -> None:
             self.seen += [len(ids) for ids in cands.ids]
             lms = [[rec.index.landmarks[rec.index.row_of(i)] for i in ids] for ids in cands.ids]
             scores = np.array([[1.0 if lm == "eiffel" else 0.0 for lm in row] for row in lms], np.float32)
-            return Reranked(scores, np.full(scores.shape, 7, np.int64),
-                            [np.arange(len(ids))[::-1] for ids in cands.ids])
+            return Reranked(
+                scores, np.full(scores.shape, 7, np.int64), [np.arange(len(ids))[::-1] for ids in cands.ids]
+            )
 
         def close(self) -> None:
             self.closed += 1
 
     hook = Eiffel()
-    rec = Recognizer.load(index_dir, RecognizeConfig(rerank_candidates=10, qe_n=0), embedder=TinyEmbedder(),
-                          reranker=hook)
+    rec = Recognizer.load(
+        index_dir, RecognizeConfig(rerank_candidates=10, qe_n=0), embedder=TinyEmbedder(), reranker=hook
+    )
     xq = rec.embed([view(pattern(2), 5)])
     plain = rec.retrieve(xq, 12)[0]
     out = rec.recognize_embeddings(xq, queries=[view(pattern(2), 5)], retrieval_k=12)[0]
@@ -252,7 +265,9 @@ def test_rerank_hook(index_dir: Path) -> None:
 def test_demotion_over_a_batch(index_dir: Path) -> None:
     queries = [view(pattern(2), 100 + i) for i in range(4)] + [view(pattern(3), 200)]
     plain = Recognizer.load(index_dir, embedder=TinyEmbedder()).recognize(queries)
-    rec = Recognizer.load(index_dir, RecognizeConfig(demote_above=3, demote_penalty=2.0), embedder=TinyEmbedder())
+    rec = Recognizer.load(
+        index_dir, RecognizeConfig(demote_above=3, demote_penalty=2.0), embedder=TinyEmbedder()
+    )
     out = rec.recognize(queries)
     for a, b in zip(plain[:4], out[:4]):
         assert b.confidence == pytest.approx(a.confidence - 2.0, abs=1e-5)

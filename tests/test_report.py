@@ -42,9 +42,20 @@ QUERIES = [
 #: Worst first: confident wrong ones (any kind), missed, right from the least confident, abstained.
 EXPECTED_ORDER = ["q_fp", "q_wrong", "q_missed", "q_right_lo", "q_right_hi", "q_abst"]
 # By hand. Ranked: fp .95 (x), right_hi .9 (v), wrong .8 (x), right_lo .3 (v); M = 4 landmark queries.
-EXPECTED_ALL = {"gap": (1 / 2 + 2 / 4) / 4, "gap_ignoring_non_landmarks": (1 / 1 + 2 / 3) / 4,
-                "top1_accuracy": 2 / 4, "queries": 6, "landmark_queries": 4, "non_landmark_queries": 2,
-                "predictions": 4, "right": 2, "wrong": 1, "false_positives": 1, "missed": 1, "abstained": 1}
+EXPECTED_ALL = {
+    "gap": (1 / 2 + 2 / 4) / 4,
+    "gap_ignoring_non_landmarks": (1 / 1 + 2 / 3) / 4,
+    "top1_accuracy": 2 / 4,
+    "queries": 6,
+    "landmark_queries": 4,
+    "non_landmark_queries": 2,
+    "predictions": 4,
+    "right": 2,
+    "wrong": 1,
+    "false_positives": 1,
+    "missed": 1,
+    "abstained": 1,
+}
 # Public: fp .95 (x), right_hi .9 (v), wrong .8 (x); M = 2. Private: right_lo .3 (v); M = 2.
 EXPECTED_PUBLIC_GAP = (1 / 2) / 2
 EXPECTED_PRIVATE_GAP = 1 / 2
@@ -104,8 +115,17 @@ def build_case(root: Path) -> Case:
     lines = []
     for q, (path, nbs) in rows.items():
         p = preds[q]
-        lines.append(json.dumps({"id": q, "path": path, "landmark": None if p is None else p[0],
-                                 "confidence": 0.0 if p is None else p[1], "neighbours": nbs}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": q,
+                    "path": path,
+                    "landmark": None if p is None else p[0],
+                    "confidence": 0.0 if p is None else p[1],
+                    "neighbours": nbs,
+                }
+            )
+        )
     neighbours = root / "pred.neighbours.jsonl"  # the default name beside pred.csv
     neighbours.write_text("\n".join(lines) + "\n")
     return Case(root, predictions, solution, neighbours)
@@ -142,7 +162,10 @@ def test_metrics_match_hand_computed_values(page: str) -> None:
     assert metrics["Public"]["queries"] == 3 and metrics["Private"]["queries"] == 3
     # The table shows them too.
     assert '<td data-metric="gap">0.2500</td>' in page
-    assert f'<td data-metric="gap_ignoring_non_landmarks">{EXPECTED_ALL["gap_ignoring_non_landmarks"]:.4f}</td>' in page
+    assert (
+        f'<td data-metric="gap_ignoring_non_landmarks">{EXPECTED_ALL["gap_ignoring_non_landmarks"]:.4f}</td>'
+        in page
+    )
     assert '<td data-metric="top1_accuracy">0.5000</td>' in page
 
 
@@ -160,8 +183,13 @@ def test_rows_worst_first_and_ignored_dropped(page: str) -> None:
 
 
 def test_images_embedded_once_and_placeholders_give_reasons(page: str) -> None:
-    rules = dict(re.findall(r'\.(t\d+)\{width:\d+px;height:\d+px;background-image:url\("data:image/jpeg;base64,'
-                            r'([A-Za-z0-9+/=]+)"\)\}', page))
+    rules = dict(
+        re.findall(
+            r'\.(t\d+)\{width:\d+px;height:\d+px;background-image:url\("data:image/jpeg;base64,'
+            r'([A-Za-z0-9+/=]+)"\)\}',
+            page,
+        )
+    )
     used = re.findall(r'<span class="th (t\d+)" role="img"', page)
     # 4 readable images: 2 query thumbnails (a_query, other) + 2 neighbour thumbnails (a_idx, b_idx),
     # shown 11 times in all, each embedded once.
@@ -183,7 +211,7 @@ def test_images_embedded_once_and_placeholders_give_reasons(page: str) -> None:
 def test_no_external_urls(page: str) -> None:
     text = re.sub(r"data:image/(?:jpeg|png);base64,[A-Za-z0-9+/=]+", "data:", page)
     assert not re.search(r"https?:|ftp:|//[a-z0-9]|@import", text, re.I)
-    assert all(u == '"data:' for u in re.findall(r'url\(([^)]{0,6})', text))
+    assert all(u == '"data:' for u in re.findall(r"url\(([^)]{0,6})", text))
     for m in re.finditer(r'\b(?:src|href)="([^"]*)"', page):
         assert m.group(1).startswith("data:"), m.group(0)
     assert "Content-Security-Policy" in page
@@ -203,8 +231,12 @@ def test_verified_neighbour_matches_drawn(case: Case, tmp_path: Path) -> None:
 
 
 def test_max_rows_and_match_budget(case: Case, tmp_path: Path) -> None:
-    out = write_report(case.predictions, case.solution, tmp_path / "r.html",
-                       conf=ReportConfig(max_rows=3, max_match_drawings=1))
+    out = write_report(
+        case.predictions,
+        case.solution,
+        tmp_path / "r.html",
+        conf=ReportConfig(max_rows=3, max_match_drawings=1),
+    )
     page = out.read_text(encoding="utf-8")
     assert _rows(page) == EXPECTED_ORDER[:3]
     assert "3 more queries omitted" in page and 'data-omitted="3"' in page
@@ -221,12 +253,14 @@ def test_match_drawings_verify_with_the_index_extractor(case: Case, tmp_path: Pa
     recorded = SiftExtractor(max_features=60, contrast_threshold=0.01)
     index_dir = tmp_path / "ix"
     index_dir.mkdir()
-    (index_dir / "meta.json").write_text(json.dumps(
-        {"local": {"features": "sift", "dir": "local", "extractor": recorded.to_info()}}))
+    (index_dir / "meta.json").write_text(
+        json.dumps({"local": {"features": "sift", "dir": "local", "extractor": recorded.to_info()}})
+    )
     counts = {}
     for name, ix in (("default", None), ("index", index_dir)):
-        page = write_report(case.predictions, case.solution, tmp_path / f"{name}.html",
-                            index_dir=ix).read_text(encoding="utf-8")
+        page = write_report(
+            case.predictions, case.solution, tmp_path / f"{name}.html", index_dir=ix
+        ).read_text(encoding="utf-8")
         row = re.search(r'<tr[^>]*id="q-q_right_hi".*?</tr>', page, re.S)
         assert row and "recomputed (rootsift)" in row.group(0)
         counts[name] = int(re.search(r"(\d+) recomputed", row.group(0)).group(1))  # type: ignore[union-attr]
@@ -257,17 +291,45 @@ def restore_logger(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("restore_logger")
 def test_cli_writes_report(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.html"
-    rc = main(["report", "--predictions", str(case.predictions), "--solution", str(case.solution),
-               "--neighbours", str(case.neighbours), "--out", str(out), "--max-rows", "4", "--top-k", "1",
-               "--max-match-drawings", "0"])
+    rc = main(
+        [
+            "report",
+            "--predictions",
+            str(case.predictions),
+            "--solution",
+            str(case.solution),
+            "--neighbours",
+            str(case.neighbours),
+            "--out",
+            str(out),
+            "--max-rows",
+            "4",
+            "--top-k",
+            "1",
+            "--max-match-drawings",
+            "0",
+        ]
+    )
     assert rc == 0 and out.is_file()
     page = out.read_text(encoding="utf-8")
     assert len(_rows(page)) == 4
     assert page.count('data-neighbour="2"') == 0 and page.count('data-neighbour="1"') == 4
     assert 'alt="inlier matches"' not in page
     assert str(out) in capsys.readouterr().out
-    assert main(["report", "--predictions", str(tmp_path / "nope.csv"), "--solution", str(case.solution),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "report",
+                "--predictions",
+                str(tmp_path / "nope.csv"),
+                "--solution",
+                str(case.solution),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_bad_neighbours_line_names_the_line(tmp_path: Path) -> None:
@@ -283,16 +345,21 @@ def test_classify_and_rank() -> None:
     assert classify_prediction(("B", 0.5), []) == "false_positive"
     assert classify_prediction(None, ["A"]) == "missed"
     assert classify_prediction(None, []) == "abstained"
-    rs = [QueryResult("z", ("A",), ("A", 0.1), "right"), QueryResult("y", ("A",), ("B", 0.2), "wrong"),
-          QueryResult("x", (), ("A", 0.7), "false_positive"), QueryResult("w", ("A",), ("B", 0.7), "wrong")]
+    rs = [
+        QueryResult("z", ("A",), ("A", 0.1), "right"),
+        QueryResult("y", ("A",), ("B", 0.2), "wrong"),
+        QueryResult("x", (), ("A", 0.7), "false_positive"),
+        QueryResult("w", ("A",), ("B", 0.7), "wrong"),
+    ]
     assert [r.id for r in rank_worst_first(rs)] == ["w", "x", "y", "z"]  # ties by id
 
 
 def test_pr_curve_area_is_gap_of_metrics_module() -> None:
     rng = np.random.default_rng(0)
     solution = {f"q{i}": ([] if rng.random() < 0.3 else [f"L{rng.integers(5)}"]) for i in range(200)}
-    predictions = {q: (None if rng.random() < 0.1 else (f"L{rng.integers(5)}", float(rng.random())))
-                   for q in solution}
+    predictions = {
+        q: (None if rng.random() < 0.1 else (f"L{rng.integers(5)}", float(rng.random()))) for q in solution
+    }
     for ignore in (False, True):
         curve = precision_recall_curve(predictions, solution, ignore_non_landmarks=ignore)
         assert isinstance(curve, PRCurve)
@@ -312,8 +379,13 @@ def test_index_supplies_paths_the_jsonl_lacks(case: Case, tmp_path: Path) -> Non
 
     img = case.root / "images"
     xb = np.eye(2, 8, dtype=np.float32)
-    LandmarkIndex.build(xb, ["idx_a", "idx_b"], ["A", "B"], model={"fingerprint": "test"},
-                        paths=[img / "a_idx.jpg", img / "b_idx.jpg"]).save(tmp_path / "index")
+    LandmarkIndex.build(
+        xb,
+        ["idx_a", "idx_b"],
+        ["A", "B"],
+        model={"fingerprint": "test"},
+        paths=[img / "a_idx.jpg", img / "b_idx.jpg"],
+    ).save(tmp_path / "index")
     rows = read_neighbours_jsonl(case.neighbours)
     for row in rows.values():
         for nb in row["neighbours"]:
@@ -322,7 +394,9 @@ def test_index_supplies_paths_the_jsonl_lacks(case: Case, tmp_path: Path) -> Non
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
     conf = ReportConfig(max_match_drawings=0)
     without = write_report(case.predictions, case.solution, tmp_path / "a.html", jsonl, conf=conf)
-    with_index = write_report(case.predictions, case.solution, tmp_path / "b.html", jsonl, tmp_path / "index", conf)
+    with_index = write_report(
+        case.predictions, case.solution, tmp_path / "b.html", jsonl, tmp_path / "index", conf
+    )
     a, b = without.read_text(encoding="utf-8"), with_index.read_text(encoding="utf-8")
     assert a.count(">no image path<") == 8
     # Every neighbour but idx_bad (not in the index) now has its thumbnail.
@@ -348,12 +422,15 @@ def test_retrieval_figures_per_query_and_overall(case: Case, tmp_path: Path) -> 
     ret.write_text("id,images\nq_fp,x1 b1 b2\nq_wrong,x1 x2\nq_right_hi,a1 a2\n")
     sol = tmp_path / "ret_solution.csv"
     sol.write_text("id,images\nq_fp,b1 b2\nq_wrong,a1\nq_right_hi,a1\nq_other,z\n")
-    page = write_report(case.predictions, case.solution, tmp_path / "r.html", retrieval_csv=ret,
-                        retrieval_solution_csv=sol).read_text(encoding="utf-8")
+    page = write_report(
+        case.predictions, case.solution, tmp_path / "r.html", retrieval_csv=ret, retrieval_solution_csv=sol
+    ).read_text(encoding="utf-8")
     ap_fp = (1 / 2 + 2 / 3) / 2  # b1 at 2, b2 at 3
     want_map = (ap_fp + 0.0 + 1.0 + 0.0) / 4
     assert f'<td data-metric="map_at_k">{want_map:.4f}</td>' in page
-    assert '<td data-metric="found">2</td>' in page and '<td data-metric="median_first">51.5</td>' in page  # median of 2, 101, 1, 101
+    assert (
+        '<td data-metric="found">2</td>' in page and '<td data-metric="median_first">51.5</td>' in page
+    )  # median of 2, 101, 1, 101
     cells = dict(re.findall(r'id="q-([^"]+)".*?<td class="ret">([^<]*)</td>', page, re.S))
     assert cells["q_fp"] == f"AP@100 {ap_fp:.3f}, first correct at 2"
     assert cells["q_wrong"] == "AP@100 0, none in the top 100"

@@ -29,9 +29,21 @@ def _browser() -> str:
 
 
 def _run_chromium(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
@@ -59,8 +71,9 @@ def _visible_rows(dom: str) -> tuple[list[str], list[str]]:
 
 def test_dom_after_script_shows_all_rows(rendered: tuple[str, Path, Case], tmp_path: Path) -> None:
     browser, out, _ = rendered
-    dom = _run_chromium(browser, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom",
-                        out.as_uri()).stdout
+    dom = _run_chromium(
+        browser, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", out.as_uri()
+    ).stdout
     assert 'data-ready="1"' in dom, "the page's script did not run"
     ids, shown = _visible_rows(dom)
     assert ids == EXPECTED_ORDER and shown == EXPECTED_ORDER
@@ -68,17 +81,22 @@ def test_dom_after_script_shows_all_rows(rendered: tuple[str, Path, Case], tmp_p
     assert 'id="pr-curve"' in dom and dom.count('<span class="th t') >= 10
 
 
-@pytest.mark.parametrize(("fragment", "expected"), [
-    ("#filter=wrong", ["q_fp", "q_wrong"]),
-    ("#filter=nonlandmark", ["q_fp", "q_abst"]),
-    ("#filter=noprediction", ["q_missed", "q_abst"]),
-    ("#filter=all&q=right_h", ["q_right_hi"]),
-])
-def test_filters_in_the_page(rendered: tuple[str, Path, Case], tmp_path: Path, fragment: str,
-                             expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("fragment", "expected"),
+    [
+        ("#filter=wrong", ["q_fp", "q_wrong"]),
+        ("#filter=nonlandmark", ["q_fp", "q_abst"]),
+        ("#filter=noprediction", ["q_missed", "q_abst"]),
+        ("#filter=all&q=right_h", ["q_right_hi"]),
+    ],
+)
+def test_filters_in_the_page(
+    rendered: tuple[str, Path, Case], tmp_path: Path, fragment: str, expected: list[str]
+) -> None:
     browser, out, _ = rendered
-    dom = _run_chromium(browser, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom",
-                        out.as_uri() + fragment).stdout
+    dom = _run_chromium(
+        browser, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom", out.as_uri() + fragment
+    ).stdout
     ids, shown = _visible_rows(dom)
     assert ids == EXPECTED_ORDER
     assert shown == expected
@@ -88,8 +106,14 @@ def test_filters_in_the_page(rendered: tuple[str, Path, Case], tmp_path: Path, f
 def test_screenshot_is_not_blank(rendered: tuple[str, Path, Case], tmp_path: Path) -> None:
     browser, out, _ = rendered
     png = out.with_name("report_screenshot.png")
-    _run_chromium(browser, tmp_path / "profile", "--virtual-time-budget=5000", "--window-size=1280,1800",
-                  f"--screenshot={png}", out.as_uri())
+    _run_chromium(
+        browser,
+        tmp_path / "profile",
+        "--virtual-time-budget=5000",
+        "--window-size=1280,1800",
+        f"--screenshot={png}",
+        out.as_uri(),
+    )
     assert png.is_file()
     with Image.open(png) as im:
         arr = np.asarray(im.convert("RGB"))

@@ -69,12 +69,28 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sift_index(data: Path) -> Path:
-    cli("index", "--model", data / "run", "--images", data / "coll", "--out", data / "index", "--non-landmarks",
-        data / "nonlm", "--local", "sift", "--workers", "0", "--local-workers", "0")
+    cli(
+        "index",
+        "--model",
+        data / "run",
+        "--images",
+        data / "coll",
+        "--out",
+        data / "index",
+        "--non-landmarks",
+        data / "nonlm",
+        "--local",
+        "sift",
+        "--workers",
+        "0",
+        "--local-workers",
+        "0",
+    )
     return data / "index"
 
 
 # --- pure scoring -------------------------------------------------------------------------------------
+
 
 def test_local_scores_match_the_per_query_formula() -> None:
     rng = np.random.default_rng(0)
@@ -116,8 +132,11 @@ def test_pool_verification_equals_a_serial_loop_of_verify(tmp_path: Path) -> Non
     store.write_chunk(list(feats), list(feats.values()))
     query = warp(scene(21), 999)
     ids = [*images, "not_stored"]
-    cands = Candidates(ids=[ids], similarities=np.linspace(0.9, 0.2, len(ids))[None].astype(np.float32),
-                       scores=np.linspace(0.9, 0.2, len(ids))[None].astype(np.float32))
+    cands = Candidates(
+        ids=[ids],
+        similarities=np.linspace(0.9, 0.2, len(ids))[None].astype(np.float32),
+        scores=np.linspace(0.9, 0.2, len(ids))[None].astype(np.float32),
+    )
     results = {}
     for workers in (0, 2):
         rr = LocalReranker(tmp_path, local_meta(ex), ex, workers=workers, seed=5, min_inliers=10)
@@ -126,16 +145,21 @@ def test_pool_verification_equals_a_serial_loop_of_verify(tmp_path: Path) -> Non
         finally:
             rr.close()
     qf = ex(query)
-    oracle = [verify(qf, feats[i], "fundamental", 5, max_iters=2000).num_inliers if i in feats else 0 for i in ids]
+    oracle = [
+        verify(qf, feats[i], "fundamental", 5, max_iters=2000).num_inliers if i in feats else 0 for i in ids
+    ]
     assert results[0].inliers[0].tolist() == results[2].inliers[0].tolist() == oracle
     assert oracle[2] >= 20 and oracle[3] >= 20 and max(oracle[:2] + oracle[4:]) < 10  # scene 21 = s1_*
     np.testing.assert_array_equal(results[0].scores, results[2].scores)
     assert results[2].retrieval[0].tolist()[:2] == ([3, 2] if oracle[3] > oracle[2] else [2, 3])
     assert [v.num_inliers for v in verify_candidates(qf, [None, feats["s1_0"]], seed=5, max_iters=2000)] == [
-        0, oracle[2]]
+        0,
+        oracle[2],
+    ]
 
 
 # --- the CLI, end to end ------------------------------------------------------------------------------
+
 
 def test_index_local_sift_then_recognize_rerank_local(sift_index: Path, data: Path, tmp_path: Path) -> None:
     meta = json.loads((sift_index / "meta.json").read_text())
@@ -143,13 +167,43 @@ def test_index_local_sift_then_recognize_rerank_local(sift_index: Path, data: Pa
     store = LocalFeatureStore.open(sift_index / "local")
     assert sorted(store.ids()) == sorted(LandmarkIndex.load(sift_index).ids) and len(store) == 15
     assert {Path(r["path"]).name for r in read_csv(sift_index / "skipped.csv")} == {
-        "empty.jpg", "notes.jpg", "truncated.jpg"}
+        "empty.jpg",
+        "notes.jpg",
+        "truncated.jpg",
+    }
 
-    cli("recognize", "--index", sift_index, data / "queries", "--out", tmp_path / "g.csv", "--neighbours",
-        tmp_path / "g.jsonl", "--workers", "0")
-    _, out, _ = cli("recognize", "--index", sift_index, data / "queries", "--out", tmp_path / "r.csv",
-                    "--neighbours", tmp_path / "r.jsonl", "--retrieval", tmp_path / "ret.csv", "--rerank", "local",
-                    "--rerank-candidates", "8", "--rerank-workers", "0", "--workers", "0")
+    cli(
+        "recognize",
+        "--index",
+        sift_index,
+        data / "queries",
+        "--out",
+        tmp_path / "g.csv",
+        "--neighbours",
+        tmp_path / "g.jsonl",
+        "--workers",
+        "0",
+    )
+    _, out, _ = cli(
+        "recognize",
+        "--index",
+        sift_index,
+        data / "queries",
+        "--out",
+        tmp_path / "r.csv",
+        "--neighbours",
+        tmp_path / "r.jsonl",
+        "--retrieval",
+        tmp_path / "ret.csv",
+        "--rerank",
+        "local",
+        "--rerank-candidates",
+        "8",
+        "--rerank-workers",
+        "0",
+        "--workers",
+        "0",
+    )
     assert "re-ranked (local" in out
     glob = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()}
     rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
@@ -170,24 +224,73 @@ def test_index_local_sift_then_recognize_rerank_local(sift_index: Path, data: Pa
         assert retrieval[f"q_{name}"][0].startswith(name) and len(retrieval[f"q_{name}"]) == 15
 
 
-def test_rerank_is_deterministic_and_parallel_equals_serial(sift_index: Path, data: Path, tmp_path: Path) -> None:
+def test_rerank_is_deterministic_and_parallel_equals_serial(
+    sift_index: Path, data: Path, tmp_path: Path
+) -> None:
     outs = []
     for i, workers in enumerate(("2", "2", "0")):
         csv_path, jsonl = tmp_path / f"p{i}.csv", tmp_path / f"n{i}.jsonl"
-        cli("recognize", "--index", sift_index, data / "queries", "--out", csv_path, "--neighbours", jsonl,
-            "--rerank", "local", "--rerank-workers", workers, "--seed", "3", "--workers", "0")
+        cli(
+            "recognize",
+            "--index",
+            sift_index,
+            data / "queries",
+            "--out",
+            csv_path,
+            "--neighbours",
+            jsonl,
+            "--rerank",
+            "local",
+            "--rerank-workers",
+            workers,
+            "--seed",
+            "3",
+            "--workers",
+            "0",
+        )
         outs.append((csv_path.read_bytes(), jsonl.read_bytes()))
     assert outs[0] == outs[1] == outs[2]
     assert b'"inliers": null' not in outs[0][1]
 
 
 def test_rerank_needs_an_index_with_local_features(data: Path, tmp_path: Path) -> None:
-    cli("index", "--model", data / "run", "--images", data / "coll", "--out", tmp_path / "plain", "--workers", "0")
-    code, _, err = cli("recognize", "--index", tmp_path / "plain", data / "queries", "--out", tmp_path / "p.csv",
-                       "--rerank", "local", check=False)
+    cli(
+        "index",
+        "--model",
+        data / "run",
+        "--images",
+        data / "coll",
+        "--out",
+        tmp_path / "plain",
+        "--workers",
+        "0",
+    )
+    code, _, err = cli(
+        "recognize",
+        "--index",
+        tmp_path / "plain",
+        data / "queries",
+        "--out",
+        tmp_path / "p.csv",
+        "--rerank",
+        "local",
+        check=False,
+    )
     assert code == 2 and "--local sift" in err
-    code, _, err = cli("index", "--model", data / "run", "--images", data / "coll", "--out", tmp_path / "m",
-                       "--local", "model", "--workers", "0", check=False)
+    code, _, err = cli(
+        "index",
+        "--model",
+        data / "run",
+        "--images",
+        data / "coll",
+        "--out",
+        tmp_path / "m",
+        "--local",
+        "model",
+        "--workers",
+        "0",
+        check=False,
+    )
     assert code == 2 and "no local-feature head" in err and not (tmp_path / "m" / "meta.json").exists()
 
 
@@ -199,25 +302,49 @@ def test_index_local_model_uses_the_runs_local_head(data: Path, tmp_path: Path) 
     meta = json.loads((ix / "meta.json").read_text())
     assert meta["local"]["features"] == "model" and meta["local"]["extractor"]["name"] == "delg"
     assert len(LocalFeatureStore.open(ix / "local")) == 4
-    cli("recognize", "--index", ix, data / "queries" / "q_arch.jpg", "--out", tmp_path / "p.csv", "--neighbours",
-        tmp_path / "n.jsonl", "--rerank", "local", "--rerank-workers", "0", "--workers", "0")
+    cli(
+        "recognize",
+        "--index",
+        ix,
+        data / "queries" / "q_arch.jpg",
+        "--out",
+        tmp_path / "p.csv",
+        "--neighbours",
+        tmp_path / "n.jsonl",
+        "--rerank",
+        "local",
+        "--rerank-workers",
+        "0",
+        "--workers",
+        "0",
+    )
     row = json.loads((tmp_path / "n.jsonl").read_text())
     assert all(isinstance(n["inliers"], int) for n in row["neighbours"])
 
 
 # --- the library: scoring against an oracle, add / remove ----------------------------------------------
 
+
 @pytest.fixture()
 def tiny_index(data: Path, tmp_path: Path) -> Path:
     from landmarks.extract import ExtractConfig
 
-    return build_index(TinyEmbedder(), data / "coll", tmp_path / "tiny", non_landmarks=data / "nonlm", local="sift",
-                       extract_conf=ExtractConfig(num_workers=0), local_workers=0, show_progress=False)
+    return build_index(
+        TinyEmbedder(),
+        data / "coll",
+        tmp_path / "tiny",
+        non_landmarks=data / "nonlm",
+        local="sift",
+        extract_conf=ExtractConfig(num_workers=0),
+        local_workers=0,
+        show_progress=False,
+    )
 
 
 def test_recognizer_rerank_scores_against_a_loop_oracle(tiny_index: Path, data: Path) -> None:
-    conf = RecognizeConfig(rerank="local", rerank_candidates=6, rerank_workers=0, k=3, rerank_c=50.0,
-                           rerank_min_inliers=10)
+    conf = RecognizeConfig(
+        rerank="local", rerank_candidates=6, rerank_workers=0, k=3, rerank_c=50.0, rerank_min_inliers=10
+    )
     rec = Recognizer.load(tiny_index, conf, embedder=TinyEmbedder())
     rng = np.random.default_rng(1)
     fake = {i: int(rng.integers(0, 80)) for i in rec.index.ids}
@@ -245,10 +372,14 @@ def test_recognizer_rerank_scores_against_a_loop_oracle(tiny_index: Path, data: 
         assert got[q].landmark == best
         assert got[q].confidence == pytest.approx(totals[best] - float(q_ood[q]), abs=1e-5)
         assert [nb.inliers for nb in got[q].neighbours] == [n for _, _, n in cands[:3]]
-        np.testing.assert_allclose([nb.score for nb in got[q].neighbours], [t[0] for t in cands[:3]], atol=1e-5)
+        np.testing.assert_allclose(
+            [nb.score for nb in got[q].neighbours], [t[0] for t in cands[:3]], atol=1e-5
+        )
 
 
-def test_add_and_remove_keep_the_local_features_consistent(tiny_index: Path, data: Path, tmp_path: Path) -> None:
+def test_add_and_remove_keep_the_local_features_consistent(
+    tiny_index: Path, data: Path, tmp_path: Path
+) -> None:
     new = make_scenes(tmp_path / "new", {"fort": 11}, per_landmark=2)
     conf = RecognizeConfig(rerank="local", rerank_workers=0, rerank_candidates=10)
     with Recognizer.load(tiny_index, conf, embedder=TinyEmbedder()) as rec:
@@ -260,7 +391,11 @@ def test_add_and_remove_keep_the_local_features_consistent(tiny_index: Path, dat
         assert set(new_ids) <= set(LocalFeatureStore.open(tiny_index / "local").ids())
         query = warp(scene(11), 4242)
         out = rec.recognize([query])[0]
-        assert out.landmark == "fort" and out.neighbours[0].inliers is not None and out.neighbours[0].inliers >= 20
+        assert (
+            out.landmark == "fort"
+            and out.neighbours[0].inliers is not None
+            and out.neighbours[0].inliers >= 20
+        )
     cli("remove", tiny_index, *new_ids)
     rec = Recognizer.load(tiny_index, conf, embedder=TinyEmbedder())
     out = rec.recognize([query])[0]
@@ -270,8 +405,14 @@ def test_add_and_remove_keep_the_local_features_consistent(tiny_index: Path, dat
 
 
 def test_recognize_queries_reports_rerank_timings(tiny_index: Path, data: Path, tmp_path: Path) -> None:
-    stats = recognize_queries(tiny_index, data / "queries", tmp_path / "p.csv", embedder=TinyEmbedder(),
-                              conf=RecognizeConfig(rerank="local", rerank_workers=0), num_workers=0)
+    stats = recognize_queries(
+        tiny_index,
+        data / "queries",
+        tmp_path / "p.csv",
+        embedder=TinyEmbedder(),
+        conf=RecognizeConfig(rerank="local", rerank_workers=0),
+        num_workers=0,
+    )
     assert stats["rerank"] == "local" and stats["recognized"] == 6 and stats["timings_ms"]["rerank"] > 0
     with pytest.raises(ConfigError):
         RecognizeConfig(rerank="global")
@@ -281,21 +422,49 @@ def test_recognize_queries_reports_rerank_timings(tiny_index: Path, data: Path, 
 
 def test_cli_add_extracts_local_features_of_new_images(data: Path, tmp_path: Path) -> None:
     ix = tmp_path / "ix"
-    cli("index", "--model", data / "run", "--images", data / "coll", "--out", ix, "--local", "sift", "--workers", "0",
-        "--local-workers", "0")
+    cli(
+        "index",
+        "--model",
+        data / "run",
+        "--images",
+        data / "coll",
+        "--out",
+        ix,
+        "--local",
+        "sift",
+        "--workers",
+        "0",
+        "--local-workers",
+        "0",
+    )
     new = make_scenes(tmp_path / "new", {"fort": 11}, per_landmark=2)
     cli("add", ix, new, "--workers", "0")
     ids = set(LandmarkIndex.load(ix).ids)
     assert ids == set(LocalFeatureStore.open(ix / "local").ids()) and len(ids) == 17
     save(warp(scene(11), 4242), tmp_path / "q" / "q_fort.jpg")
-    cli("recognize", "--index", ix, tmp_path / "q", "--out", tmp_path / "p.csv", "--neighbours", tmp_path / "n.jsonl",
-        "--rerank", "local", "--rerank-workers", "0", "--workers", "0")
+    cli(
+        "recognize",
+        "--index",
+        ix,
+        tmp_path / "q",
+        "--out",
+        tmp_path / "p.csv",
+        "--neighbours",
+        tmp_path / "n.jsonl",
+        "--rerank",
+        "local",
+        "--rerank-workers",
+        "0",
+        "--workers",
+        "0",
+    )
     row = json.loads((tmp_path / "n.jsonl").read_text())
     assert row["landmark"] == "fort" and row["neighbours"][0]["inliers"] >= 20
 
 
-def test_remove_then_readd_same_id_with_another_image_replaces_its_local_features(tiny_index: Path,
-                                                                                  tmp_path: Path) -> None:
+def test_remove_then_readd_same_id_with_another_image_replaces_its_local_features(
+    tiny_index: Path, tmp_path: Path
+) -> None:
     """The bug of issue 11/12: re-adding a removed id with another photo kept the removed photo's features."""
     from landmarks.data.collection import ImageRecord
     from landmarks.data.decode import decode_image
@@ -311,12 +480,15 @@ def test_remove_then_readd_same_id_with_another_image_replaces_its_local_feature
     store = LocalFeatureStore.open(tiny_index / res.index.meta["local"]["dir"])
     assert victim not in store and set(store.ids()) == set(res.index.ids)  # pruned (compacted)
     other = save(warp(scene(77), 1), tmp_path / "other.jpg")
-    added = add_to_index(tiny_index, [ImageRecord(victim, other, "fort")], TinyEmbedder(), num_workers=0,
-                         show_progress=False)
+    added = add_to_index(
+        tiny_index, [ImageRecord(victim, other, "fort")], TinyEmbedder(), num_workers=0, show_progress=False
+    )
     assert added.added == [victim]
     reloaded = LandmarkIndex.load(tiny_index)
     store = LocalFeatureStore.open(tiny_index / reloaded.meta["local"]["dir"])
-    want = extractor_from_meta(reloaded.meta["local"])(decode_image(other))  # oracle: the new photo's features
+    want = extractor_from_meta(reloaded.meta["local"])(
+        decode_image(other)
+    )  # oracle: the new photo's features
     got = store.get(victim)
     assert len(got) == len(want) > 0
     np.testing.assert_allclose(got.keypoints, want.keypoints, atol=1e-3)

@@ -38,8 +38,23 @@ def test_cli_flags_set_the_scoring() -> None:
 
     parser = argparse.ArgumentParser()
     cmd.add_arguments(parser)
-    args = parser.parse_args(["--index", "ix", "q.jpg", "--out", "p.csv", "--rerank", "local", "--rerank-c", "20",
-                              "--rerank-min-inliers", "15", "--rerank-weight", "0.3"])
+    args = parser.parse_args(
+        [
+            "--index",
+            "ix",
+            "q.jpg",
+            "--out",
+            "p.csv",
+            "--rerank",
+            "local",
+            "--rerank-c",
+            "20",
+            "--rerank-min-inliers",
+            "15",
+            "--rerank-weight",
+            "0.3",
+        ]
+    )
     conf = cmd._config(args)
     assert (conf.rerank_c, conf.rerank_min_inliers, conf.rerank_weight) == (20.0, 15, 0.3)
     with pytest.raises(ConfigError, match="rerank_weight"):

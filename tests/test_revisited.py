@@ -102,10 +102,13 @@ def write_dataset(root: Path, name: str = "tinyox", fmt: str = "pkl") -> Path:
     if fmt == "json":
         (root / f"gnd_{name}.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": GND}))
     else:
-        gnd = [{"bbx": g["bbx"], **{k: np.asarray(g[k], dtype=np.int64) for k in ("easy", "hard", "junk")}}
-               for g in GND]
-        (root / f"gnd_{name}.pkl").write_bytes(pickle.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd},
-                                                            protocol=2))
+        gnd = [
+            {"bbx": g["bbx"], **{k: np.asarray(g[k], dtype=np.int64) for k in ("easy", "hard", "junk")}}
+            for g in GND
+        ]
+        (root / f"gnd_{name}.pkl").write_bytes(
+            pickle.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, protocol=2)
+        )
     return root
 
 
@@ -122,8 +125,11 @@ EXPECTED = {
     "medium": ((0.5 + 7 / 6 + 1.1) / 6 / 2 + 0.5, [0.5, 0.8, 0.8]),
     "hard": (1 / 3, [0.0, 0.5, 0.5]),
 }
-EXPECTED_R1M = {"easy": (1 / 6 + 5 / 12) / 2, "medium": ((1 / 3 + 5 / 6 + 0.9) / 6 + 5 / 12) / 2,
-                "hard": (1 / 3 + 0.65) / 4}
+EXPECTED_R1M = {
+    "easy": (1 / 6 + 5 / 12) / 2,
+    "medium": ((1 / 3 + 5 / 6 + 0.9) / 6 + 5 / 12) / 2,
+    "hard": (1 / 3 + 0.65) / 4,
+}
 
 
 def test_hand_computed_figures() -> None:
@@ -151,22 +157,35 @@ def test_protocol_end_to_end_on_revisitop_layout(tmp_path: Path) -> None:
         assert res.results[split]["map"] == pytest.approx(m, abs=1e-6)
         assert res.results[split]["mp@k"] == pytest.approx(mp, abs=1e-6)
     # +R1M: distractor 7 outranks everything for query 0, distractor 8 for query 1.
-    r1m = evaluate_revisited(ColourEmbedder(), ds, tmp_path / "work", extract_conf=conf, show_progress=False,
-                             distractors=write_distractors(tmp_path / "r1m"))
+    r1m = evaluate_revisited(
+        ColourEmbedder(),
+        ds,
+        tmp_path / "work",
+        extract_conf=conf,
+        show_progress=False,
+        distractors=write_distractors(tmp_path / "r1m"),
+    )
     assert r1m.distractors == 2
     for split, m in EXPECTED_R1M.items():
         assert r1m.results[split]["map"] == pytest.approx(m, abs=1e-6)
     # the same distractors given as extracted features
     np.save(tmp_path / "r1m.npy", TABLE[[7, 8]])
-    feats = evaluate_revisited(ColourEmbedder(), ds, tmp_path / "work", extract_conf=conf, show_progress=False,
-                               distractor_features=tmp_path / "r1m.npy")
+    feats = evaluate_revisited(
+        ColourEmbedder(),
+        ds,
+        tmp_path / "work",
+        extract_conf=conf,
+        show_progress=False,
+        distractor_features=tmp_path / "r1m.npy",
+    )
     assert feats.results == r1m.results
 
 
 def test_queries_are_cropped_to_their_boxes(tmp_path: Path) -> None:
     ds = find_dataset(write_dataset(tmp_path / "tinyox"), "tinyox")
-    res = evaluate_revisited(ColourEmbedder(), ds, tmp_path / "w", extract_conf=ExtractConfig(num_workers=0),
-                             show_progress=False)
+    res = evaluate_revisited(
+        ColourEmbedder(), ds, tmp_path / "w", extract_conf=ExtractConfig(num_workers=0), show_progress=False
+    )
     crops = sorted((tmp_path / "w" / "queries").glob("*.png"))
     assert [Image.open(p).size for p in crops] == [(32, 32), (32, 32)]
     assert res.results["hard"]["map"] == pytest.approx(1 / 3)
@@ -177,8 +196,14 @@ def test_queries_are_cropped_to_their_boxes(tmp_path: Path) -> None:
 def test_qe_and_dba_are_applied(tmp_path: Path) -> None:
     ds = find_dataset(write_dataset(tmp_path / "tinyox"), "tinyox")
     qe = ExpansionConfig(n=6, alpha=0.0)
-    res = evaluate_revisited(ColourEmbedder(), ds, tmp_path / "w", extract_conf=ExtractConfig(num_workers=0),
-                             show_progress=False, qe=qe)
+    res = evaluate_revisited(
+        ColourEmbedder(),
+        ds,
+        tmp_path / "w",
+        extract_conf=ExtractConfig(num_workers=0),
+        show_progress=False,
+        qe=qe,
+    )
     xb = TABLE[1:7]
     xq = query_expansion(TABLE[[9, 10]], xb, exact_search(xb), qe)
     want = rank_database(xq, xb, 100)
@@ -187,10 +212,18 @@ def test_qe_and_dba_are_applied(tmp_path: Path) -> None:
     assert res.results == revisited_map(want, GND)
     assert want.tolist() == [[0, 3, 1, 4, 5, 2], [5, 0, 1, 2, 3, 4]]  # average QE over the whole database
     dba = ExpansionConfig(n=1, alpha=3.0)
-    res = evaluate_revisited(ColourEmbedder(), ds, tmp_path / "w", extract_conf=ExtractConfig(num_workers=0),
-                             show_progress=False, dba=dba)
+    res = evaluate_revisited(
+        ColourEmbedder(),
+        ds,
+        tmp_path / "w",
+        extract_conf=ExtractConfig(num_workers=0),
+        show_progress=False,
+        dba=dba,
+    )
     assert res.ranks is not None
-    np.testing.assert_array_equal(res.ranks, rank_database(TABLE[[9, 10]], database_side_augmentation(xb, dba), 100))
+    np.testing.assert_array_equal(
+        res.ranks, rank_database(TABLE[[9, 10]], database_side_augmentation(xb, dba), 100)
+    )
     assert res.ranks[1].tolist() == [2, 5, 0, 3, 1, 4]  # db 3 took db 0's neighbour's direction
 
 
@@ -208,8 +241,12 @@ def test_json_ground_truth_gives_the_same_figures(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_numpy_pickles_of_every_protocol_load(protocol: int) -> None:
-    obj = {"a": np.arange(5, dtype=np.int64), "b": [np.float64(2.5), np.int32(3), None, True, ("x", 1.0)],
-           "c": np.zeros((2, 3), np.float32), "d": np.array(["s", "t"])}
+    obj = {
+        "a": np.arange(5, dtype=np.int64),
+        "b": [np.float64(2.5), np.int32(3), None, True, ("x", 1.0)],
+        "c": np.zeros((2, 3), np.float32),
+        "d": np.array(["s", "t"]),
+    }
     back = restricted_loads(pickle.dumps(obj, protocol=protocol))
     np.testing.assert_array_equal(back["a"], obj["a"])
     assert back["b"] == obj["b"]
@@ -230,8 +267,9 @@ class EvalEvil:
         return eval, ("__import__('os').getpid()",)
 
 
-def test_malicious_pickle_is_refused_without_running(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_malicious_pickle_is_refused_without_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = tmp_path / "pwned"
     root = write_dataset(tmp_path / "tinyox")
     good = pickle.loads((root / "gnd_tinyox.pkl").read_bytes())  # our own file
@@ -258,12 +296,15 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path, capsys: pyt
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("bad", "msg"), [
-    ({"imlist": ["a"], "qimlist": ["q"]}, "missing key"),
-    ({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [0, 0, 1], "easy": [0]}]}, "bbx"),
-    ({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [0, 0, 1, 1], "easy": [3]}]}, "outside"),
-    ({"imlist": ["a"], "qimlist": ["q"], "gnd": []}, "one entry per query"),
-])
+@pytest.mark.parametrize(
+    ("bad", "msg"),
+    [
+        ({"imlist": ["a"], "qimlist": ["q"]}, "missing key"),
+        ({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [0, 0, 1], "easy": [0]}]}, "bbx"),
+        ({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [0, 0, 1, 1], "easy": [3]}]}, "outside"),
+        ({"imlist": ["a"], "qimlist": ["q"], "gnd": []}, "one entry per query"),
+    ],
+)
 def test_bad_ground_truth_is_named(tmp_path: Path, bad: dict[str, Any], msg: str) -> None:
     p = tmp_path / "gnd_x.json"
     p.write_text(json.dumps(bad))
@@ -271,10 +312,23 @@ def test_bad_ground_truth_is_named(tmp_path: Path, bad: dict[str, Any], msg: str
         read_gnd(p)
 
 
-def test_cli_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_table_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = write_dataset(tmp_path / "tinyox")
     monkeypatch.setattr(landmarks.extract, "load_embedder", lambda *a, **k: ColourEmbedder())
-    base = ["evaluate", "revisited", "--data", str(root), "--dataset", "tinyox", "--model", "x", "--workers", "0"]
+    base = [
+        "evaluate",
+        "revisited",
+        "--data",
+        str(root),
+        "--dataset",
+        "tinyox",
+        "--model",
+        "x",
+        "--workers",
+        "0",
+    ]
     assert main([*base, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["results"]["medium"]["map"] == pytest.approx(EXPECTED["medium"][0], abs=1e-6)
@@ -286,8 +340,9 @@ def test_cli_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert f"{100 * EXPECTED_R1M['easy']:.2f}" in easy
 
 
-def test_cli_with_an_index_uses_its_model_and_whitening(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_with_an_index_uses_its_model_and_whitening(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from landmarks.index import LandmarkIndex
     from landmarks.whiten import WhitenConfig
 
@@ -296,16 +351,39 @@ def test_cli_with_an_index_uses_its_model_and_whitening(tmp_path: Path, capsys: 
     rows = TABLE[rng.integers(0, len(TABLE), 40)] + 0.05 * rng.normal(size=(40, 4)).astype(np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     desc = {**ColourEmbedder().describe(), "source": str(tmp_path)}
-    LandmarkIndex.build(rows, [f"i{j}" for j in range(40)], ["a"] * 40, model=desc,
-                        whiten=WhitenConfig()).save(tmp_path / "ix")
+    LandmarkIndex.build(
+        rows, [f"i{j}" for j in range(40)], ["a"] * 40, model=desc, whiten=WhitenConfig()
+    ).save(tmp_path / "ix")
     index = LandmarkIndex.load(tmp_path / "ix")
     assert index.whitening is not None
     monkeypatch.setattr(landmarks.extract, "load_embedder", lambda *a, **k: ColourEmbedder())
-    assert main(["evaluate", "revisited", "--data", str(root), "--dataset", "tinyox", "--index", str(tmp_path / "ix"),
-                 "--workers", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "revisited",
+                "--data",
+                str(root),
+                "--dataset",
+                "tinyox",
+                "--index",
+                str(tmp_path / "ix"),
+                "--workers",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)["results"]
-    want = evaluate_revisited(ColourEmbedder(), find_dataset(root, "tinyox"), tmp_path / "w",
-                              extract_conf=ExtractConfig(num_workers=0), show_progress=False, project=index.project)
+    want = evaluate_revisited(
+        ColourEmbedder(),
+        find_dataset(root, "tinyox"),
+        tmp_path / "w",
+        extract_conf=ExtractConfig(num_workers=0),
+        show_progress=False,
+        project=index.project,
+    )
     assert got == want.to_json()["results"]
     xb = index.project(TABLE[1:7])
     xq = index.project(TABLE[[9, 10]])

@@ -63,7 +63,9 @@ def test_folder_scan_names_every_bad_file(tmp_path: Path) -> None:
     assert rep["sizes"]["height"] == {"min": 10, "median": 35.0, "max": 50}
     assert rep["formats"] == {"JPEG": 3, "PNG": 2, "WEBP": 1}
     assert rep["extension_mismatch"]["count"] == 1 and rep["extension_mismatch"]["examples"] == ["tower/d"]
-    assert rep["duplicates"]["groups"] == 1 and rep["duplicates"]["listed"] == [["bridge/copy%20of%20a", "tower/a"]]
+    assert rep["duplicates"]["groups"] == 1 and rep["duplicates"]["listed"] == [
+        ["bridge/copy%20of%20a", "tower/a"]
+    ]
     with open(skipped, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {Path(r["path"]).name for r in rows} == set(reasons)
@@ -81,8 +83,18 @@ def test_cli_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "3 unreadable" in text and "readme.jpg" in text and "long tail" in text
     assert main(["scan", str(root), "--json", "--workers", "1", "--skipped", str(tmp_path / "s.csv")]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert set(rep) >= {"source", "kind", "images", "readable", "unreadable", "landmarks", "sizes", "formats",
-                        "duplicates", "unreadable_files"}
+    assert set(rep) >= {
+        "source",
+        "kind",
+        "images",
+        "readable",
+        "unreadable",
+        "landmarks",
+        "sizes",
+        "formats",
+        "duplicates",
+        "unreadable_files",
+    }
     assert {"id", "path", "reason"} == set(rep["unreadable_files"][0])
     assert (tmp_path / "s.csv").is_file()
     assert main(["scan", str(tmp_path / "nowhere")]) == 2
@@ -108,7 +120,10 @@ def test_gldv2_csv_with_a_missing_file(tiny_synth: Path, tmp_path: Path) -> None
     victim.unlink()
     rep = scan(root / "index.csv", workers=1, progress=False)
     assert rep["kind"] == "gldv2_csv" and rep["unreadable"] == 1
-    assert rep["unreadable_files"][0]["id"] == victim.stem and "not found" in rep["unreadable_files"][0]["reason"]
+    assert (
+        rep["unreadable_files"][0]["id"] == victim.stem
+        and "not found" in rep["unreadable_files"][0]["reason"]
+    )
     whole = scan(tiny_synth, workers=1, progress=False)  # a GLDv2 root: read through train.csv
     assert whole["kind"] == "gldv2_csv" and whole["unreadable"] == 0
     assert whole["landmarks"]["count"] == 8 and whole["formats"] == {"JPEG": whole["readable"]}

@@ -56,10 +56,20 @@ def png_header_only(width: int, height: int) -> bytes:
     """A tiny PNG whose IHDR claims ``width x height`` (valid CRCs, one small IDAT)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 RED = make_image(COLOURS["tower-red"])
@@ -72,11 +82,14 @@ NOISE_JPEG = encode(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dty
 
 
 def recognize(url: str, data: bytes, content_type: str = "image/jpeg", **kw: Any) -> httpx.Response:
-    return httpx.post(url + "/v1/recognize", content=data, headers={"content-type": content_type},
-                      timeout=30, **kw)
+    return httpx.post(
+        url + "/v1/recognize", content=data, headers={"content-type": content_type}, timeout=30, **kw
+    )
 
 
-def recognize_file(url: str, data: bytes, name: str = "photo.jpg", ctype: str = "image/jpeg") -> httpx.Response:
+def recognize_file(
+    url: str, data: bytes, name: str = "photo.jpg", ctype: str = "image/jpeg"
+) -> httpx.Response:
     return httpx.post(url + "/v1/recognize", files={"file": (name, data, ctype)}, timeout=30)
 
 
@@ -97,8 +110,21 @@ def healthy(url: str) -> dict[str, Any]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """2 workers, token set, 1 MiB uploads, 4 Mpx images."""
     tmp = tmp_path_factory.mktemp("serve")
-    with fake_server(tmp, "--workers", "2", "--queue", "4", "--max-upload-mb", str(LIMIT_MB), "--max-pixels",
-                     str(MAX_PIXELS), "--token", TOKEN, "--upload-dir", str(tmp / "uploads")) as s:
+    with fake_server(
+        tmp,
+        "--workers",
+        "2",
+        "--queue",
+        "4",
+        "--max-upload-mb",
+        str(LIMIT_MB),
+        "--max-pixels",
+        str(MAX_PIXELS),
+        "--token",
+        TOKEN,
+        "--upload-dir",
+        str(tmp / "uploads"),
+    ) as s:
         yield s
 
 
@@ -166,11 +192,17 @@ def test_read_write_lock_excludes_writer() -> None:
 def test_recognition_to_json_is_strict_json() -> None:
     from serve_fake import Neighbour, Recognition
 
-    rec = Recognition("x", float("nan"), True, [Neighbour("a/1", "x", float("inf"), None, None)], {"embed": 1.23456})
+    rec = Recognition(
+        "x", float("nan"), True, [Neighbour("a/1", "x", float("inf"), None, None)], {"embed": 1.23456}
+    )
     out = recognition_to_json(rec, {"decode": 2.0})
-    assert out == {"landmark": "x", "confidence": 0.0, "is_landmark": True,
-                   "neighbours": [{"id": "a/1", "landmark": "x", "score": 0.0, "inliers": None}],
-                   "timings_ms": {"embed": 1.235, "decode": 2.0}}
+    assert out == {
+        "landmark": "x",
+        "confidence": 0.0,
+        "is_landmark": True,
+        "neighbours": [{"id": "a/1", "landmark": "x", "score": 0.0, "inliers": None}],
+        "timings_ms": {"embed": 1.235, "decode": 2.0},
+    }
     json.dumps(out, allow_nan=False)
 
 
@@ -221,7 +253,11 @@ def test_recognize_raw_body_matches_multipart(server: RunningServer) -> None:
     b = recognize_file(server.url, RED_JPEG).json()
     c = recognize(server.url, RED_JPEG, content_type="application/octet-stream").json()
     for x in (a, c):
-        assert (x["landmark"], x["confidence"], x["neighbours"]) == (b["landmark"], b["confidence"], b["neighbours"])
+        assert (x["landmark"], x["confidence"], x["neighbours"]) == (
+            b["landmark"],
+            b["confidence"],
+            b["neighbours"],
+        )
 
 
 def test_recognize_png_and_no_landmark(server: RunningServer) -> None:
@@ -249,40 +285,97 @@ def _oversize_chunks() -> Iterator[bytes]:
 BAD_INPUTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("empty raw body", {"content": b"", "headers": {"content-type": "image/jpeg"}}, 400, "empty"),
     ("empty multipart file", {"files": {"file": ("a.jpg", b"", "image/jpeg")}}, 400, "empty"),
-    ("text as image/jpeg", {"content": b"hello, world\n" * 10, "headers": {"content-type": "image/jpeg"}}, 415,
-     "not a recognised image"),
-    ("text file in multipart", {"files": {"file": ("notes.txt", b"just some text", "text/plain")}}, 415,
-     "not a recognised image"),
-    ("text/plain content type", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415,
-     "Content-Type"),
-    ("JPEG sent as application/json", {"content": RED_JPEG, "headers": {"content-type": "application/json"}}, 415,
-     "Content-Type"),
-    ("truncated JPEG", {"content": NOISE_JPEG[: len(NOISE_JPEG) // 2], "headers": {"content-type": "image/jpeg"}},
-     400, "truncated"),
-    ("JPEG with garbage after the header", {"content": NOISE_JPEG[:200] + b"\x00" * 3000,
-                                            "headers": {"content-type": "image/jpeg"}}, 400, "upload"),
-    ("PNG header claiming 100000x100000", {"content": png_header_only(100_000, 100_000),
-                                           "headers": {"content-type": "image/png"}}, 400, "pixels"),
-    ("PNG header claiming 3000x3000 (over --max-pixels)", {"content": png_header_only(3000, 3000),
-                                                           "headers": {"content-type": "image/png"}}, 400,
-     "exceeds the limit"),
-    ("multipart without a 'file' field", {"files": {"photo": ("a.jpg", RED_JPEG, "image/jpeg")}}, 400,
-     "no 'file' field"),
-    ("multipart 'file' as a plain field", {"data": {"file": "not a file"}, "files": {"x": ("x.txt", b"x")}}, 400,
-     "file part"),
-    ("multipart without a boundary", {"content": b"--x\r\n\r\n", "headers": _MULTIPART_NO_BOUNDARY}, 400,
-     "multipart"),
-    ("oversize raw body (Content-Length)", {"content": b"\xff" * int(1.5 * 2**20),
-                                            "headers": {"content-type": "image/jpeg"}}, 413, "too large"),
-    ("oversize chunked body", {"content": _oversize_chunks, "headers": {"content-type": "image/jpeg"}}, 413,
-     "too large"),
-    ("oversize multipart", {"files": {"file": ("big.jpg", b"\xff" * int(1.5 * 2**20), "image/jpeg")}}, 413,
-     "too large"),
+    (
+        "text as image/jpeg",
+        {"content": b"hello, world\n" * 10, "headers": {"content-type": "image/jpeg"}},
+        415,
+        "not a recognised image",
+    ),
+    (
+        "text file in multipart",
+        {"files": {"file": ("notes.txt", b"just some text", "text/plain")}},
+        415,
+        "not a recognised image",
+    ),
+    (
+        "text/plain content type",
+        {"content": b"hello", "headers": {"content-type": "text/plain"}},
+        415,
+        "Content-Type",
+    ),
+    (
+        "JPEG sent as application/json",
+        {"content": RED_JPEG, "headers": {"content-type": "application/json"}},
+        415,
+        "Content-Type",
+    ),
+    (
+        "truncated JPEG",
+        {"content": NOISE_JPEG[: len(NOISE_JPEG) // 2], "headers": {"content-type": "image/jpeg"}},
+        400,
+        "truncated",
+    ),
+    (
+        "JPEG with garbage after the header",
+        {"content": NOISE_JPEG[:200] + b"\x00" * 3000, "headers": {"content-type": "image/jpeg"}},
+        400,
+        "upload",
+    ),
+    (
+        "PNG header claiming 100000x100000",
+        {"content": png_header_only(100_000, 100_000), "headers": {"content-type": "image/png"}},
+        400,
+        "pixels",
+    ),
+    (
+        "PNG header claiming 3000x3000 (over --max-pixels)",
+        {"content": png_header_only(3000, 3000), "headers": {"content-type": "image/png"}},
+        400,
+        "exceeds the limit",
+    ),
+    (
+        "multipart without a 'file' field",
+        {"files": {"photo": ("a.jpg", RED_JPEG, "image/jpeg")}},
+        400,
+        "no 'file' field",
+    ),
+    (
+        "multipart 'file' as a plain field",
+        {"data": {"file": "not a file"}, "files": {"x": ("x.txt", b"x")}},
+        400,
+        "file part",
+    ),
+    (
+        "multipart without a boundary",
+        {"content": b"--x\r\n\r\n", "headers": _MULTIPART_NO_BOUNDARY},
+        400,
+        "multipart",
+    ),
+    (
+        "oversize raw body (Content-Length)",
+        {"content": b"\xff" * int(1.5 * 2**20), "headers": {"content-type": "image/jpeg"}},
+        413,
+        "too large",
+    ),
+    (
+        "oversize chunked body",
+        {"content": _oversize_chunks, "headers": {"content-type": "image/jpeg"}},
+        413,
+        "too large",
+    ),
+    (
+        "oversize multipart",
+        {"files": {"file": ("big.jpg", b"\xff" * int(1.5 * 2**20), "image/jpeg")}},
+        413,
+        "too large",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case,kwargs,status,reason", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input(server: RunningServer, case: str, kwargs: dict[str, Any], status: int, reason: str) -> None:
+def test_bad_input(
+    server: RunningServer, case: str, kwargs: dict[str, Any], status: int, reason: str
+) -> None:
     kwargs = dict(kwargs)
     if callable(kwargs.get("content")):
         kwargs["content"] = kwargs["content"]()
@@ -298,8 +391,10 @@ def test_bad_input(server: RunningServer, case: str, kwargs: dict[str, Any], sta
 def test_oversize_refused_before_the_body_is_read(server: RunningServer) -> None:
     """A header claiming a terabyte is answered 413 at once, without sending (or reading) any body."""
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as s:
-        s.sendall(b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                  b"Content-Length: 1000000000000\r\n\r\n")
+        s.sendall(
+            b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 1000000000000\r\n\r\n"
+        )
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 413"), head
     healthy(server.url)
@@ -366,8 +461,12 @@ def test_slow_request_does_not_block_health_and_full_pool_is_503(busy_server: Ru
 
 
 def test_adding_is_off_without_a_token(busy_server: RunningServer) -> None:
-    r = httpx.post(busy_server.url + "/v1/index/images", data={"landmark": "x"},
-                   files={"files": ("a.jpg", RED_JPEG, "image/jpeg")}, headers={"authorization": "Bearer x"})
+    r = httpx.post(
+        busy_server.url + "/v1/index/images",
+        data={"landmark": "x"},
+        files={"files": ("a.jpg", RED_JPEG, "image/jpeg")},
+        headers={"authorization": "Bearer x"},
+    )
     assert r.status_code == 403 and "--token" in r.json()["detail"]
     assert httpx.get(busy_server.url + "/v1/index").json()["adding_enabled"] is False
 
@@ -407,7 +506,12 @@ def test_thumbnails_only_for_index_ids(server: RunningServer) -> None:
     r = httpx.get(f"{server.url}/v1/thumbnail/{nid}")
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(r.content)).size[0] > 0
-    for bad in ["unknown/0001", "..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "tower-red/..%2F..%2Fserve.py"]:
+    for bad in [
+        "unknown/0001",
+        "..%2F..%2F..%2Fetc%2Fpasswd",
+        "%2Fetc%2Fpasswd",
+        "tower-red/..%2F..%2Fserve.py",
+    ]:
         r = httpx.get(f"{server.url}/v1/thumbnail/{bad}")
         assert r.status_code == 404, (bad, r.status_code)
         assert "unknown image id" in r.json()["detail"]
@@ -415,11 +519,14 @@ def test_thumbnails_only_for_index_ids(server: RunningServer) -> None:
 
 def test_matches_endpoint(server: RunningServer) -> None:
     nid = recognize(server.url, RED_JPEG).json()["neighbours"][0]["id"]
-    r = httpx.post(f"{server.url}/v1/matches", params={"neighbour": nid}, files={"file": ("q.jpg", RED_JPEG)},
-                   timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/matches", params={"neighbour": nid}, files={"file": ("q.jpg", RED_JPEG)}, timeout=30
+    )
     assert r.status_code == 200, r.text
     assert r.content.startswith(b"\x89PNG") and int(r.headers["x-inliers"]) >= 0
-    r = httpx.post(f"{server.url}/v1/matches", params={"neighbour": "nope/1"}, files={"file": ("q.jpg", RED_JPEG)})
+    r = httpx.post(
+        f"{server.url}/v1/matches", params={"neighbour": "nope/1"}, files={"file": ("q.jpg", RED_JPEG)}
+    )
     assert r.status_code in (404, 501)
 
 
@@ -432,7 +539,9 @@ def test_add_images_token_guard_and_effect(server: RunningServer) -> None:
 
     r = httpx.post(url, data={"landmark": "golden-hall"}, files=files)
     assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer"
-    r = httpx.post(url, data={"landmark": "golden-hall"}, files=files, headers={"authorization": "Bearer wrong"})
+    r = httpx.post(
+        url, data={"landmark": "golden-hall"}, files=files, headers={"authorization": "Bearer wrong"}
+    )
     assert r.status_code == 401
     auth = {"authorization": f"Bearer {TOKEN}"}
     r = httpx.post(url, files=files, headers=auth)
@@ -471,8 +580,21 @@ def test_add_images_token_guard_and_effect(server: RunningServer) -> None:
 def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """1 worker, 1 queue slot, 1.5 s timeout, no scan limit (to test the kill), 1 s header / 2 s body timeouts."""
     tmp = tmp_path_factory.mktemp("serve-guarded")
-    with fake_server(tmp, "--workers", "1", "--queue", "1", "--timeout-s", "1.5", "--max-jpeg-scans", "1000000",
-                     "--header-timeout-s", "1", "--body-timeout-s", "2") as s:
+    with fake_server(
+        tmp,
+        "--workers",
+        "1",
+        "--queue",
+        "1",
+        "--timeout-s",
+        "1.5",
+        "--max-jpeg-scans",
+        "1000000",
+        "--header-timeout-s",
+        "1",
+        "--body-timeout-s",
+        "2",
+    ) as s:
         yield s
 
 
@@ -528,8 +650,10 @@ def test_idle_and_slow_header_connections_are_closed(guarded_server: RunningServ
 def test_slow_body_gets_408(guarded_server: RunningServer) -> None:
     host, port = guarded_server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: 10000\r\n\r\n" + RED_JPEG[:100])
+        sock.sendall(
+            b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 10000\r\n\r\n" + RED_JPEG[:100]
+        )
         sock.settimeout(10)
         reply = sock.recv(65536)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
@@ -538,8 +662,10 @@ def test_slow_body_gets_408(guarded_server: RunningServer) -> None:
 def test_client_disconnect_is_one_quiet_line_and_log_lines_are_escaped(guarded_server: RunningServer) -> None:
     host, port = guarded_server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Content-Length: 100000\r\n\r\n" + RED_JPEG[:100])
+        sock.sendall(
+            b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 100000\r\n\r\n" + RED_JPEG[:100]
+        )
     log = wait_for_log(guarded_server, "POST /v1/recognize 499")
     httpx.get(guarded_server.url + "/forged%0aINFO%20GET%20/admin%20200%0d%0aX")
     log = wait_for_log(guarded_server, "/forged")
@@ -572,8 +698,14 @@ def test_connections_beyond_the_cap_are_closed(tmp_path: Path) -> None:
 def test_openapi_and_docs(server: RunningServer) -> None:
     spec = httpx.get(server.url + "/openapi.json").json()
     paths = spec["paths"]
-    for p in ["/healthz", "/v1/recognize", "/v1/matches", "/v1/index", "/v1/index/images",
-              "/v1/thumbnail/{image_id}"]:
+    for p in [
+        "/healthz",
+        "/v1/recognize",
+        "/v1/matches",
+        "/v1/index",
+        "/v1/index/images",
+        "/v1/thumbnail/{image_id}",
+    ]:
         assert p in paths, p
     body = paths["/v1/recognize"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/*"} <= set(body)
@@ -594,17 +726,26 @@ def test_cli_refuses_a_taken_port_before_loading(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        p = subprocess.run([sys.executable, "-m", "landmarks", "serve", "--index", str(tmp_path), "--port",
-                            str(port)], capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", "landmarks", "serve", "--index", str(tmp_path), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert p.returncode == 2 and "cannot listen" in p.stderr, p.stderr
 
 
 def test_cli_refuses_a_missing_index(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "landmarks", "serve", "--index", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "landmarks", "serve", "--index", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and "does not exist" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "landmarks", "serve", "--help"], capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "landmarks", "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0 and "--token" in p.stdout and "--max-upload-mb" in p.stdout
 
 
@@ -619,8 +760,22 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runn
 
     root = tmp_path_factory.mktemp("serve-real")
     index_dir = build_tiny_index(root)
-    cmd = [sys.executable, "-m", "landmarks", "serve", "--index", str(index_dir), "--port", "0",
-           "--workers", "2", "--token", TOKEN, "--timeout-s", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "landmarks",
+        "serve",
+        "--index",
+        str(index_dir),
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--token",
+        TOKEN,
+        "--timeout-s",
+        "60",
+    ]
     with run_server(cmd, root / "server.log", timeout_s=120) as s:
         yield s, root
 
@@ -637,10 +792,16 @@ def test_end_to_end_real_index(real_server: tuple[RunningServer, Path]) -> None:
     body = r.json()
     assert set(body) == {"landmark", "confidence", "is_landmark", "neighbours", "timings_ms"}
     assert body["neighbours"][0]["id"] == "lm1/2"  # the image itself is its own nearest neighbour
-    assert body["landmark"] in {"lm0", "lm1", "lm2"} and {"embed", "search", "decode"} <= set(body["timings_ms"])
+    assert body["landmark"] in {"lm0", "lm1", "lm2"} and {"embed", "search", "decode"} <= set(
+        body["timings_ms"]
+    )
     assert httpx.get(f"{server.url}/v1/thumbnail/lm1/2").status_code == 200
-    r = httpx.post(server.url + "/v1/matches", params={"neighbour": "lm1/2"}, files={"file": ("q.jpg", query)},
-                   timeout=60)
+    r = httpx.post(
+        server.url + "/v1/matches",
+        params={"neighbour": "lm1/2"},
+        files={"file": ("q.jpg", query)},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG"), r.text
 
     r = recognize(server.url, NOISE_JPEG[: len(NOISE_JPEG) // 2])
@@ -648,9 +809,13 @@ def test_end_to_end_real_index(real_server: tuple[RunningServer, Path]) -> None:
 
     # Add a new landmark over HTTP; it is searchable at once and saved in the index folder.
     new = encode(make_image((250, 250, 250), size=(90, 70)))
-    r = httpx.post(server.url + "/v1/index/images", data={"landmark": "new-place"},
-                   files={"files": ("n.jpg", new, "image/jpeg")}, headers={"authorization": f"Bearer {TOKEN}"},
-                   timeout=120)
+    r = httpx.post(
+        server.url + "/v1/index/images",
+        data={"landmark": "new-place"},
+        files={"files": ("n.jpg", new, "image/jpeg")},
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     new_id = r.json()["ids"][0]
     assert r.json()["added"] == 1 and httpx.get(server.url + "/v1/index").json()["size"] == 10
@@ -694,9 +859,13 @@ def test_cli_writes_while_serving_are_served_and_kept(real_server: tuple[Running
     assert (top["id"], top["landmark"]) == ("cli-place/a", "cli-place")
     size = httpx.get(server.url + "/v1/index").json()["size"]
     other = encode(make_image((250, 120, 10), size=(88, 66)))
-    r = httpx.post(server.url + "/v1/index/images", data={"landmark": "http-place"},
-                   files={"files": ("h.jpg", other, "image/jpeg")}, headers={"authorization": f"Bearer {TOKEN}"},
-                   timeout=120)
+    r = httpx.post(
+        server.url + "/v1/index/images",
+        data={"landmark": "http-place"},
+        files={"files": ("h.jpg", other, "image/jpeg")},
+        headers={"authorization": f"Bearer {TOKEN}"},
+        timeout=120,
+    )
     assert r.status_code == 200 and r.json()["added"] == 1, r.text
     on_disk = LandmarkIndex.load(root / "index")
     assert on_disk.row_of("cli-place/a") is not None and on_disk.row_of(r.json()["ids"][0]) is not None

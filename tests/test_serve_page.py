@@ -27,9 +27,19 @@ import pytest
 from serve_fake import COLOURS, RunningServer, fake_server, make_image
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,9 +54,12 @@ class WebSocket:
         u = urllib.parse.urlsplit(url)
         self.sock = socket.create_connection((u.hostname or "127.0.0.1", u.port or 80), timeout=timeout_s)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-                          .encode())
+        self.sock.sendall(
+            (
+                f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(4096)
@@ -76,8 +89,13 @@ class WebSocket:
         else:
             head += bytes([0x80 | 127]) + struct.pack(">Q", n)
         mask = os.urandom(4)
-        masked = (int.from_bytes(payload, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big")).to_bytes(n, "big") \
-            if n else b""
+        masked = (
+            (int.from_bytes(payload, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big")).to_bytes(
+                n, "big"
+            )
+            if n
+            else b""
+        )
         self.sock.sendall(head + mask + masked)
 
     def send(self, text: str) -> None:
@@ -137,7 +155,9 @@ class DevTools:
                 self.events.append(msg)
 
     def evaluate(self, expression: str, await_promise: bool = False) -> Any:
-        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise)
+        res = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise
+        )
         if "exceptionDetails" in res:
             raise RuntimeError(f"page script failed: {res['exceptionDetails']}")
         return res["result"].get("value")
@@ -150,13 +170,17 @@ class DevTools:
             if value:
                 return value
             if time.monotonic() > deadline:
-                state = self.evaluate("document.body ? document.body.dataset.state + ' | ' + "
-                                      "document.body.innerText.slice(0, 500) : 'no body'")
+                state = self.evaluate(
+                    "document.body ? document.body.dataset.state + ' | ' + "
+                    "document.body.innerText.slice(0, 500) : 'no body'"
+                )
                 raise AssertionError(f"timed out waiting for {expression!r}; page: {state}")
             time.sleep(0.05)
 
     def exceptions(self) -> list[str]:
-        return [json.dumps(e["params"])[:500] for e in self.events if e["method"] == "Runtime.exceptionThrown"]
+        return [
+            json.dumps(e["params"])[:500] for e in self.events if e["method"] == "Runtime.exceptionThrown"
+        ]
 
 
 def _browser() -> str:
@@ -173,21 +197,29 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevTools]:
     profile = tmp_path_factory.mktemp("chromium-profile")
     log_path = profile.parent / "chromium.log"
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
     devtools = None
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"chromium did not start its DevTools server:\n{log_path.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"chromium did not start its DevTools server:\n{log_path.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
         targets = []
         while not targets:
-            targets = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
-                       if t.get("type") == "page"]
+            targets = [
+                t
+                for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+                if t.get("type") == "page"
+            ]
             if not targets and time.monotonic() > deadline:
                 pytest.fail("chromium has no page target")
             time.sleep(0.05)
@@ -216,8 +248,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 def _open_page(dt: DevTools, url: str) -> None:
     dt.call("Page.navigate", url=url + "/")
-    dt.wait_for("document.readyState === 'complete' && !!document.getElementById('file') && "
-                "document.getElementById('index-info').textContent.includes('images of')")
+    dt.wait_for(
+        "document.readyState === 'complete' && !!document.getElementById('file') && "
+        "document.getElementById('index-info').textContent.includes('images of')"
+    )
 
 
 def _upload(dt: DevTools, path: Path) -> None:
@@ -228,7 +262,9 @@ def _upload(dt: DevTools, path: Path) -> None:
 
 
 def _wait_settled(dt: DevTools) -> str:
-    return str(dt.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"))
+    return str(
+        dt.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,8 +272,9 @@ def _wait_settled(dt: DevTools) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_upload_through_the_file_input_shows_the_answer(browser: DevTools, server: RunningServer,
-                                                        tmp_path: Path) -> None:
+def test_upload_through_the_file_input_shows_the_answer(
+    browser: DevTools, server: RunningServer, tmp_path: Path
+) -> None:
     from PIL import Image
 
     photo = tmp_path / "red photo.jpg"
@@ -249,26 +286,34 @@ def test_upload_through_the_file_input_shows_the_answer(browser: DevTools, serve
 
     assert browser.evaluate("document.getElementById('landmark').textContent") == "tower-red"
     confidence = float(browser.evaluate("document.getElementById('confidence').textContent"))
-    expected = httpx.post(server.url + "/v1/recognize", content=photo.read_bytes(),
-                          headers={"content-type": "image/jpeg"}).json()
+    expected = httpx.post(
+        server.url + "/v1/recognize", content=photo.read_bytes(), headers={"content-type": "image/jpeg"}
+    ).json()
     assert confidence == pytest.approx(expected["confidence"], abs=1e-3)
     items = browser.evaluate("[...document.querySelectorAll('#neighbours li')].map(li => li.innerText)")
     assert len(items) == 3 and "tower-red" in items[0] and "42 inliers" in items[0]
     # Every neighbour thumbnail loads (served by /v1/thumbnail/<id> with a '/' in the id).
-    browser.wait_for("[...document.querySelectorAll('#neighbours img')].every(i => i.complete && i.naturalWidth > 0)")
+    browser.wait_for(
+        "[...document.querySelectorAll('#neighbours img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     # The verified neighbour gets its inlier drawing.
-    caption = browser.wait_for("(() => { const c = document.querySelector('#matches figcaption');"
-                               " return c && !c.textContent.includes('drawing ') && c.textContent; })()")
+    caption = browser.wait_for(
+        "(() => { const c = document.querySelector('#matches figcaption');"
+        " return c && !c.textContent.includes('drawing ') && c.textContent; })()"
+    )
     assert "inliers" in caption
-    assert browser.wait_for("(() => { const i = document.querySelector('#matches img');"
-                            " return i && i.complete && i.naturalWidth > 0; })()")
+    assert browser.wait_for(
+        "(() => { const i = document.querySelector('#matches img');"
+        " return i && i.complete && i.naturalWidth > 0; })()"
+    )
     assert browser.exceptions() == []
 
 
 def test_drop_a_photo(browser: DevTools, server: RunningServer) -> None:
     _open_page(browser, server.url)
     # A green photo drawn on a canvas, dropped on the drop zone as a File in a DataTransfer.
-    browser.evaluate("""(async () => {
+    browser.evaluate(
+        """(async () => {
         const c = document.createElement('canvas'); c.width = 80; c.height = 60;
         const g = c.getContext('2d'); g.fillStyle = 'rgb(40, 180, 60)'; g.fillRect(0, 0, 80, 60);
         const blob = await new Promise((resolve) => c.toBlob(resolve, 'image/jpeg', 0.95));
@@ -277,7 +322,9 @@ def test_drop_a_photo(browser: DevTools, server: RunningServer) -> None:
         document.getElementById('drop').dispatchEvent(
             new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
         return true;
-    })()""", await_promise=True)
+    })()""",
+        await_promise=True,
+    )
     assert _wait_settled(browser) == "done"
     assert browser.evaluate("document.getElementById('landmark').textContent") == "bridge-green"
     assert browser.exceptions() == []

@@ -67,7 +67,9 @@ def test_predictions_tolerances_and_ignored(tmp_path):
     )
     preds = read_recognition_predictions(path, sol)
     assert preds == {"a": ("1", 0.5), "b": None, "c": None}
-    assert read_recognition_predictions(write(tmp_path, "p2.csv", "id,landmarks\nz,3 -1e-3\n")) == {"z": ("3", -0.001)}
+    assert read_recognition_predictions(write(tmp_path, "p2.csv", "id,landmarks\nz,3 -1e-3\n")) == {
+        "z": ("3", -0.001)
+    }
 
 
 SOLUTION_ERRORS = [

@@ -29,11 +29,15 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def _digest_tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --- the long tail ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [100, 1000, 20000])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -50,6 +54,7 @@ def test_class_counts_follow_gldv2_long_tail(n: int, seed: int) -> None:
 
 
 # --- the tiny dataset on disk -----------------------------------------------------------------------
+
 
 def test_tiny_dataset_csvs_match_files(tiny_synth: Path) -> None:
     root = tiny_synth
@@ -95,7 +100,9 @@ def test_tiny_dataset_csvs_match_files(tiny_synth: Path) -> None:
         by_lm.setdefault(lm_queries[r["id"]], set()).update(ids)
         assert r["Usage"] == next(s["Usage"] for s in sol if s["id"] == r["id"])
     sets = list(by_lm.values())
-    assert all(not (a & b) for k, a in enumerate(sets) for b in sets[k + 1:])  # landmarks own disjoint images
+    assert all(
+        not (a & b) for k, a in enumerate(sets) for b in sets[k + 1 :]
+    )  # landmarks own disjoint images
     # the collection loaders read it as GLDv2
     assert len(load_gldv2_csv(root / "train.csv")) == len(train)
     assert {r.landmark for r in load_collection(root / "train_clean.csv")} == train_lms
@@ -180,8 +187,16 @@ def test_output_folder_guards(tiny_synth: Path, tmp_path: Path) -> None:
     assert len(list(out.rglob("*.jpg"))) == n_listed  # the seed-0 images are gone
 
 
-@pytest.mark.parametrize("bad", [{"ood_fraction": 0.995}, {"n_landmarks": 0}, {"size": 8},
-                                 {"index_per_landmark": 0.5}, {"max_train_per_landmark": 1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"ood_fraction": 0.995},
+        {"n_landmarks": 0},
+        {"size": 8},
+        {"index_per_landmark": 0.5},
+        {"max_train_per_landmark": 1},
+    ],
+)
 def test_config_validation(bad: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         load_config(bad)
@@ -194,8 +209,23 @@ def test_config_rejects_unknown_keys() -> None:
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    args = ["synth", str(out), "--seed", "3", "--landmarks", "3", "--queries", "6", "--size", "48",
-            "--nonlandmarks", "2", "--workers", "1", "--json"]
+    args = [
+        "synth",
+        str(out),
+        "--seed",
+        "3",
+        "--landmarks",
+        "3",
+        "--queries",
+        "6",
+        "--size",
+        "48",
+        "--nonlandmarks",
+        "2",
+        "--workers",
+        "1",
+        "--json",
+    ]
     assert main(args) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["landmarks"] == 3 and stats["test"]["queries"] == 6
@@ -206,6 +236,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 # --- the renderer -----------------------------------------------------------------------------------
 
+
 def test_projected_face_equals_plain_homography_warp() -> None:
     rng = np.random.default_rng(0)
     tex = np.dstack([rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), np.full((40, 60), 255, np.uint8)])
@@ -213,7 +244,9 @@ def test_projected_face_equals_plain_homography_warp() -> None:
     face = R.TexFace(np.array([-6.0, 8.0, 0.0]), np.array([12.0, 0.0, 1.5]), np.array([0.0, -8.0, 0.0]), 0)
     canvas = np.zeros((120, 160, 3), np.float32)
     R.draw_tex_face(canvas, cam, face, tex, np.ones(3, np.float32))
-    corners = np.stack([face.origin, face.origin + face.u, face.origin + face.u + face.v, face.origin + face.v])
+    corners = np.stack(
+        [face.origin, face.origin + face.u, face.origin + face.u + face.v, face.origin + face.v]
+    )
     proj = cam.project_cam(cam.to_cam(corners)).astype(np.float32)
     H = cv2.getPerspectiveTransform(np.float32([[0, 0], [60, 0], [60, 40], [0, 40]]), proj)
     expected = cv2.warpPerspective(tex[..., :3], H, (160, 120), flags=cv2.INTER_LINEAR).astype(np.float32)
@@ -235,7 +268,12 @@ def test_facades_read_left_to_right_from_outside() -> None:
     for o, u, v, _ in R._side_faces(np.array([[-5.0, -5.0], [5.0, -5.0], [5.0, 5.0], [-5.0, 5.0]]), 0.0, 5.0):
         scene.faces.append(R.TexFace(o, u, v, t))
     light = R.Lighting(np.array([0.0, 1.0, 0.0]), np.ones(3, np.float32), np.zeros(3, np.float32))
-    for C in ([0.0, 2.5, -30.0], [30.0, 2.5, 0.0], [0.0, 2.5, 30.0], [-30.0, 2.5, 0.0]):  # each side, from outside
+    for C in (
+        [0.0, 2.5, -30.0],
+        [30.0, 2.5, 0.0],
+        [0.0, 2.5, 30.0],
+        [-30.0, 2.5, 0.0],
+    ):  # each side, from outside
         cam = R.look_at(np.array(C), np.array([0.0, 2.5, 0.0]), 80, 60, 40.0)
         canvas = np.zeros((60, 80, 3), np.float32)
         R.render_faces(canvas, cam, scene.faces, scene.textures, light)
@@ -248,8 +286,13 @@ def test_facades_read_left_to_right_from_outside() -> None:
 def test_face_crossing_the_camera_is_clipped() -> None:
     tex = np.full((16, 16, 4), 200, np.uint8)
     cam = R.look_at(np.array([0.0, 1.6, 0.0]), np.array([0.0, 1.0, 10.0]), 64, 48, 70.0)
-    ground = R.TexFace(np.array([-100.0, 0.0, 100.0]), np.array([200.0, 0.0, 0.0]), np.array([0.0, 0.0, -200.0]), 0,
-                       tile_m=2.0)
+    ground = R.TexFace(
+        np.array([-100.0, 0.0, 100.0]),
+        np.array([200.0, 0.0, 0.0]),
+        np.array([0.0, 0.0, -200.0]),
+        0,
+        tile_m=2.0,
+    )
     canvas = np.zeros((48, 64, 3), np.float32)
     R.draw_tex_face(canvas, cam, ground, tex, np.ones(3, np.float32))
     assert np.isfinite(canvas).all()

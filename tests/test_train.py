@@ -49,7 +49,9 @@ def make_shapes(root: Path, n_classes: int = 6, per_class: int = 9, size: int = 
             elif c % 3 == 1:
                 cv2.rectangle(img, (cx - r, cy - r), (cx + r, cy + r), colour, -1)
             else:
-                cv2.fillPoly(img, [np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)], colour)
+                cv2.fillPoly(
+                    img, [np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)], colour
+                )
             cv2.imwrite(str(d / f"{i}.jpg"), img[:, :, ::-1])
     (root / "lm0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     return root
@@ -94,6 +96,7 @@ def trained(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- pure helpers ----------------------------------------------------------------------------------------
 
+
 def test_lr_schedule() -> None:
     f = [lr_factor(s, 100, 10, 0.01) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
@@ -126,8 +129,9 @@ def test_knn_predict_matches_loop() -> None:
 
 def test_plan_steps_fits_budget() -> None:
     for avail in (60.0, 300.0, 3000.0):
-        steps, every = plan_steps(avail, step_s=0.5, steps_per_epoch=40, eval_s=8.0, epoch_overhead_s=1.0,
-                                  final_s=10.0)
+        steps, every = plan_steps(
+            avail, step_s=0.5, steps_per_epoch=40, eval_s=8.0, epoch_overhead_s=1.0, final_s=10.0
+        )
         epochs = math.ceil(steps / 40)
         used = steps * 0.5 + epochs * 1.0 + math.ceil(epochs / every) * 8.0 + 10.0
         assert used <= avail and steps >= 1
@@ -139,9 +143,17 @@ def test_plan_steps_fits_budget() -> None:
 
 # --- a run folder -----------------------------------------------------------------------------------------
 
+
 def test_run_folder_contents(trained: Path) -> None:
-    for name in ("config.json", "model.safetensors", "meta.json", "train_state.safetensors", "train_state.json",
-                 "log.jsonl", "skipped.csv"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "meta.json",
+        "train_state.safetensors",
+        "train_state.json",
+        "log.jsonl",
+        "skipped.csv",
+    ):
         assert (trained / name).is_file(), name
     log = read_log(trained)
     assert [r["epoch"] for r in log] == [0, 1, 2]
@@ -150,7 +162,10 @@ def test_run_folder_contents(trained: Path) -> None:
     assert "broken.jpg" in (trained / "skipped.csv").read_text()
     meta = json.loads((trained / "meta.json").read_text())
     assert meta["num_classes"] == 6 and sum(c["count"] for c in meta["classes"]) > 0
-    assert set(meta["preprocessing"]) >= {"image_size", "mean", "std"} and meta["preprocessing"]["image_size"] == 48
+    assert (
+        set(meta["preprocessing"]) >= {"image_size", "mean", "std"}
+        and meta["preprocessing"]["image_size"] == 48
+    )
     assert {"torch", "timm", "python"} <= set(meta["versions"]) and "git_sha" in meta
     assert meta["margins"]["kind"] == "arcface"
     conf = json.loads((trained / "config.json").read_text())
@@ -172,7 +187,10 @@ def test_training_learns(trained: Path) -> None:
 
 def test_same_seed_same_weights(trained: Path, shapes: Path, tmp_path: Path) -> None:
     train(tiny(eval_at_start=True), shapes, tmp_path / "again")  # type: ignore[arg-type]
-    a, b = load_file(str(trained / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    a, b = (
+        load_file(str(trained / "model.safetensors")),
+        load_file(str(tmp_path / "again" / "model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -195,17 +213,35 @@ def test_strict_config() -> None:
 
 # --- kill -9 and resume ----------------------------------------------------------------------------------
 
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "landmarks", "-q", "train", *args]
 
 
 def test_resume_after_sigkill_mid_epoch(shapes: Path, tmp_path: Path) -> None:
-    common = ["--data", str(shapes), "--preset", "tiny", "--threads", "1", "--epochs", "3", "--batch-size", "8",
-              "--image-size", "48", "data.val_fraction=0.15"]
+    common = [
+        "--data",
+        str(shapes),
+        "--preset",
+        "tiny",
+        "--threads",
+        "1",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "48",
+        "data.val_fraction=0.15",
+    ]
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_cli("--out", str(out), *common, "checkpoint_every_steps=1"), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cli("--out", str(out), *common, "checkpoint_every_steps=1"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     state_json = out / "train_state.json"
     killed_at = None
     deadline = time.time() + 120
@@ -230,15 +266,22 @@ def test_resume_after_sigkill_mid_epoch(shapes: Path, tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
     before = json.loads(state_json.read_text())["step"]
     assert before % (before and json.loads(state_json.read_text())["total_steps"] // 3)  # mid-epoch
-    res = subprocess.run(_cli("--out", str(out), "--resume", "--threads", "1"), env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        _cli("--out", str(out), "--resume", "--threads", "1"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     total = json.loads(state_json.read_text())["total_steps"]
     assert summary["steps"] == total == json.loads((out / "config.json").read_text())["steps"]
     # ... and with the same weights as a run that was never interrupted (same config, one thread).
     ref = tmp_path / "reference"
-    conf = make_config("tiny", {"epochs": 3, "batch_size": 8, "data": {"image_size": 48, "val_fraction": 0.15}})
+    conf = make_config(
+        "tiny", {"epochs": 3, "batch_size": 8, "data": {"image_size": 48, "val_fraction": 0.15}}
+    )
     assert train(conf, shapes, ref).steps == total
     a, b = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
     for k in a:
@@ -247,6 +290,7 @@ def test_resume_after_sigkill_mid_epoch(shapes: Path, tmp_path: Path) -> None:
 
 
 # --- stages: higher resolution from a checkpoint, local head ----------------------------------------------
+
 
 def test_second_stage_keeps_head(trained: Path, shapes: Path, tmp_path: Path) -> None:
     seen = {}
@@ -260,7 +304,9 @@ def test_second_stage_keeps_head(trained: Path, shapes: Path, tmp_path: Path) ->
     torch.testing.assert_close(seen["head"], first["head.weight"])
     meta = json.loads((tmp_path / "stage2" / "meta.json").read_text())
     assert meta["preprocessing"]["image_size"] == 64
-    assert [c["landmark"] for c in meta["classes"]] == [c["landmark"] for c in ckpt.read_meta(trained)["classes"]]
+    assert [c["landmark"] for c in meta["classes"]] == [
+        c["landmark"] for c in ckpt.read_meta(trained)["classes"]
+    ]
 
 
 def test_local_only_stage_freezes_global_model(trained: Path, shapes: Path, tmp_path: Path) -> None:
@@ -316,8 +362,18 @@ def test_cli_config_resolution(tmp_path: Path) -> None:
     def resolve(*argv: str) -> object:
         return cmd.resolve_config(parser.parse_args(["--out", str(tmp_path / "r"), *argv]))
 
-    conf = resolve("--preset", "tiny", "--epochs", "3", "--image-size", "80", "--lr", "0.01", "optim.grad_clip=2",
-                   "model.head.subcenters=3")
+    conf = resolve(
+        "--preset",
+        "tiny",
+        "--epochs",
+        "3",
+        "--image-size",
+        "80",
+        "--lr",
+        "0.01",
+        "optim.grad_clip=2",
+        "model.head.subcenters=3",
+    )
     assert (conf.epochs, conf.data.image_size, conf.optim.lr) == (3, 80, 0.01)  # type: ignore[attr-defined]
     assert conf.optim.grad_clip == 2.0 and conf.model.head.subcenters == 3  # type: ignore[attr-defined]
     assert resolve().preset == "cpu"  # type: ignore[attr-defined]

@@ -19,7 +19,9 @@ from landmarks.train_writer import RunWriter
 
 
 def _planner(budget_s: float = 1000.0) -> BudgetPlanner:
-    return BudgetPlanner(budget_s, elapsed_before=0.0, t_start=time.perf_counter(), eval_images=100, eval_every=1)
+    return BudgetPlanner(
+        budget_s, elapsed_before=0.0, t_start=time.perf_counter(), eval_images=100, eval_every=1
+    )
 
 
 def test_first_plan_is_plan_steps_of_the_budget() -> None:
@@ -27,7 +29,9 @@ def test_first_plan_is_plan_steps_of_the_budget() -> None:
     rates = Rates(step_s=1.0, eval_img_s=0.01, ckpt_s=0.5)
     total, every, replan_every = planner.first_plan(rates, spe=50)
     # oracle: plan_steps with the budget's own overheads (evaluation = 100 images x 0.01 s + 1 s)
-    want, want_every = plan_steps(1000.0, 1.0, 50, 2.0, epoch_overhead_s=1.5, final_s=1.0 + 20.0, eval_every=1)
+    want, want_every = plan_steps(
+        1000.0, 1.0, 50, 2.0, epoch_overhead_s=1.5, final_s=1.0 + 20.0, eval_every=1
+    )
     assert abs(total - want) <= 1 and every == want_every  # the budget's clock ran a few microseconds
     assert replan_every == 50  # every 5 % of 1000 s at 1 s per step
     assert (planner.last_eval_img_s, planner.last_ckpt_s) == (0.01, 0.5)
@@ -71,7 +75,9 @@ def test_trainer_leaves_the_callers_config_alone(tmp_path: Path) -> None:
     for c in range(3):
         (tmp_path / "data" / f"lm{c}").mkdir(parents=True)
         for i in range(6):
-            cv2.imwrite(str(tmp_path / "data" / f"lm{c}" / f"{i}.jpg"), rng.integers(0, 256, (32, 32, 3), np.uint8))
+            cv2.imwrite(
+                str(tmp_path / "data" / f"lm{c}" / f"{i}.jpg"), rng.integers(0, 256, (32, 32, 3), np.uint8)
+            )
     conf = make_config("tiny", {"batch_size": 4, "local_only": True, "data": {"image_size": 32}})
     before = copy.deepcopy(to_dict(conf))
     torch.set_num_threads(1)

@@ -32,9 +32,17 @@ def textured_image(seed: int, h: int = 240, w: int = 320) -> np.ndarray:
         if kind == 0:
             cv2.circle(img, (x, y), int(rng.integers(2, 14)), color, -1)
         elif kind == 1:
-            cv2.rectangle(img, (x, y), (x + int(rng.integers(3, 25)), y + int(rng.integers(3, 25))), color, -1)
+            cv2.rectangle(
+                img, (x, y), (x + int(rng.integers(3, 25)), y + int(rng.integers(3, 25))), color, -1
+            )
         else:
-            cv2.line(img, (x, y), (int(rng.integers(0, w)), int(rng.integers(0, h))), color, int(rng.integers(1, 3)))
+            cv2.line(
+                img,
+                (x, y),
+                (int(rng.integers(0, w)), int(rng.integers(0, h))),
+                color,
+                int(rng.integers(1, 3)),
+            )
     noise = rng.normal(0.0, 6.0, img.shape)
     return cv2.GaussianBlur(np.clip(img + noise, 0, 255).astype(np.uint8), (3, 3), 0)
 
@@ -53,8 +61,9 @@ def corner_error(h_est: np.ndarray, h_true: np.ndarray, w: int, h: int) -> float
 def pair() -> tuple[LocalFeatures, LocalFeatures, np.ndarray]:
     cv2.setNumThreads(1)
     img = textured_image(0)
-    warped = cv2.warpPerspective(img, H_TRUE, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR,
-                                 borderValue=(128, 128, 128))
+    warped = cv2.warpPerspective(
+        img, H_TRUE, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR, borderValue=(128, 128, 128)
+    )
     ex = SiftExtractor(max_features=600)
     return ex(img), ex(warped), img
 
@@ -153,9 +162,16 @@ def _slow_match(a: np.ndarray, b: np.ndarray, ratio, mutual, max_distance) -> se
     return out
 
 
-@pytest.mark.parametrize("ratio,mutual,max_distance", [
-    (0.85, True, None), (None, True, None), (0.8, False, None), (None, False, 0.9), (0.95, True, 1.0),
-])
+@pytest.mark.parametrize(
+    "ratio,mutual,max_distance",
+    [
+        (0.85, True, None),
+        (None, True, None),
+        (0.8, False, None),
+        (None, False, 0.9),
+        (0.95, True, 1.0),
+    ],
+)
 def test_matching_against_a_slow_loop(ratio, mutual, max_distance):
     rng = np.random.default_rng(3)
     b = l2_normalize(rng.standard_normal((70, 16)).astype(np.float32))
@@ -225,15 +241,29 @@ def test_determinism_across_processes(pair, tmp_path: Path):
 
     fa, fb, _ = pair
     path = tmp_path / "feats.npz"
-    np.savez(path, ka=fa.keypoints, da=fa.descriptors, sa=fa.scores, kb=fb.keypoints, db=fb.descriptors,
-             sb=fb.scores)
-    runs = [subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, check=True,
-                           timeout=120) for _ in range(2)]
+    np.savez(
+        path,
+        ka=fa.keypoints,
+        da=fa.descriptors,
+        sa=fa.scores,
+        kb=fb.keypoints,
+        db=fb.descriptors,
+        sb=fb.scores,
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, check=True, timeout=120
+        )
+        for _ in range(2)
+    ]
     a, b = (json.loads(r.stdout) for r in runs)
     assert a == b
     for model in ("fundamental", "homography", "affine"):
         v = verify(fa, fb, model, seed=11)
         assert v.model_3x3 is not None
-        here = [int(v.num_inliers), hashlib.sha256(v.inlier_mask.tobytes()).hexdigest(),
-                hashlib.sha256(v.model_3x3.tobytes()).hexdigest()]
+        here = [
+            int(v.num_inliers),
+            hashlib.sha256(v.inlier_mask.tobytes()).hexdigest(),
+            hashlib.sha256(v.model_3x3.tobytes()).hexdigest(),
+        ]
         assert a[model] == here, model

@@ -59,7 +59,9 @@ def test_learned_projection_matches_the_eigendecomposition(shrinkage: float) -> 
     np.testing.assert_allclose(w.proj, expected * signs, rtol=1e-6, atol=1e-9)
     # the projected training rows have covariance diag(λ / (λ + s·mean λ)): identity without shrinkage
     y = (x.astype(np.float64) - mean) @ w.proj
-    np.testing.assert_allclose(y.T @ y / len(x), np.diag(lam[:10] / (lam[:10] + shrinkage * lam.mean())), atol=1e-8)
+    np.testing.assert_allclose(
+        y.T @ y / len(x), np.diag(lam[:10] / (lam[:10] + shrinkage * lam.mean())), atol=1e-8
+    )
 
 
 def test_apply_centres_projects_and_normalises_like_a_loop() -> None:
@@ -97,7 +99,11 @@ def test_whitening_separates_what_a_shared_direction_hides() -> None:
     labels = rng.integers(0, 2, n)
     offset = np.zeros(d)
     offset[-1] = 0.08  # the class signal lives in the weakest direction
-    x = rng.normal(size=(n, d)) * np.geomspace(3.0, 0.02, d) + 4.0 * np.eye(d)[0] + np.outer(2 * labels - 1, offset)
+    x = (
+        rng.normal(size=(n, d)) * np.geomspace(3.0, 0.02, d)
+        + 4.0 * np.eye(d)[0]
+        + np.outer(2 * labels - 1, offset)
+    )
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
     def knn_acc(z: np.ndarray) -> float:
@@ -123,9 +129,16 @@ def test_whitened_index_search_add_ood_and_roundtrip(tmp_path: Path) -> None:
     x = anisotropic(120)
     nl = anisotropic(15, seed=9)
     ids = [f"i{j}" for j in range(len(x))]
-    idx = LandmarkIndex.build(x, ids, [f"lm{j % 10}" for j in range(len(x))], model=MODEL, conf=IndexConfig(),
-                              non_landmarks=nl, non_landmark_ids=[f"n{j}" for j in range(15)],
-                              whiten=WhitenConfig(dim=12, shrinkage=0.2))
+    idx = LandmarkIndex.build(
+        x,
+        ids,
+        [f"lm{j % 10}" for j in range(len(x))],
+        model=MODEL,
+        conf=IndexConfig(),
+        non_landmarks=nl,
+        non_landmark_ids=[f"n{j}" for j in range(15)],
+        whiten=WhitenConfig(dim=12, shrinkage=0.2),
+    )
     w = idx.whitening
     assert w is not None and idx.d == 12 and idx.model_d == 24 and idx.info().whitening["dim"] == 12
     assert w.n_train == 120 + 15  # learned on the index and the non-landmark images (no labels)
@@ -172,13 +185,27 @@ def test_whitened_index_with_sift_rerank_end_to_end(tmp_path: Path) -> None:
     coll = make_scenes(tmp_path / "coll", landmarks, per_landmark=3)
     for j in range(6):
         save_jpeg(view(pattern(700 + j), j), tmp_path / "nl" / f"n{j}.jpg")
-    out = build_index(TinyEmbedder(), coll, tmp_path / "ix", non_landmarks=tmp_path / "nl", local="sift",
-                      whiten=WhitenConfig(dim=6), extract_conf=ExtractConfig(num_workers=0, batch_size=4),
-                      local_workers=0, show_progress=False)
+    out = build_index(
+        TinyEmbedder(),
+        coll,
+        tmp_path / "ix",
+        non_landmarks=tmp_path / "nl",
+        local="sift",
+        whiten=WhitenConfig(dim=6),
+        extract_conf=ExtractConfig(num_workers=0, batch_size=4),
+        local_workers=0,
+        show_progress=False,
+    )
     assert LandmarkIndex.load(out).d == 6
     truth = make_queries(tmp_path / "q", landmarks)
-    stats = recognize_queries(out, tmp_path / "q", tmp_path / "p.csv", embedder=TinyEmbedder(), num_workers=0,
-                              conf=RecognizeConfig(rerank="local", rerank_workers=0))
+    stats = recognize_queries(
+        out,
+        tmp_path / "q",
+        tmp_path / "p.csv",
+        embedder=TinyEmbedder(),
+        num_workers=0,
+        conf=RecognizeConfig(rerank="local", rerank_workers=0),
+    )
     assert stats["ood_active"] and stats["rerank"] == "local"
     with open(tmp_path / "p.csv", newline="") as f:
         got = {row["id"]: row["landmarks"].split()[0] for row in csv.DictReader(f)}

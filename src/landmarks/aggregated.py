@@ -75,8 +75,14 @@ def train_codebook(descriptors: np.ndarray, conf: AsmkConfig) -> np.ndarray:
     if len(x) > conf.train_points:
         x = x[np.sort(rng.choice(len(x), conf.train_points, replace=False))]
     k = min(conf.codebook_size, len(x))
-    km = faiss.Kmeans(x.shape[1], k, niter=conf.kmeans_iters, seed=conf.seed, verbose=False,
-                      max_points_per_centroid=max(256, len(x) // k + 1))
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=conf.kmeans_iters,
+        seed=conf.seed,
+        verbose=False,
+        max_points_per_centroid=max(256, len(x) // k + 1),
+    )
     km.train(np.ascontiguousarray(x))
     return np.asarray(km.centroids, dtype=np.float32)
 
@@ -92,8 +98,12 @@ class AsmkIndex:
         self._cdb = cdb
 
     @classmethod
-    def build(cls, codebook: np.ndarray, descriptors: Sequence[np.ndarray], conf: AsmkConfig | None = None,
-              ) -> AsmkIndex:
+    def build(
+        cls,
+        codebook: np.ndarray,
+        descriptors: Sequence[np.ndarray],
+        conf: AsmkConfig | None = None,
+    ) -> AsmkIndex:
         """Quantize (one word per descriptor), aggregate and index every database image.
 
         Args:
@@ -107,8 +117,9 @@ class AsmkIndex:
             from asmk import inverted_file as ivf_pkg
             from asmk import kernel as kern_pkg
         except ImportError as e:
-            raise LandmarksError(f"ASMK needs the asmk package ({e}): pip install 'landmarks[retrieval]' "
-                                 "(or pip install asmk)") from None
+            raise LandmarksError(
+                f"ASMK needs the asmk package ({e}): pip install 'landmarks[retrieval]' (or pip install asmk)"
+            ) from None
 
         conf = conf or AsmkConfig()
         codebook = np.ascontiguousarray(codebook, dtype=np.float32)
@@ -150,8 +161,10 @@ class AsmkIndex:
         ades, uwords = kernel.aggregate_image(d, words)  # type: ignore[attr-defined]
 
         def sim(*x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return kernel.similarity(*x, alpha=conf.alpha,  # type: ignore[attr-defined, no-any-return]
-                                     similarity_threshold=conf.similarity_threshold)
+            out: tuple[np.ndarray, np.ndarray] = kernel.similarity(  # type: ignore[attr-defined]
+                *x, alpha=conf.alpha, similarity_threshold=conf.similarity_threshold
+            )
+            return out
 
         rows, scores = ivf.search(ades, uwords, similarity_func=sim, topk=n)  # type: ignore[attr-defined]
         out = np.zeros(n, np.float64)

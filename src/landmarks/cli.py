@@ -30,7 +30,10 @@ VERBS: list[tuple[str, str]] = [
     ("remove", "remove images from an index by id"),
     ("recognize", "recognize query images: kNN voting, out-of-domain handling, optional re-ranking"),
     ("match", "match two images with local features and RANSAC; print or draw the inliers"),
-    ("evaluate", "score Kaggle recognition (GAP) or retrieval (mAP@k) CSVs, or run the Revisited Oxford/Paris protocol"),
+    (
+        "evaluate",
+        "score Kaggle recognition (GAP) or retrieval (mAP@k) CSVs, or run the Revisited Oxford/Paris protocol",
+    ),
     ("report", "write a self-contained HTML report of predictions with neighbours and matches"),
     ("serve", "serve recognition over HTTP (FastAPI + uvicorn) with a page to try it"),
     ("demo", "end to end on this machine: synth, train, index, recognize, evaluate, report"),
@@ -82,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:pos])
     try:
         # options and positionals in any order (``train --time-budget 5 a=1 --preset cpu b=2``)
-        verb_args = sub.parse_intermixed_args(argv[pos + 1:])
+        verb_args = sub.parse_intermixed_args(argv[pos + 1 :])
     except TypeError:  # verbs with sub-commands (``evaluate``) are parsed the ordinary way
-        verb_args = sub.parse_args(argv[pos + 1:])
+        verb_args = sub.parse_args(argv[pos + 1 :])
     for key, value in vars(verb_args).items():
         setattr(args, key, value)
     args.verb = verb

@@ -101,8 +101,10 @@ def format_table(rows: list[dict[str, Any]], seconds: dict[str, float]) -> str:
     lines = ["| variant | GAP | GAP (landmark queries) | top-1 | mAP@100 |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         m = r["metrics"]
-        cells = [f"{100 * m[k]:.2f}" if isinstance(m.get(k), float) else "–"
-                 for k in ("gap", "gap_ignore_non_landmarks", "top1_accuracy", "map@100")]
+        cells = [
+            f"{100 * m[k]:.2f}" if isinstance(m.get(k), float) else "–"
+            for k in ("gap", "gap_ignore_non_landmarks", "top1_accuracy", "map@100")
+        ]
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     lines += ["", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
@@ -129,8 +131,14 @@ def run_demo(out: str | Path, conf: DemoConfig | None = None) -> dict[str, Any]:
     def _train() -> None:
         tconf = make_config(conf.preset, {"seed": conf.seed})
         resume = (run / "train_state.json").exists()
-        train(tconf, data / "train.csv", run, resume=resume, time_budget_min=conf.train_minutes,
-              device=conf.device)
+        train(
+            tconf,
+            data / "train.csv",
+            run,
+            resume=resume,
+            time_budget_min=conf.train_minutes,
+            device=conf.device,
+        )
         (run / "DEMO_DONE").write_text("trained\n")
 
     timer.stage("train", (run / "DEMO_DONE").exists(), _train)
@@ -142,10 +150,25 @@ def run_demo(out: str | Path, conf: DemoConfig | None = None) -> dict[str, Any]:
 
     need_local = any(v.rerank == "local" for v in conf.variants)
     local = conf.local_features if need_local else None
-    timer.stage("index", (index / "meta.json").exists(), lambda: build_index(
-        run, data / "train.csv", index, non_landmarks=data / "nonlandmarks", local=local, device=conf.device))
-    timer.stage("retrieval-index", (rindex / "meta.json").exists(), lambda: build_index(
-        run, data / "index.csv", rindex, unlabelled=True, local=local, device=conf.device))
+    timer.stage(
+        "index",
+        (index / "meta.json").exists(),
+        lambda: build_index(
+            run,
+            data / "train.csv",
+            index,
+            non_landmarks=data / "nonlandmarks",
+            local=local,
+            device=conf.device,
+        ),
+    )
+    timer.stage(
+        "retrieval-index",
+        (rindex / "meta.json").exists(),
+        lambda: build_index(
+            run, data / "index.csv", rindex, unlabelled=True, local=local, device=conf.device
+        ),
+    )
 
     # the retrieval task scores the landmark queries of retrieval_solution.csv (mAP@100)
     scored = set(read_retrieval_solution(data / "retrieval_solution.csv").truth)
@@ -157,13 +180,26 @@ def run_demo(out: str | Path, conf: DemoConfig | None = None) -> dict[str, Any]:
         rconf = RecognizeConfig(ood=v.ood, rerank=v.rerank, seed=conf.seed)
 
         def _recognize(v: Variant = v, csv_path: Path = csv_path, rconf: RecognizeConfig = rconf) -> None:
-            recognize_queries(index, data / "test.csv", csv_path, conf=rconf, device=conf.device,
-                              neighbours_jsonl=pred_dir / f"{v.name}.neighbours.jsonl")
+            recognize_queries(
+                index,
+                data / "test.csv",
+                csv_path,
+                conf=rconf,
+                device=conf.device,
+                neighbours_jsonl=pred_dir / f"{v.name}.neighbours.jsonl",
+            )
 
-        def _retrieve(csv_path: Path = csv_path, retrieval_csv: Path = retrieval_csv,
-                      rconf: RecognizeConfig = rconf) -> None:
-            recognize_queries(rindex, retrieval_queries, csv_path.with_suffix(".retrieval-recognition.csv"),
-                              conf=rconf, device=conf.device, retrieval_csv=retrieval_csv)
+        def _retrieve(
+            csv_path: Path = csv_path, retrieval_csv: Path = retrieval_csv, rconf: RecognizeConfig = rconf
+        ) -> None:
+            recognize_queries(
+                rindex,
+                retrieval_queries,
+                csv_path.with_suffix(".retrieval-recognition.csv"),
+                conf=rconf,
+                device=conf.device,
+                retrieval_csv=retrieval_csv,
+            )
 
         timer.stage(f"recognize {v.name}", csv_path.exists(), _recognize)
         timer.stage(f"retrieve {v.name}", retrieval_csv.exists(), _retrieve)
@@ -175,12 +211,22 @@ def run_demo(out: str | Path, conf: DemoConfig | None = None) -> dict[str, Any]:
     def _report() -> None:
         from landmarks.report import write_report
 
-        write_report(pred_dir / f"{last}.csv", data / "recognition_solution.csv", report,
-                     neighbours_jsonl=pred_dir / f"{last}.neighbours.jsonl", index_dir=index)
+        write_report(
+            pred_dir / f"{last}.csv",
+            data / "recognition_solution.csv",
+            report,
+            neighbours_jsonl=pred_dir / f"{last}.neighbours.jsonl",
+            index_dir=index,
+        )
 
     timer.stage("report", report.exists(), _report)
-    summary = {"config": to_dict(conf), "results": rows, "seconds": timer.seconds,
-               "wall_s": round(time.perf_counter() - t0, 1), "report": str(report)}
+    summary = {
+        "config": to_dict(conf),
+        "results": rows,
+        "seconds": timer.seconds,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "report": str(report),
+    }
     write_json(out / "summary.json", summary)
     table = format_table(rows, timer.seconds)
     (out / "summary.md").write_text(table + "\n", encoding="utf-8")

@@ -77,7 +77,9 @@ def exact_search(xb: np.ndarray) -> SearchFn:
     return search
 
 
-def weighted_sum(x: np.ndarray, sims: np.ndarray, rows: np.ndarray, xb: np.ndarray, alpha: float) -> np.ndarray:
+def weighted_sum(
+    x: np.ndarray, sims: np.ndarray, rows: np.ndarray, xb: np.ndarray, alpha: float
+) -> np.ndarray:
     """``normalise(x + Σ_j max(sims_j, 0)^alpha · xb[rows_j])`` for each row of ``x``.
 
     Args:
@@ -93,7 +95,11 @@ def weighted_sum(x: np.ndarray, sims: np.ndarray, rows: np.ndarray, xb: np.ndarr
     out = np.array(x, dtype=np.float32, copy=True)
     valid = rows >= 0
     s = np.where(valid, np.maximum(np.nan_to_num(sims, neginf=0.0), 0.0), 0.0).astype(np.float32)
-    w = np.where(valid, s ** np.float32(alpha), 0.0).astype(np.float32) if alpha > 0 else valid.astype(np.float32)
+    w = (
+        np.where(valid, s ** np.float32(alpha), 0.0).astype(np.float32)
+        if alpha > 0
+        else valid.astype(np.float32)
+    )
     for j in range(rows.shape[1]):  # one neighbour rank at a time: (m, D) in flight, never (m, n, D)
         r = rows[:, j]
         m = valid[:, j]
@@ -103,8 +109,12 @@ def weighted_sum(x: np.ndarray, sims: np.ndarray, rows: np.ndarray, xb: np.ndarr
     return np.divide(out, norm, out=np.zeros_like(out), where=norm > 0)
 
 
-def query_expansion(xq: np.ndarray, xb: np.ndarray, search: SearchFn, conf: ExpansionConfig,
-                    ) -> np.ndarray:
+def query_expansion(
+    xq: np.ndarray,
+    xb: np.ndarray,
+    search: SearchFn,
+    conf: ExpansionConfig,
+) -> np.ndarray:
     """αQE: add each query's ``n`` nearest database rows (weighted by similarity^α) and re-normalise.
 
     Args:
@@ -123,7 +133,9 @@ def query_expansion(xq: np.ndarray, xb: np.ndarray, search: SearchFn, conf: Expa
     return weighted_sum(xq, D, L, xb, conf.alpha)
 
 
-def dba_neighbours(D: np.ndarray, L: np.ndarray, self_rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def dba_neighbours(
+    D: np.ndarray, L: np.ndarray, self_rows: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Drop each row itself from its ``n + 1`` nearest neighbours and keep ``n`` others.
 
     Args:
@@ -140,10 +152,16 @@ def dba_neighbours(D: np.ndarray, L: np.ndarray, self_rows: np.ndarray, n: int) 
     return D[keep].reshape(len(L), -1)[:, :n], L[keep].reshape(len(L), -1)[:, :n]
 
 
-def database_side_augmentation(xb: np.ndarray, conf: ExpansionConfig, search: SearchFn | None = None, *,
-                               chunk: int = DBA_CHUNK, out: np.ndarray | None = None,
-                               start_chunk: int = 0,
-                               on_chunk: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+def database_side_augmentation(
+    xb: np.ndarray,
+    conf: ExpansionConfig,
+    search: SearchFn | None = None,
+    *,
+    chunk: int = DBA_CHUNK,
+    out: np.ndarray | None = None,
+    start_chunk: int = 0,
+    on_chunk: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray:
     """DBA: replace every database row by the weighted sum of itself and its ``n`` nearest other rows.
 
     The kNN pass runs ``chunk`` rows at a time through ``search`` (default :func:`exact_search` over
@@ -168,17 +186,17 @@ def database_side_augmentation(xb: np.ndarray, conf: ExpansionConfig, search: Se
         out = np.empty((n_rows, xb.shape[1]), dtype=np.float32)
     if not conf.active or n_rows == 0:
         for s in range(0, n_rows, chunk):
-            out[s:s + chunk] = np.asarray(xb[s:s + chunk], dtype=np.float32)
+            out[s : s + chunk] = np.asarray(xb[s : s + chunk], dtype=np.float32)
         return out
     if search is None:
         search = exact_search(np.asarray(xb, dtype=np.float32))
     for c, s in enumerate(range(0, n_rows, chunk)):
         if c < start_chunk:
             continue
-        x = np.ascontiguousarray(xb[s:s + chunk], dtype=np.float32)
+        x = np.ascontiguousarray(xb[s : s + chunk], dtype=np.float32)
         D, L = search(x, conf.n + 1)
         D, L = dba_neighbours(D, L, np.arange(s, s + len(x), dtype=np.int64), conf.n)
-        out[s:s + len(x)] = weighted_sum(x, D, L, xb, conf.alpha)
+        out[s : s + len(x)] = weighted_sum(x, D, L, xb, conf.alpha)
         if on_chunk is not None:
             on_chunk(c, out)
     return out
@@ -190,7 +208,7 @@ def _digest_rows(x: np.ndarray, chunk: int = 65_536) -> str:
 
     h = hashlib.sha1(f"{x.shape}{x.dtype}".encode())
     for s in range(0, len(x), chunk):
-        h.update(np.ascontiguousarray(x[s:s + chunk]).tobytes())
+        h.update(np.ascontiguousarray(x[s : s + chunk]).tobytes())
     return h.hexdigest()
 
 
@@ -214,8 +232,14 @@ def index_knn(index: Any) -> SearchFn:
     return search
 
 
-def apply_dba(index: Any, conf: ExpansionConfig, *, work_dir: str | Path | None = None,
-              chunk: int = DBA_CHUNK, show_progress: bool = False) -> None:
+def apply_dba(
+    index: Any,
+    conf: ExpansionConfig,
+    *,
+    work_dir: str | Path | None = None,
+    chunk: int = DBA_CHUNK,
+    show_progress: bool = False,
+) -> None:
     """Give a :class:`~landmarks.index.LandmarkIndex` database-side augmentation (in memory; save it after).
 
     The neighbours come from the index's own search over the raw rows (exact for ``flat``, approximate
@@ -247,8 +271,15 @@ def apply_dba(index: Any, conf: ExpansionConfig, *, work_dir: str | Path | None 
     if work_dir is not None:
         work = Path(work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        manifest = {"n": conf.n, "alpha": conf.alpha, "rows": len(raw), "dim": int(raw.shape[1]),
-                    "chunk": chunk, "raw_sha1": _digest_rows(raw), "type": index.conf.type}
+        manifest = {
+            "n": conf.n,
+            "alpha": conf.alpha,
+            "rows": len(raw),
+            "dim": int(raw.shape[1]),
+            "chunk": chunk,
+            "raw_sha1": _digest_rows(raw),
+            "type": index.conf.type,
+        }
         arr_path, prog_path, man_path = work / "augmented.npy", work / "progress.json", work / "manifest.json"
         if man_path.exists() and read_json(man_path) == manifest and arr_path.exists() and prog_path.exists():
             start = int(read_json(prog_path)["done"])
@@ -266,13 +297,15 @@ def apply_dba(index: Any, conf: ExpansionConfig, *, work_dir: str | Path | None 
             bar.update(1)
 
     else:
+
         def on_chunk(c: int, _: np.ndarray) -> None:
             bar.update(1)
 
     bar.update(start)
     try:
-        aug = database_side_augmentation(raw, conf, index_knn(index), chunk=chunk, out=out, start_chunk=start,
-                                         on_chunk=on_chunk)
+        aug = database_side_augmentation(
+            raw, conf, index_knn(index), chunk=chunk, out=out, start_chunk=start, on_chunk=on_chunk
+        )
     finally:
         bar.close()
     index.raw_embeddings = raw

@@ -110,8 +110,13 @@ class CheckpointEmbedder:
     as float32 either way.
     """
 
-    def __init__(self, loaded: Any, device: str | torch.device = "cpu", source: str | Path | None = None,
-                 amp: str = "auto"):
+    def __init__(
+        self,
+        loaded: Any,
+        device: str | torch.device = "cpu",
+        source: str | Path | None = None,
+        amp: str = "auto",
+    ):
         self.loaded = loaded
         self.device = torch.device(device)
         self.amp_dtype = precision.amp_dtype(amp, self.device, cpu_auto=False)
@@ -245,8 +250,14 @@ class Extraction:
 
 # --- the forward pass -------------------------------------------------------------------------------
 
-def embed_batch(embedder: Embedder, x: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
-                channels_last: bool = True) -> torch.Tensor:
+
+def embed_batch(
+    embedder: Embedder,
+    x: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    channels_last: bool = True,
+) -> torch.Tensor:
     """Embed a preprocessed batch, optionally at several scales and flipped.
 
     Args:
@@ -270,13 +281,15 @@ def embed_batch(embedder: Embedder, x: torch.Tensor, scales: Sequence[float] = (
                 xs = xs.contiguous(memory_format=torch.channels_last)
             e = embedder.embed(xs).float()
             if flip:
-                e = e[: x.shape[0]] + e[x.shape[0]:]
+                e = e[: x.shape[0]] + e[x.shape[0] :]
             total = e if total is None else total + e
     assert total is not None
     return F.normalize(total, dim=1)
 
 
-def embed_images(embedder: Embedder, images: Sequence[np.ndarray], conf: ExtractConfig | None = None) -> np.ndarray:
+def embed_images(
+    embedder: Embedder, images: Sequence[np.ndarray], conf: ExtractConfig | None = None
+) -> np.ndarray:
     """Embed in-memory images (no workers, no files).
 
     Args:
@@ -288,19 +301,27 @@ def embed_images(embedder: Embedder, images: Sequence[np.ndarray], conf: Extract
     conf = conf or ExtractConfig()
     out = np.zeros((len(images), embedder.embedding_dim), dtype=np.float32)
     for start in range(0, len(images), conf.batch_size):
-        part = images[start:start + conf.batch_size]
+        part = images[start : start + conf.batch_size]
         x = torch.stack([embedder.preprocess(img) for img in part])
-        out[start:start + len(part)] = embed_batch(embedder, x, conf.scales, conf.flip, conf.channels_last).numpy()
+        out[start : start + len(part)] = embed_batch(
+            embedder, x, conf.scales, conf.flip, conf.channels_last
+        ).numpy()
     return out
 
 
 # --- decoding in workers ----------------------------------------------------------------------------
 
+
 class _ImageDataset(Dataset):
     """Decodes and preprocesses record ``i``; returns ``(i, tensor or None, reason or None)``."""
 
-    def __init__(self, records: Sequence[ImageRecord], preprocess: Callable[[np.ndarray], torch.Tensor],
-                 min_side_px: int | None, max_pixels: int | None):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        preprocess: Callable[[np.ndarray], torch.Tensor],
+        min_side_px: int | None,
+        max_pixels: int | None,
+    ):
         self.records = records
         self.preprocess = preprocess
         self.min_side_px = min_side_px
@@ -337,8 +358,9 @@ class SquareUint8:
         return torch.from_numpy(resize_square(img, self.image_size))
 
 
-def batch_route(preprocessor: Callable[[np.ndarray], torch.Tensor], device: torch.device
-                ) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+def batch_route(
+    preprocessor: Callable[[np.ndarray], torch.Tensor], device: torch.device
+) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """What decoding workers do to an image, and what the main process does to their batch before the model.
 
     On a GPU with a run's own :class:`~landmarks.data.transforms.Preprocess`, ``(S, S, 3)`` uint8 squares
@@ -355,8 +377,9 @@ def batch_route(preprocessor: Callable[[np.ndarray], torch.Tensor], device: torc
     return preprocessor, lambda x: x
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list[int], torch.Tensor | None,
-                                                                                list[tuple[int, str]]]:
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     good = [(i, x) for i, x, _ in items if x is not None]
     bad = [(i, str(reason)) for i, x, reason in items if x is None]
     x = torch.stack([t for _, t in good]) if good else None
@@ -375,6 +398,7 @@ def _worker_init(_: int) -> None:
 
 # --- chunks on disk ---------------------------------------------------------------------------------
 
+
 def records_digest(records: Sequence[ImageRecord]) -> str:
     """SHA-1 of the records' ids and paths, in order: identifies the inputs of a chunk folder."""
     h = hashlib.sha1()
@@ -390,19 +414,29 @@ def _chunk_name(c: int) -> str:
 def chunk_done(out_dir: Path, c: int) -> bool:
     """True when chunk ``c`` was written completely (its ``.json`` is written after its ``.npy``)."""
     return (out_dir / "chunks" / f"{_chunk_name(c)}.json").exists() and (
-        out_dir / "chunks" / f"{_chunk_name(c)}.npy").exists()
+        out_dir / "chunks" / f"{_chunk_name(c)}.npy"
+    ).exists()
 
 
-def _write_chunk(out_dir: Path, c: int, rows: list[int], records: Sequence[ImageRecord], emb: np.ndarray,
-                 skipped: list[tuple[int, str]]) -> None:
+def _write_chunk(
+    out_dir: Path,
+    c: int,
+    rows: list[int],
+    records: Sequence[ImageRecord],
+    emb: np.ndarray,
+    skipped: list[tuple[int, str]],
+) -> None:
     chunks = out_dir / "chunks"
     atomic_save(chunks / f"{_chunk_name(c)}.npy", lambda p: np.save(p, emb.astype(np.float32)))
-    write_json(chunks / f"{_chunk_name(c)}.json", {
-        "chunk": c,
-        "rows": rows,
-        "ids": [records[i].id for i in rows],
-        "skipped": [[str(records[i].path), reason] for i, reason in skipped],
-    })
+    write_json(
+        chunks / f"{_chunk_name(c)}.json",
+        {
+            "chunk": c,
+            "rows": rows,
+            "ids": [records[i].id for i in rows],
+            "skipped": [[str(records[i].path), reason] for i, reason in skipped],
+        },
+    )
 
 
 def _dist_info() -> tuple[int, int]:
@@ -450,7 +484,8 @@ def _prepare(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
         if diff:
             raise IncompatibleArtifactError(
                 f"{out_dir} holds a partial extraction made with other inputs or settings (differs in: "
-                f"{', '.join(diff)}); delete the folder or start over with overwrite")
+                f"{', '.join(diff)}); delete the folder or start over with overwrite"
+            )
     else:
         write_json(path, manifest)
 
@@ -471,20 +506,34 @@ def read_chunks(out_dir: str | Path, num_chunks: int | None = None) -> Extractio
         info = read_json(out_dir / "chunks" / f"{_chunk_name(c)}.json")
         emb = np.load(out_dir / "chunks" / f"{_chunk_name(c)}.npy")
         if emb.shape[0] != len(info["ids"]):
-            raise LandmarksError(f"{out_dir}: chunk {c} has {emb.shape[0]} embeddings for {len(info['ids'])} ids")
+            raise LandmarksError(
+                f"{out_dir}: chunk {c} has {emb.shape[0]} embeddings for {len(info['ids'])} ids"
+            )
         ids.extend(info["ids"])
         rows.extend(info["rows"])
         embs.append(emb)
         skipped.extend((p, r) for p, r in info["skipped"])
     dim = embs[0].shape[1] if embs else 0
     emb_all = np.concatenate(embs, axis=0) if embs else np.zeros((0, dim), np.float32)
-    return Extraction(ids=ids, embeddings=np.ascontiguousarray(emb_all, dtype=np.float32),
-                      rows=np.asarray(rows, dtype=np.int64), skipped=skipped)
+    return Extraction(
+        ids=ids,
+        embeddings=np.ascontiguousarray(emb_all, dtype=np.float32),
+        rows=np.asarray(rows, dtype=np.int64),
+        skipped=skipped,
+    )
 
 
-def extract_embeddings(embedder: Embedder, records: Sequence[ImageRecord], out_dir: str | Path,
-                       conf: ExtractConfig | None = None, *, skipped_csv: str | Path | None = None,
-                       overwrite: bool = False, show_progress: bool = True, desc: str = "embed") -> Extraction:
+def extract_embeddings(
+    embedder: Embedder,
+    records: Sequence[ImageRecord],
+    out_dir: str | Path,
+    conf: ExtractConfig | None = None,
+    *,
+    skipped_csv: str | Path | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    desc: str = "embed",
+) -> Extraction:
     """Embed ``records`` into chunk files under ``out_dir`` (resuming finished chunks) and merge them.
 
     Args:
@@ -526,9 +575,17 @@ def extract_embeddings(embedder: Embedder, records: Sequence[ImageRecord], out_d
             batches.append(list(range(s, min(stop, s + conf.batch_size))))
     if batches:
         with precision.cudnn_benchmark(embedder_device(embedder)):  # one input size: benchmark once
-            _run_batches(embedder, records, out_dir, conf, batches, done_images,
-                         sum(min(conf.chunk_size, len(records) - c * conf.chunk_size) for c in mine),
-                         show_progress, desc)
+            _run_batches(
+                embedder,
+                records,
+                out_dir,
+                conf,
+                batches,
+                done_images,
+                sum(min(conf.chunk_size, len(records) - c * conf.chunk_size) for c in mine),
+                show_progress,
+                desc,
+            )
     if world > 1:
         _barrier()
     result = read_chunks(out_dir, num_chunks)
@@ -539,8 +596,13 @@ def extract_embeddings(embedder: Embedder, records: Sequence[ImageRecord], out_d
     return result
 
 
-def extract_resumable(embedder: Embedder, records: Sequence[ImageRecord], work_dir: str | Path,
-                      conf: ExtractConfig | None = None, **kwargs: Any) -> Extraction:
+def extract_resumable(
+    embedder: Embedder,
+    records: Sequence[ImageRecord],
+    work_dir: str | Path,
+    conf: ExtractConfig | None = None,
+    **kwargs: Any,
+) -> Extraction:
     """:func:`extract_embeddings` into a private work folder: resumes a killed run on the same inputs and
     starts over (instead of refusing) when the folder holds chunks of other inputs or settings."""
     try:
@@ -550,9 +612,17 @@ def extract_resumable(embedder: Embedder, records: Sequence[ImageRecord], work_d
         return extract_embeddings(embedder, records, work_dir, conf, overwrite=True, **kwargs)
 
 
-def _run_batches(embedder: Embedder, records: Sequence[ImageRecord], out_dir: Path, conf: ExtractConfig,
-                 batches: list[list[int]], done_images: int, total_images: int, show_progress: bool,
-                 desc: str) -> None:
+def _run_batches(
+    embedder: Embedder,
+    records: Sequence[ImageRecord],
+    out_dir: Path,
+    conf: ExtractConfig,
+    batches: list[list[int]],
+    done_images: int,
+    total_images: int,
+    show_progress: bool,
+    desc: str,
+) -> None:
     workers = default_workers() if conf.num_workers is None else conf.num_workers
     # the workers get the preprocessor alone (sizes, mean/std), never the embedder and its model
     device = embedder_device(embedder)
@@ -567,8 +637,9 @@ def _run_batches(embedder: Embedder, records: Sequence[ImageRecord], out_dir: Pa
         kwargs["multiprocessing_context"] = worker_context()
     # pinned host batches copy to the GPU asynchronously; the views (scales, flip, channels-last) are then
     # made on the GPU, not by the CPU
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                        pin_memory=on_gpu, **kwargs)
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate, pin_memory=on_gpu, **kwargs
+    )
     bar = Progress(total_images, desc, "img", disable=not show_progress)
     bar.update(done_images)
     cur: int | None = None
@@ -603,4 +674,3 @@ def _run_batches(embedder: Embedder, records: Sequence[ImageRecord], out_dir: Pa
             flush(cur)
     finally:
         bar.close()
-

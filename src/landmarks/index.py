@@ -147,6 +147,7 @@ class IndexConfig:
 
 # --- pure helpers -----------------------------------------------------------------------------------
 
+
 def as_xq(x: np.ndarray, d: int | None = None, name: str = "xq") -> np.ndarray:
     """Check and convert embeddings to a C-contiguous ``(n, d)`` float32 array."""
     x = np.asarray(x)
@@ -181,8 +182,8 @@ def mean_topk_similarity(xq: np.ndarray, xb: np.ndarray, k: int, batch: int = 65
     index.add(xb)
     out = np.empty(len(xq), dtype=np.float32)
     for s in range(0, len(xq), batch):
-        D, _ = index.search(xq[s:s + batch], k)
-        out[s:s + batch] = D.mean(axis=1)
+        D, _ = index.search(xq[s : s + batch], k)
+        out[s : s + batch] = D.mean(axis=1)
     return out
 
 
@@ -217,6 +218,7 @@ def index_memory_bytes(index: faiss.Index) -> int:
 
 # --- the index --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class IndexInfo:
     """What :meth:`LandmarkIndex.info` reports (JSON-ready with :meth:`to_dict`)."""
@@ -250,11 +252,24 @@ class LandmarkIndex:
     :meth:`build` or :meth:`load`, then :meth:`add`, :meth:`remove`, :meth:`save`.
     """
 
-    def __init__(self, *, ids: list[str], landmarks: list[str | None], paths: list[str | None], labels: np.ndarray,
-                 embeddings: np.ndarray, faiss_index: faiss.Index, penalty: np.ndarray,
-                 non_landmarks: np.ndarray | None, non_landmark_ids: list[str], meta: dict[str, Any],
-                 conf: IndexConfig, path: Path | None = None, whitening: Whitening | None = None,
-                 raw_embeddings: np.ndarray | None = None):
+    def __init__(
+        self,
+        *,
+        ids: list[str],
+        landmarks: list[str | None],
+        paths: list[str | None],
+        labels: np.ndarray,
+        embeddings: np.ndarray,
+        faiss_index: faiss.Index,
+        penalty: np.ndarray,
+        non_landmarks: np.ndarray | None,
+        non_landmark_ids: list[str],
+        meta: dict[str, Any],
+        conf: IndexConfig,
+        path: Path | None = None,
+        whitening: Whitening | None = None,
+        raw_embeddings: np.ndarray | None = None,
+    ):
         self.ids = ids
         self.whitening = whitening
         self.landmarks = landmarks
@@ -278,11 +293,20 @@ class LandmarkIndex:
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, ids: Sequence[str], landmarks: Sequence[str | None], *,
-              model: dict[str, Any], paths: Sequence[str | Path | None] | None = None,
-              conf: IndexConfig | None = None, views: dict[str, Any] | None = None,
-              non_landmarks: np.ndarray | None = None, non_landmark_ids: Sequence[str] | None = None,
-              whiten: WhitenConfig | None = None) -> LandmarkIndex:
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        ids: Sequence[str],
+        landmarks: Sequence[str | None],
+        *,
+        model: dict[str, Any],
+        paths: Sequence[str | Path | None] | None = None,
+        conf: IndexConfig | None = None,
+        views: dict[str, Any] | None = None,
+        non_landmarks: np.ndarray | None = None,
+        non_landmark_ids: Sequence[str] | None = None,
+        whiten: WhitenConfig | None = None,
+    ) -> LandmarkIndex:
         """Build an index.
 
         Args:
@@ -304,8 +328,9 @@ class LandmarkIndex:
         if "embedding_dim" in model and int(model["embedding_dim"]) != d:
             raise LandmarksError(f"embeddings have width {d} but the model's is {model['embedding_dim']}")
         ids, landmarks = list(ids), list(landmarks)
-        paths_list: list[str | None] = [None if p is None else str(p) for p in paths] if paths is not None \
-            else [None] * len(ids)
+        paths_list: list[str | None] = (
+            [None if p is None else str(p) for p in paths] if paths is not None else [None] * len(ids)
+        )
         _check_rows(ids, landmarks, paths_list, len(xb))
         whitening = None
         if whiten is not None:
@@ -330,10 +355,20 @@ class LandmarkIndex:
         }
         if whitening is not None:
             meta["whitening"] = whitening.describe()
-        idx = cls(ids=ids, landmarks=landmarks, paths=paths_list, labels=labels,
-                  embeddings=np.asarray(xb, dtype=conf.dtype), faiss_index=findex,
-                  penalty=np.zeros(len(xb), np.float32), non_landmarks=None, non_landmark_ids=[],
-                  meta=meta, conf=conf, whitening=whitening)
+        idx = cls(
+            ids=ids,
+            landmarks=landmarks,
+            paths=paths_list,
+            labels=labels,
+            embeddings=np.asarray(xb, dtype=conf.dtype),
+            faiss_index=findex,
+            penalty=np.zeros(len(xb), np.float32),
+            non_landmarks=None,
+            non_landmark_ids=[],
+            meta=meta,
+            conf=conf,
+            whitening=whitening,
+        )
         if non_landmarks is not None:
             idx.set_non_landmarks(non_landmarks, non_landmark_ids)
         return idx
@@ -388,7 +423,9 @@ class LandmarkIndex:
         if self._codes is None:
             names = sorted({lm for lm in self.landmarks if lm is not None})
             code_of = {lm: c for c, lm in enumerate(names)}
-            codes = np.fromiter((-1 if lm is None else code_of[lm] for lm in self.landmarks), np.int64, len(self))
+            codes = np.fromiter(
+                (-1 if lm is None else code_of[lm] for lm in self.landmarks), np.int64, len(self)
+            )
             self._codes = (codes, names)
         return self._codes
 
@@ -406,13 +443,23 @@ class LandmarkIndex:
         """Size, landmarks, non-landmarks, type, memory, the model's fingerprint and name, generation."""
         model = self.meta["model"]
         return IndexInfo(
-            path=str(self.path) if self.path else None, size=len(self), landmarks=self.num_landmarks,
-            non_landmarks=0 if self.non_landmarks is None else len(self.non_landmarks), type=self.conf.type,
-            embedding_dim=self.d, dtype=self.conf.dtype, index_bytes=self.memory_bytes(),
-            model_fingerprint=str(model["fingerprint"]), model_name=model.get("name"), views=self.views,
-            created=self.meta.get("created"), updated=self.meta.get("updated"), generation=self.generation,
+            path=str(self.path) if self.path else None,
+            size=len(self),
+            landmarks=self.num_landmarks,
+            non_landmarks=0 if self.non_landmarks is None else len(self.non_landmarks),
+            type=self.conf.type,
+            embedding_dim=self.d,
+            dtype=self.conf.dtype,
+            index_bytes=self.memory_bytes(),
+            model_fingerprint=str(model["fingerprint"]),
+            model_name=model.get("name"),
+            views=self.views,
+            created=self.meta.get("created"),
+            updated=self.meta.get("updated"),
+            generation=self.generation,
             local_features=(self.meta.get("local") or {}).get("features"),
-            whitening=self.meta.get("whitening"))
+            whitening=self.meta.get("whitening"),
+        )
 
     def memory_bytes(self) -> int:
         """An estimate of the FAISS index's RAM (codes, vectors, links, ids; not the memory-mapped embeddings)."""
@@ -434,12 +481,14 @@ class LandmarkIndex:
             raise IncompatibleArtifactError(
                 f"{where} was built with model {built}, not with the model given, {given}: embeddings of "
                 f"different models are not comparable. Use the model the index was built with "
-                f"({model.get('source') or 'see meta.json'}) or rebuild the index with `landmarks index`.")
+                f"({model.get('source') or 'see meta.json'}) or rebuild the index with `landmarks index`."
+            )
 
     # -- search ------------------------------------------------------------------------------------
 
-    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None,
-                          refine_factor: int | None = None) -> None:
+    def set_search_params(
+        self, nprobe: int | None = None, ef_search: int | None = None, refine_factor: int | None = None
+    ) -> None:
         """Change query-time parameters (IVF ``nprobe``, HNSW ``efSearch``, IVF-PQ re-ranking)."""
         if nprobe is not None:
             self.conf.nprobe = nprobe
@@ -479,20 +528,23 @@ class LandmarkIndex:
         D = np.where(rows >= 0, D, -np.inf).astype(np.float32)
         return D, rows
 
-    def _refine(self, xq: np.ndarray, cand: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def _refine(
+        self, xq: np.ndarray, cand: np.ndarray, k: int, block: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
         nq = len(xq)
         D_out = np.full((nq, k), -np.inf, np.float32)
         I_out = np.full((nq, k), -1, np.int64)
         for s in range(0, nq, block):
-            c = cand[s:s + block]
+            c = cand[s : s + block]
             vec = np.asarray(self.embeddings[np.maximum(c, 0).reshape(-1)], dtype=np.float32)
-            sims = np.einsum("qd,qkd->qk", xq[s:s + block], vec.reshape(c.shape[0], c.shape[1], -1))
+            sims = np.einsum("qd,qkd->qk", xq[s : s + block], vec.reshape(c.shape[0], c.shape[1], -1))
             sims = np.where(c >= 0, sims, -np.inf)
             kk = min(k, c.shape[1])
             order = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
-            D_out[s:s + block, :kk] = np.take_along_axis(sims, order, axis=1)
-            I_out[s:s + block, :kk] = np.where(np.isfinite(D_out[s:s + block, :kk]),
-                                               np.take_along_axis(c, order, axis=1), -1)
+            D_out[s : s + block, :kk] = np.take_along_axis(sims, order, axis=1)
+            I_out[s : s + block, :kk] = np.where(
+                np.isfinite(D_out[s : s + block, :kk]), np.take_along_axis(c, order, axis=1), -1
+            )
         return D_out, I_out
 
     def query_ood(self, xq: np.ndarray, k: int = 10) -> np.ndarray:
@@ -530,8 +582,13 @@ class LandmarkIndex:
         assert self.non_landmarks is not None
         return mean_topk_similarity(xb, self.non_landmarks, self.conf.ood_top_k)
 
-    def add(self, embeddings: np.ndarray, ids: Sequence[str], landmarks: Sequence[str | None],
-            paths: Sequence[str | Path | None] | None = None) -> int:
+    def add(
+        self,
+        embeddings: np.ndarray,
+        ids: Sequence[str],
+        landmarks: Sequence[str | None],
+        paths: Sequence[str | Path | None] | None = None,
+    ) -> int:
         """Append images (new images of known landmarks or whole new landmarks); no retraining.
 
         Args:
@@ -542,8 +599,9 @@ class LandmarkIndex:
         """
         xb = self.project(embeddings)
         ids, landmarks = list(ids), list(landmarks)
-        paths_list: list[str | None] = [None if p is None else str(p) for p in paths] if paths is not None \
-            else [None] * len(ids)
+        paths_list: list[str | None] = (
+            [None if p is None else str(p) for p in paths] if paths is not None else [None] * len(ids)
+        )
         _check_rows(ids, landmarks, paths_list, len(xb))
         clash = [i for i in ids if self.row_of(i) is not None]
         if clash:
@@ -561,7 +619,9 @@ class LandmarkIndex:
         self.paths.extend(paths_list)
         self._row_of, self._codes = None, None
         if self.raw_embeddings is not None:  # DBA: new rows change their neighbours' sums (see expansion)
-            self.raw_embeddings = np.concatenate([np.asarray(self.raw_embeddings), xb.astype(self.conf.dtype)])
+            self.raw_embeddings = np.concatenate(
+                [np.asarray(self.raw_embeddings), xb.astype(self.conf.dtype)]
+            )
             self._refresh_dba()
         return len(xb)
 
@@ -580,12 +640,14 @@ class LandmarkIndex:
             self.faiss_index = _new_index(self.conf, self.d, remaining)
             if len(remaining):
                 self.faiss_index.add_with_ids(remaining, self.labels[keep])
-        elif self.conf.type == "ivfpq":  # fast-scan lists: re-encode the rest (FAISS's in-place delete is unsafe)
+        elif (
+            self.conf.type == "ivfpq"
+        ):  # fast-scan lists: re-encode the rest (FAISS's in-place delete is unsafe)
             findex: Any = self.faiss_index
             findex.reset()
             rest = np.flatnonzero(keep)
             for s in range(0, len(rest), 262_144):
-                part = rest[s:s + 262_144]
+                part = rest[s : s + 262_144]
                 findex.add_with_ids(np.asarray(self.embeddings[part], dtype=np.float32), self.labels[part])
         else:
             flat: Any = self.faiss_index
@@ -626,7 +688,7 @@ class LandmarkIndex:
         else:
             findex = _new_index(self.conf, self.d, xb)
         for s in range(0, len(xb), 262_144):
-            findex.add_with_ids(xb[s:s + 262_144], self.labels[s:s + 262_144])
+            findex.add_with_ids(xb[s : s + 262_144], self.labels[s : s + 262_144])
         self.faiss_index = findex
         self.embeddings = xb.astype(self.conf.dtype)
         self.penalty = self._penalty_of(xb)
@@ -654,7 +716,9 @@ class LandmarkIndex:
         tmp.mkdir()
         write_json(tmp / "images.json", {"ids": self.ids, "landmarks": self.landmarks, "paths": self.paths})
         atomic_save(tmp / "labels.npy", lambda p: np.save(p, self.labels))
-        atomic_save(tmp / "embeddings.npy", lambda p: np.save(p, np.asarray(self.embeddings, dtype=self.conf.dtype)))
+        atomic_save(
+            tmp / "embeddings.npy", lambda p: np.save(p, np.asarray(self.embeddings, dtype=self.conf.dtype))
+        )
         atomic_save(tmp / "penalty.npy", lambda p: np.save(p, self.penalty.astype(np.float32)))
         atomic_save(tmp / "faiss.index", lambda p: faiss.write_index(self.faiss_index, p))
         if self.non_landmarks is not None:
@@ -665,27 +729,39 @@ class LandmarkIndex:
             save_whitening(tmp / "whitening.safetensors", self.whitening)
         if self.raw_embeddings is not None:
             raw = self.raw_embeddings
-            atomic_save(tmp / "raw_embeddings.npy", lambda p: np.save(p, np.asarray(raw, dtype=self.conf.dtype)))
+            atomic_save(
+                tmp / "raw_embeddings.npy", lambda p: np.save(p, np.asarray(raw, dtype=self.conf.dtype))
+            )
         os.replace(tmp, path / gen)
-        self.meta.update({
-            "generation": gen,
-            "count": len(self),
-            "landmarks_count": self.num_landmarks,
-            "non_landmarks_count": 0 if self.non_landmarks is None else len(self.non_landmarks),
-            "index": to_dict(self.conf),
-            "updated": _now(),
-            "landmarks_version": __version__,
-        })
+        self.meta.update(
+            {
+                "generation": gen,
+                "count": len(self),
+                "landmarks_count": self.num_landmarks,
+                "non_landmarks_count": 0 if self.non_landmarks is None else len(self.non_landmarks),
+                "index": to_dict(self.conf),
+                "updated": _now(),
+                "landmarks_version": __version__,
+            }
+        )
         write_json(path / "meta.json", self.meta)
         for p in path.iterdir():
-            if p.name != gen and (_GEN_RE.match(p.name) or (p.name.startswith(".data-") and p.name.endswith(".tmp"))):
+            if p.name != gen and (
+                _GEN_RE.match(p.name) or (p.name.startswith(".data-") and p.name.endswith(".tmp"))
+            ):
                 shutil.rmtree(p, ignore_errors=True)
         self.path = path
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, fingerprint: str | None = None, model_name: str | None = None,
-             mmap: bool = True) -> LandmarkIndex:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        fingerprint: str | None = None,
+        model_name: str | None = None,
+        mmap: bool = True,
+    ) -> LandmarkIndex:
         """Open an index folder; with ``fingerprint``, refuse an index built with another model.
 
         ``embeddings.npy`` is memory-mapped unless ``mmap`` is False.
@@ -694,7 +770,9 @@ class LandmarkIndex:
         meta_path = path / "meta.json"
         if not meta_path.exists():
             if (path / "work").exists():
-                raise LandmarksError(f"{path}: the index was not finished (run `landmarks index` again to resume)")
+                raise LandmarksError(
+                    f"{path}: the index was not finished (run `landmarks index` again to resume)"
+                )
             raise LandmarksError(f"{path}: not an index folder (no meta.json)")
         meta = _read(meta_path, read_json)
         if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
@@ -706,18 +784,25 @@ class LandmarkIndex:
             str(meta["model"]["fingerprint"])
             int(meta["embedding_dim"])
         except (KeyError, TypeError, ValueError) as e:
-            raise IncompatibleArtifactError(f"{meta_path}: incomplete or invalid index metadata ({type(e).__name__}: "
-                                            f"{e}); rebuild the index") from None
+            raise IncompatibleArtifactError(
+                f"{meta_path}: incomplete or invalid index metadata ({type(e).__name__}: "
+                f"{e}); rebuild the index"
+            ) from None
         if version > INDEX_VERSION:
             raise IncompatibleArtifactError(
                 f"{path}: index format version {version} is newer than this software's "
-                f"({INDEX_VERSION}); upgrade landmarks")
+                f"({INDEX_VERSION}); upgrade landmarks"
+            )
         images = _read(data / "images.json", read_json)
         try:
             ids, landmarks, paths = list(images["ids"]), list(images["landmarks"]), list(images["paths"])
         except (KeyError, TypeError) as e:
-            raise IncompatibleArtifactError(f"{data / 'images.json'}: missing or invalid {e}; rebuild the index") from None
-        emb = _read(data / "embeddings.npy", lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+            raise IncompatibleArtifactError(
+                f"{data / 'images.json'}: missing or invalid {e}; rebuild the index"
+            ) from None
+        emb = _read(
+            data / "embeddings.npy", lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+        )
         has_nl = (data / "nonlandmarks.npy").exists()
         nl = _read(data / "nonlandmarks.npy", lambda p: np.load(p, allow_pickle=False)) if has_nl else None
         nl_ids = list(_read(data / "nonlandmarks.json", read_json)["ids"]) if nl is not None else []
@@ -725,24 +810,48 @@ class LandmarkIndex:
         findex = _read(data / "faiss.index", lambda p: faiss.read_index(str(p)))
         penalty = _read(data / "penalty.npy", lambda p: np.load(p, allow_pickle=False))
         n = len(ids)
-        if not (len(landmarks) == len(paths) == n and labels.shape == (n,) and penalty.shape == (n,)
-                and emb.ndim == 2 and emb.shape == (n, int(meta["embedding_dim"])) and findex.ntotal == n
-                and (nl is None or (nl.ndim == 2 and nl.shape[1] == emb.shape[1] and len(nl_ids) == len(nl)))):
+        if not (
+            len(landmarks) == len(paths) == n
+            and labels.shape == (n,)
+            and penalty.shape == (n,)
+            and emb.ndim == 2
+            and emb.shape == (n, int(meta["embedding_dim"]))
+            and findex.ntotal == n
+            and (nl is None or (nl.ndim == 2 and nl.shape[1] == emb.shape[1] and len(nl_ids) == len(nl)))
+        ):
             raise IncompatibleArtifactError(f"{data}: the index files disagree in size; rebuild the index")
         whitening = None
         if meta.get("whitening"):
-            whitening = _read(data / "whitening.safetensors",
-                              lambda p: load_whitening(p, expect_sha256=meta["whitening"].get("sha256")))
+            whitening = _read(
+                data / "whitening.safetensors",
+                lambda p: load_whitening(p, expect_sha256=meta["whitening"].get("sha256")),
+            )
         raw = None
         if meta.get("dba") and (data / "raw_embeddings.npy").exists():
-            raw = _read(data / "raw_embeddings.npy",
-                        lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False))
+            raw = _read(
+                data / "raw_embeddings.npy",
+                lambda p: np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False),
+            )
             if raw.shape != emb.shape:
-                raise IncompatibleArtifactError(f"{data}: raw_embeddings.npy disagrees with embeddings.npy; "
-                                                "rebuild the index")
-        idx = cls(ids=ids, landmarks=landmarks, paths=paths, labels=labels, embeddings=emb, faiss_index=findex,
-                  penalty=penalty, non_landmarks=nl, non_landmark_ids=nl_ids, meta=meta, conf=conf, path=path,
-                  whitening=whitening, raw_embeddings=raw)
+                raise IncompatibleArtifactError(
+                    f"{data}: raw_embeddings.npy disagrees with embeddings.npy; rebuild the index"
+                )
+        idx = cls(
+            ids=ids,
+            landmarks=landmarks,
+            paths=paths,
+            labels=labels,
+            embeddings=emb,
+            faiss_index=findex,
+            penalty=penalty,
+            non_landmarks=nl,
+            non_landmark_ids=nl_ids,
+            meta=meta,
+            conf=conf,
+            path=path,
+            whitening=whitening,
+            raw_embeddings=raw,
+        )
         if fingerprint is not None:
             idx.check_model(fingerprint, model_name)
         return idx
@@ -762,18 +871,25 @@ def _read(path: Path, reader: Any) -> Any:
         raise IncompatibleArtifactError(f"{path}: missing from the index folder; rebuild the index") from None
     except (OSError, ValueError, EOFError, RuntimeError, TypeError, KeyError) as e:  # RuntimeError: FAISS
         reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise IncompatibleArtifactError(f"{path}: unreadable or corrupt ({reason}); rebuild the index") from None
+        raise IncompatibleArtifactError(
+            f"{path}: unreadable or corrupt ({reason}); rebuild the index"
+        ) from None
 
 
 def _check_rows(ids: list[str], landmarks: list[str | None], paths: list[str | None], n: int) -> None:
     if not (len(ids) == len(landmarks) == len(paths) == n):
-        raise LandmarksError(f"{n} embeddings but {len(ids)} ids, {len(landmarks)} landmarks, {len(paths)} paths")
+        raise LandmarksError(
+            f"{n} embeddings but {len(ids)} ids, {len(landmarks)} landmarks, {len(paths)} paths"
+        )
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dup = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
         raise LandmarksError(f"duplicate image ids: {', '.join(dup[:5])}")
-    bad = [i for i, lm in zip(ids, landmarks) if lm is not None and (not isinstance(lm, str) or not lm.strip()
-                                                                      or any(c.isspace() for c in lm))]
+    bad = [
+        i
+        for i, lm in zip(ids, landmarks)
+        if lm is not None and (not isinstance(lm, str) or not lm.strip() or any(c.isspace() for c in lm))
+    ]
     if bad:
         raise LandmarksError(f"images with an empty landmark id or one with whitespace: {', '.join(bad[:5])}")
 
@@ -792,7 +908,8 @@ def _factory_string(conf: IndexConfig, d: int, n: int) -> str:
     if n < need:
         raise LandmarksError(
             f"an IVF-PQ index needs at least {need} images to train ({nlist} lists); this one has {n}: "
-            f"use the exact 'flat' index (best below ~100k images)")
+            f"use the exact 'flat' index (best below ~100k images)"
+        )
     return f"IVF{nlist},PQ{m}x4fs"  # IndexIVFPQFastScan: m sub-quantizers of 4 bits
 
 
@@ -813,8 +930,11 @@ def _new_index(conf: IndexConfig, d: int, xtrain: np.ndarray) -> faiss.Index:
         index.pq.cp.seed = conf.seed
         n = len(xtrain)
         rng = np.random.default_rng(conf.seed)
-        sample = xtrain if n <= conf.max_train_points else xtrain[np.sort(rng.choice(n, conf.max_train_points,
-                                                                                      replace=False))]
+        sample = (
+            xtrain
+            if n <= conf.max_train_points
+            else xtrain[np.sort(rng.choice(n, conf.max_train_points, replace=False))]
+        )
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = conf.nprobe
     return index

@@ -83,7 +83,9 @@ class LocalFeatures:
     @classmethod
     def empty(cls, dim: int, image_size: tuple[int, int]) -> LocalFeatures:
         """No features (a blank or tiny image)."""
-        return cls(np.zeros((0, 2), np.float32), np.zeros((0, dim), np.float32), np.zeros(0, np.float32), image_size)
+        return cls(
+            np.zeros((0, 2), np.float32), np.zeros((0, dim), np.float32), np.zeros(0, np.float32), image_size
+        )
 
 
 @runtime_checkable
@@ -141,7 +143,12 @@ def _to_gray(img: np.ndarray) -> np.ndarray:
 
 
 def _check_image(img: np.ndarray) -> None:
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim not in (2, 3) or min(img.shape[:2]) < 1:
+    if (
+        not isinstance(img, np.ndarray)
+        or img.dtype != np.uint8
+        or img.ndim not in (2, 3)
+        or min(img.shape[:2]) < 1
+    ):
         shape = getattr(img, "shape", None)
         dtype = getattr(img, "dtype", None)
         raise ValueError(f"expected an (H, W, 3) uint8 image, got shape {shape} dtype {dtype}")
@@ -182,12 +189,24 @@ class SiftExtractor:
     #: None: the verifier's per-model defaults (SIFT keypoints are pixel-accurate).
     ransac_threshold_px: float | None = None
     #: Constructor arguments recorded by :meth:`to_info` (the rest of the info is derived).
-    PARAMS: ClassVar[tuple[str, ...]] = ("max_features", "max_side_px", "contrast_threshold", "edge_threshold", "root")
+    PARAMS: ClassVar[tuple[str, ...]] = (
+        "max_features",
+        "max_side_px",
+        "contrast_threshold",
+        "edge_threshold",
+        "root",
+    )
     #: The argument that caps the features per image.
     COUNT_PARAM: ClassVar[str] = "max_features"
 
-    def __init__(self, max_features: int = 1000, max_side_px: int | None = 1024,
-                 contrast_threshold: float = 0.02, edge_threshold: float = 10.0, root: bool = True):
+    def __init__(
+        self,
+        max_features: int = 1000,
+        max_side_px: int | None = 1024,
+        contrast_threshold: float = 0.02,
+        edge_threshold: float = 10.0,
+        root: bool = True,
+    ):
         """
         Args:
             max_features: keep the ``max_features`` strongest keypoints (> 0).
@@ -211,10 +230,16 @@ class SiftExtractor:
 
     def to_info(self) -> dict[str, Any]:
         """JSON-ready description of this extractor (:meth:`from_info` rebuilds it)."""
-        return {"name": self.name, "dim": self.dim, "max_features": self.max_features,
-                "max_side_px": self.max_side_px, "contrast_threshold": self.contrast_threshold,
-                "edge_threshold": self.edge_threshold, "root": self.root,
-                "ransac_threshold_px": self.ransac_threshold_px}
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "max_features": self.max_features,
+            "max_side_px": self.max_side_px,
+            "contrast_threshold": self.contrast_threshold,
+            "edge_threshold": self.edge_threshold,
+            "root": self.root,
+            "ransac_threshold_px": self.ransac_threshold_px,
+        }
 
     @classmethod
     def from_info(cls, info: dict[str, Any], loaded_model: Any = None) -> SiftExtractor:
@@ -233,8 +258,11 @@ class SiftExtractor:
             gray = _resize(gray, nw, nh)
             sx, sy = nw / w, nh / h
         # A detector per call: cheap, and safe when one extractor serves several threads.
-        sift = cv2.SIFT.create(nfeatures=self.max_features, contrastThreshold=self.contrast_threshold,
-                               edgeThreshold=self.edge_threshold)
+        sift = cv2.SIFT.create(
+            nfeatures=self.max_features,
+            contrastThreshold=self.contrast_threshold,
+            edgeThreshold=self.edge_threshold,
+        )
         kps, desc = sift.detectAndCompute(gray, None)
         if desc is None or len(kps) == 0:
             return LocalFeatures.empty(self.dim, (w, h))
@@ -268,15 +296,31 @@ class DelgExtractor:
     features: ClassVar[str] = "model"
     needs_model: ClassVar[bool] = True
     #: Constructor arguments recorded by :meth:`to_info` (the rest is derived from the model).
-    PARAMS: ClassVar[tuple[str, ...]] = ("scales", "max_side_px", "top_n", "threshold", "mean", "std",
-                                         "ransac_threshold_px")
+    PARAMS: ClassVar[tuple[str, ...]] = (
+        "scales",
+        "max_side_px",
+        "top_n",
+        "threshold",
+        "mean",
+        "std",
+        "ransac_threshold_px",
+    )
     #: The argument that caps the features per image.
     COUNT_PARAM: ClassVar[str] = "top_n"
 
-    def __init__(self, loaded_model: Any, scales: Sequence[float] = DEFAULT_SCALES, max_side_px: int = 1024,
-                 top_n: int = 1000, threshold: float = 0.0, *, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, min_side_px: int | None = None,
-                 ransac_threshold_px: float = 20.0):
+    def __init__(
+        self,
+        loaded_model: Any,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        max_side_px: int = 1024,
+        top_n: int = 1000,
+        threshold: float = 0.0,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        min_side_px: int | None = None,
+        ransac_threshold_px: float = 20.0,
+    ):
         """
         Args:
             loaded_model: a ``landmarks.checkpoint.LoadedModel`` (``.model``, ``.meta``,
@@ -293,7 +337,9 @@ class DelgExtractor:
         module = getattr(loaded_model, "model", loaded_model)
         meta = getattr(loaded_model, "meta", None) or {}
         if not getattr(module, "has_local_head", False):
-            raise IncompatibleArtifactError("this model has no local-feature head (train one, or use --features sift)")
+            raise IncompatibleArtifactError(
+                "this model has no local-feature head (train one, or use --features sift)"
+            )
         if not scales or any(s <= 0 for s in scales):
             raise ValueError(f"scales must be positive, got {list(scales)}")
         if top_n < 1:
@@ -339,15 +385,26 @@ class DelgExtractor:
         want = str(info.get("fingerprint") or "")
         if want and ext.fingerprint != want:
             raise IncompatibleArtifactError(
-                f"the local features come from model {want[:12]}, not {ext.fingerprint[:12]}")
+                f"the local features come from model {want[:12]}, not {ext.fingerprint[:12]}"
+            )
         return ext
 
     def to_info(self) -> dict[str, Any]:
         """JSON-ready description: parameters and the model fingerprint (:meth:`from_info` rebuilds it)."""
-        return {"name": self.name, "dim": self.dim, "scales": list(self.scales), "max_side_px": self.max_side_px,
-                "top_n": self.top_n, "threshold": self.threshold, "stride": self.stride,
-                "receptive_field": list(self.receptive_field), "mean": list(self.mean), "std": list(self.std),
-                "fingerprint": self.fingerprint, "ransac_threshold_px": self.ransac_threshold_px}
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "scales": list(self.scales),
+            "max_side_px": self.max_side_px,
+            "top_n": self.top_n,
+            "threshold": self.threshold,
+            "stride": self.stride,
+            "receptive_field": list(self.receptive_field),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "fingerprint": self.fingerprint,
+            "ransac_threshold_px": self.ransac_threshold_px,
+        }
 
     def pyramid_sizes(self, width: int, height: int) -> list[tuple[int, int]]:
         """The ``(w, h)`` of each pyramid level for an image of ``width x height``, deduplicated.
@@ -430,9 +487,13 @@ class DelgExtractor:
 
 #: The local-feature extractors by ``name`` (the ``"name"`` of their ``to_info()``).
 EXTRACTORS: dict[str, type[SiftExtractor] | type[DelgExtractor]] = {
-    SiftExtractor.name: SiftExtractor, DelgExtractor.name: DelgExtractor}
+    SiftExtractor.name: SiftExtractor,
+    DelgExtractor.name: DelgExtractor,
+}
 #: The same classes by the value of ``landmarks index --local`` (``"sift"``, ``"model"``).
-LOCAL_FEATURES: dict[str, type[SiftExtractor] | type[DelgExtractor]] = {c.features: c for c in EXTRACTORS.values()}
+LOCAL_FEATURES: dict[str, type[SiftExtractor] | type[DelgExtractor]] = {
+    c.features: c for c in EXTRACTORS.values()
+}
 
 
 def make_local_extractor(features: str, loaded_model: Any = None, **kwargs: Any) -> LocalExtractor:
@@ -446,8 +507,9 @@ def make_local_extractor(features: str, loaded_model: Any = None, **kwargs: Any)
         raise LandmarksError(f"unknown local features {features!r} (known: {', '.join(LOCAL_FEATURES)})")
     unknown = sorted(set(kwargs) - set(cls.PARAMS))
     if unknown:
-        raise LandmarksError(f"{features} local features take no {', '.join(unknown)} "
-                             f"(known: {', '.join(cls.PARAMS)})")
+        raise LandmarksError(
+            f"{features} local features take no {', '.join(unknown)} (known: {', '.join(cls.PARAMS)})"
+        )
     return cls.from_info(kwargs, loaded_model)
 
 
@@ -459,13 +521,15 @@ def extractor_from_info(info: dict[str, Any], loaded_model: Any = None) -> Local
     """
     cls = EXTRACTORS.get(str(info.get("name")))
     if cls is None:
-        raise IncompatibleArtifactError(f"unknown local-feature extractor {info.get('name')!r} "
-                                        f"(known: {', '.join(EXTRACTORS)})")
+        raise IncompatibleArtifactError(
+            f"unknown local-feature extractor {info.get('name')!r} (known: {', '.join(EXTRACTORS)})"
+        )
     return cls.from_info(info, loaded_model)
 
 
-def build_local_extractor(name_or_run: str | Path, device: str = "cpu", *, max_features: int | None = None,
-                          **kwargs: Any) -> LocalExtractor:
+def build_local_extractor(
+    name_or_run: str | Path, device: str = "cpu", *, max_features: int | None = None, **kwargs: Any
+) -> LocalExtractor:
     """An extractor for ``landmarks match --features``: ``"sift"`` or a run directory with a local head.
 
     ``max_features`` caps the features per image (the class's ``COUNT_PARAM``); ``kwargs`` override
@@ -480,7 +544,9 @@ def build_local_extractor(name_or_run: str | Path, device: str = "cpu", *, max_f
         return make_local_extractor("sift", **kwargs)
     path = Path(key)
     if not path.exists():
-        raise LandmarksError(f"unknown local features {key!r}: expected 'sift' or a run directory with a local head")
+        raise LandmarksError(
+            f"unknown local features {key!r}: expected 'sift' or a run directory with a local head"
+        )
     from landmarks.checkpoint import load_model
 
     return make_local_extractor("model", load_model(path, device=device), **kwargs)
@@ -544,11 +610,14 @@ class LocalFeatureStore:
             if extractor and store.extractor and store.extractor != extractor:
                 raise IncompatibleArtifactError(
                     f"{root}: local features were extracted with {store.extractor.get('name')} "
-                    f"({_digest(store.extractor)}), not {extractor.get('name')} ({_digest(extractor)})")
+                    f"({_digest(store.extractor)}), not {extractor.get('name')} ({_digest(extractor)})"
+                )
             return store
         root.mkdir(parents=True, exist_ok=True)
-        write_json(root / "meta.json", {"format": STORE_FORMAT, "version": STORE_VERSION, "dim": int(dim),
-                                        "extractor": extractor})
+        write_json(
+            root / "meta.json",
+            {"format": STORE_FORMAT, "version": STORE_VERSION, "dim": int(dim), "extractor": extractor},
+        )
         return cls(root=root, dim=int(dim), extractor=extractor)
 
     @classmethod
@@ -563,7 +632,8 @@ class LocalFeatureStore:
             raise IncompatibleArtifactError(f"{meta_path}: not a local-feature store")
         if int(meta.get("version", -1)) > STORE_VERSION:
             raise IncompatibleArtifactError(
-                f"{meta_path}: store version {meta.get('version')} is newer than this program's ({STORE_VERSION})")
+                f"{meta_path}: store version {meta.get('version')} is newer than this program's ({STORE_VERSION})"
+            )
         store = cls(root=root, dim=int(meta["dim"]), extractor=dict(meta.get("extractor") or {}))
         store._load_tables()
         return store
@@ -578,8 +648,9 @@ class LocalFeatureStore:
     def _add_table(self, chunk: int, table: dict[str, Any]) -> None:
         ids, offsets, sizes = table["ids"], table["offsets"], table["sizes"]
         for k, image_id in enumerate(ids):
-            self._entries[str(image_id)] = _Entry(chunk, int(offsets[k]), int(offsets[k + 1] - offsets[k]),
-                                                  (int(sizes[k][0]), int(sizes[k][1])))
+            self._entries[str(image_id)] = _Entry(
+                chunk, int(offsets[k]), int(offsets[k + 1] - offsets[k]), (int(sizes[k][0]), int(sizes[k][1]))
+            )
         self._chunks.append(chunk)
 
     def _path(self, chunk: int, kind: str) -> Path:
@@ -607,7 +678,9 @@ class LocalFeatureStore:
         """The ids of ``ids`` that are not stored yet (order kept): what a resumed job still has to do."""
         return [i for i in ids if i not in self._entries]
 
-    def write_chunk(self, ids: Sequence[str], feats_list: Sequence[LocalFeatures], chunk: int | None = None) -> int:
+    def write_chunk(
+        self, ids: Sequence[str], feats_list: Sequence[LocalFeatures], chunk: int | None = None
+    ) -> int:
         """Write the features of ``ids`` as one chunk, atomically. Returns the chunk number.
 
         ``chunk``: an explicit chunk number; when that chunk is already committed nothing is written
@@ -623,7 +696,9 @@ class LocalFeatureStore:
             return chunk
         for image_id, f in zip(ids, feats_list):
             if len(f) and f.dim != self.dim:
-                raise IncompatibleArtifactError(f"{image_id}: descriptors of dimension {f.dim}, store holds {self.dim}")
+                raise IncompatibleArtifactError(
+                    f"{image_id}: descriptors of dimension {f.dim}, store holds {self.dim}"
+                )
         counts = [len(f) for f in feats_list]
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         desc = np.zeros((int(offsets[-1]), self.dim), np.float16)
@@ -636,8 +711,11 @@ class LocalFeatureStore:
                 kpts[a:b, 2] = f.scores
         atomic_save(self._path(chunk, "desc"), lambda p: np.save(p, desc))
         atomic_save(self._path(chunk, "kpts"), lambda p: np.save(p, kpts))
-        table = {"ids": [str(i) for i in ids], "offsets": offsets.tolist(),
-                 "sizes": [list(f.image_size) for f in feats_list]}
+        table = {
+            "ids": [str(i) for i in ids],
+            "offsets": offsets.tolist(),
+            "sizes": [list(f.image_size) for f in feats_list],
+        }
         write_json(self._path(chunk, "json"), table)
         self._mmaps.pop(chunk, None)
         self._add_table(chunk, table)
@@ -660,8 +738,8 @@ class LocalFeatureStore:
         if e is None:
             raise KeyError(f"no local features stored for {image_id!r}")
         desc_mm, kpts_mm = self._arrays(e.chunk)
-        desc = np.asarray(desc_mm[e.start:e.start + e.count], dtype=np.float32)
-        kpts = np.asarray(kpts_mm[e.start:e.start + e.count])
+        desc = np.asarray(desc_mm[e.start : e.start + e.count], dtype=np.float32)
+        kpts = np.asarray(kpts_mm[e.start : e.start + e.count])
         return LocalFeatures(kpts[:, :2], l2_normalize(desc), kpts[:, 2], e.size)
 
     def get_many(self, ids: Sequence[str]) -> list[LocalFeatures | None]:
@@ -675,4 +753,3 @@ class LocalFeatureStore:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-

@@ -70,8 +70,10 @@ class IndexBusyError(LandmarksError):
         self.holder = holder
         pid, _, command = holder.partition(" ")
         who = f"PID {pid} ({command})" if pid.isdigit() else "another process"
-        super().__init__(f"index {index_dir} is being written by {who}; try again when it has finished "
-                         "(or pass --wait SECONDS)")
+        super().__init__(
+            f"index {index_dir} is being written by {who}; try again when it has finished "
+            "(or pass --wait SECONDS)"
+        )
 
 
 class IndexConflictError(LandmarksError):
@@ -80,11 +82,14 @@ class IndexConflictError(LandmarksError):
     def __init__(self, conflicts: Sequence[tuple[str, str | None, str | None]]):
         self.conflicts = list(conflicts)
         shown = ", ".join(f"{i} (indexed as {old}, given {new})" for i, old, new in self.conflicts[:5])
-        super().__init__(f"{len(self.conflicts)} image(s) already indexed under another landmark: {shown}; "
-                         "remove them first to relabel")
+        super().__init__(
+            f"{len(self.conflicts)} image(s) already indexed under another landmark: {shown}; "
+            "remove them first to relabel"
+        )
 
 
 # --- the writer lock ---------------------------------------------------------------------------------
+
 
 def _holder(fd: int) -> str:
     with contextlib.suppress(OSError):
@@ -149,6 +154,7 @@ def index_generation(index_dir: str | Path) -> int:
 
 # --- local features ------------------------------------------------------------------------------------
 
+
 def _store_dir(index_dir: Path, meta: dict[str, Any]) -> Path:
     from landmarks.rerank import LOCAL_DIR
 
@@ -166,7 +172,11 @@ def remove_stale_local_dirs(index_dir: str | Path, meta: dict[str, Any]) -> list
     current = (meta.get("local") or {}).get("dir")
     gone = []
     for p in index_dir.iterdir():
-        if p.is_dir() and p.name != current and (_LOCAL_DIR_RE.match(p.name) or (p.name == "local" and current)):
+        if (
+            p.is_dir()
+            and p.name != current
+            and (_LOCAL_DIR_RE.match(p.name) or (p.name == "local" and current))
+        ):
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
     return gone
@@ -181,7 +191,7 @@ def copy_local_features(src: Any, dst: Any, ids: Sequence[str]) -> int:
 
     n = 0
     for s in range(0, len(ids), COPY_CHUNK):
-        part = list(ids[s:s + COPY_CHUNK])
+        part = list(ids[s : s + COPY_CHUNK])
         feats = [f if f is not None else LocalFeatures.empty(dst.dim, (0, 0)) for f in src.get_many(part)]
         dst.write_chunk(part, feats)
         n += len(part)
@@ -214,8 +224,15 @@ def _records_key(records: Sequence[ImageRecord], extra: Any) -> str:
     return h.hexdigest()
 
 
-def _add_local_features(index_dir: Path, meta: dict[str, Any], embedder: Any, records: Sequence[ImageRecord],
-                        stage: Path, num_workers: int | None, show_progress: bool) -> None:
+def _add_local_features(
+    index_dir: Path,
+    meta: dict[str, Any],
+    embedder: Any,
+    records: Sequence[ImageRecord],
+    stage: Path,
+    num_workers: int | None,
+    show_progress: bool,
+) -> None:
     """Extract the local features of ``records`` into a staging store, then write them into the index's store."""
     from landmarks.local_features import LocalFeatureStore
     from landmarks.rerank import extract_local_features, extractor_from_meta
@@ -227,13 +244,20 @@ def _add_local_features(index_dir: Path, meta: dict[str, Any], embedder: Any, re
         shutil.rmtree(stage)  # a killed add of other images: start over
     staged = LocalFeatureStore.create(stage, extractor.dim, extractor.to_info())
     key_file.write_text(key + "\n")
-    extract_local_features(extractor, records, staged, skipped_csv=index_dir / "skipped.csv",
-                           num_workers=num_workers, show_progress=show_progress)
+    extract_local_features(
+        extractor,
+        records,
+        staged,
+        skipped_csv=index_dir / "skipped.csv",
+        num_workers=num_workers,
+        show_progress=show_progress,
+    )
     store = LocalFeatureStore.create(_store_dir(index_dir, meta), extractor.dim, extractor.to_info())
     copy_local_features(staged, store, [r.id for r in records])
 
 
 # --- stages ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class AddResult:
@@ -257,9 +281,17 @@ class RemoveResult:
     generation: int = 0  # the committed generation
 
 
-def add_to_index(index_dir: str | Path, records: Sequence[ImageRecord], embedder: Embedder, *,
-                 batch_size: int = 32, num_workers: int | None = None, wait_s: float = 0.0,
-                 command: str = "add", show_progress: bool = True) -> AddResult:
+def add_to_index(
+    index_dir: str | Path,
+    records: Sequence[ImageRecord],
+    embedder: Embedder,
+    *,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    wait_s: float = 0.0,
+    command: str = "add",
+    show_progress: bool = True,
+) -> AddResult:
     """Embed labelled ``records`` with the index's model and add them to the index in ``index_dir``.
 
     Holds the writer lock throughout and starts from the committed index on disk. Ids already indexed
@@ -288,8 +320,11 @@ def add_to_index(index_dir: str | Path, records: Sequence[ImageRecord], embedder
         index = LandmarkIndex.load(index_dir)
         index.check_model(embedder.fingerprint, embedder.describe().get("name"))
         remove_stale_local_dirs(index_dir, index.meta)
-        conflicts = [(r.id, index.landmarks[row], r.landmark) for r in records
-                     if (row := index.row_of(r.id)) is not None and index.landmarks[row] != r.landmark]
+        conflicts = [
+            (r.id, index.landmarks[row], r.landmark)
+            for r in records
+            if (row := index.row_of(r.id)) is not None and index.landmarks[row] != r.landmark
+        ]
         if conflicts:
             raise IndexConflictError(conflicts)
         known = [r.id for r in records if index.row_of(r.id) is not None]
@@ -299,40 +334,72 @@ def add_to_index(index_dir: str | Path, records: Sequence[ImageRecord], embedder
         if not todo:
             return AddResult([], known, [], 0, index, index.generation)
         views = index.views
-        conf = ExtractConfig(batch_size=batch_size, num_workers=num_workers,
-                             scales=tuple(views.get("scales", [1.0])), flip=bool(views.get("flip")))
+        conf = ExtractConfig(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            scales=tuple(views.get("scales", [1.0])),
+            flip=bool(views.get("flip")),
+        )
         work = index_dir / "work"
-        res = extract_resumable(embedder, todo, work / "add", conf, skipped_csv=index_dir / "skipped.csv",
-                                desc="add", show_progress=show_progress)
+        res = extract_resumable(
+            embedder,
+            todo,
+            work / "add",
+            conf,
+            skipped_csv=index_dir / "skipped.csv",
+            desc="add",
+            show_progress=show_progress,
+        )
         recs = [todo[i] for i in res.rows]
         if index.meta.get("local") and recs:
-            _add_local_features(index_dir, index.meta, embedder, recs, work / "add-local", num_workers,
-                                show_progress)
+            _add_local_features(
+                index_dir, index.meta, embedder, recs, work / "add-local", num_workers, show_progress
+            )
         before = index.num_landmarks
-        index.add(res.embeddings, [r.id for r in recs], [str(r.landmark) for r in recs],
-                  [str(Path(r.path).absolute()) for r in recs])
+        index.add(
+            res.embeddings,
+            [r.id for r in recs],
+            [str(r.landmark) for r in recs],
+            [str(Path(r.path).absolute()) for r in recs],
+        )
         recalibrate(index)  # new images and landmarks: the is_landmark threshold again, same targets
         index.save(index_dir)
         for p in (work / "add", work / "add-local"):
             shutil.rmtree(p, ignore_errors=True)
         with contextlib.suppress(OSError):
             work.rmdir()
-        return AddResult([r.id for r in recs], known, list(res.skipped), index.num_landmarks - before, index,
-                         index.generation)
+        return AddResult(
+            [r.id for r in recs],
+            known,
+            list(res.skipped),
+            index.num_landmarks - before,
+            index,
+            index.generation,
+        )
 
 
-def select_for_removal(index: LandmarkIndex, wanted: Sequence[str], *,
-                       landmarks: bool = False) -> tuple[list[str], list[str]]:
+def select_for_removal(
+    index: LandmarkIndex, wanted: Sequence[str], *, landmarks: bool = False
+) -> tuple[list[str], list[str]]:
     """``(image ids to remove, requested ids not in the index)``; with ``landmarks`` the requests are landmark ids."""
     if landmarks:
         known = set(index.landmarks)
         sel = set(wanted)
-        return [i for i, lm in zip(index.ids, index.landmarks) if lm in sel], [lm for lm in wanted if lm not in known]
+        return [i for i, lm in zip(index.ids, index.landmarks) if lm in sel], [
+            lm for lm in wanted if lm not in known
+        ]
     return [i for i in wanted if index.row_of(i) is not None], [i for i in wanted if index.row_of(i) is None]
 
 
-def remove_from_index(index_dir: str | Path, wanted: Sequence[str], *, landmarks: bool = False,
-                      missing_ok: bool = False, wait_s: float = 0.0, command: str = "remove") -> RemoveResult:
+def remove_from_index(
+    index_dir: str | Path,
+    wanted: Sequence[str],
+    *,
+    landmarks: bool = False,
+    missing_ok: bool = False,
+    wait_s: float = 0.0,
+    command: str = "remove",
+) -> RemoveResult:
     """Remove images (``wanted`` image ids, or with ``landmarks`` all images of those landmark ids).
 
     Holds the writer lock, starts from the committed index, removes the rows, compacts the local
@@ -349,13 +416,18 @@ def remove_from_index(index_dir: str | Path, wanted: Sequence[str], *, landmarks
         ids, missing = select_for_removal(index, list(dict.fromkeys(wanted)), landmarks=landmarks)
         if missing and not missing_ok:
             what = "landmark" if landmarks else "image"
-            raise LandmarksError(f"{len(missing)} {what} id(s) not in {index_dir}: {', '.join(missing[:10])} "
-                                 "(pass --missing-ok to ignore them)")
+            raise LandmarksError(
+                f"{len(missing)} {what} id(s) not in {index_dir}: {', '.join(missing[:10])} "
+                "(pass --missing-ok to ignore them)"
+            )
         if not ids:
             return RemoveResult([], missing, index, index.generation)
         index.remove(ids)
         if index.meta.get("local"):
-            index.meta["local"] = {**index.meta["local"], "dir": compact_local_features(index_dir, index.meta, index.ids)}
+            index.meta["local"] = {
+                **index.meta["local"],
+                "dir": compact_local_features(index_dir, index.meta, index.ids),
+            }
         recalibrate(index)
         index.save(index_dir)
         return RemoveResult(ids, missing, index, index.generation)

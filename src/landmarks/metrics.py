@@ -74,7 +74,9 @@ def _ranked_recognition(
     # One prediction per query, so the landmark-id tie-break never decides. lexsort: last key is
     # primary; both sorts are stable. Strings compare by code point, as in Python.
     order = np.lexsort((np.asarray(qids, dtype=str), -score_arr)) if qids else np.zeros(0, dtype=np.int64)
-    group = np.asarray(groups, dtype=np.int64) if group_of is not None else np.full(len(qids), -1, dtype=np.int64)
+    group = (
+        np.asarray(groups, dtype=np.int64) if group_of is not None else np.full(len(qids), -1, dtype=np.int64)
+    )
     return (
         np.asarray(correct, dtype=bool).reshape(-1)[order],
         np.asarray(landmark_query, dtype=bool).reshape(-1)[order],
@@ -155,7 +157,9 @@ def top1_accuracy(
     return num_correct / num_positives if num_positives else math.nan
 
 
-def _recognition_figures(correct: np.ndarray, landmark_query: np.ndarray, num_positives: int) -> dict[str, float]:
+def _recognition_figures(
+    correct: np.ndarray, landmark_query: np.ndarray, num_positives: int
+) -> dict[str, float]:
     return {
         "gap": _gap_from_ranked(correct, num_positives),
         "gap_ignore_non_landmarks": _gap_from_ranked(correct[landmark_query], num_positives),
@@ -458,7 +462,9 @@ def revisited_map(
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or (ranks.size and not np.issubdtype(ranks.dtype, np.integer)):
-        raise ValueError(f"ranks must be a 2-D integer array (n_queries, n_db), got {ranks.dtype} {ranks.shape}")
+        raise ValueError(
+            f"ranks must be a 2-D integer array (n_queries, n_db), got {ranks.dtype} {ranks.shape}"
+        )
     if ranks.shape[0] != len(gnd):
         raise ValueError(
             f"ranks has {ranks.shape[0]} rows but gnd has {len(gnd)} queries "

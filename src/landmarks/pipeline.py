@@ -67,8 +67,9 @@ def _clear_index(out: Path) -> None:
                 shutil.rmtree(p)
 
 
-def load_index_records(images: Source | Sequence[ImageRecord], *, unlabelled: bool = False,
-                       image_dir: Source | None = None) -> list[ImageRecord]:
+def load_index_records(
+    images: Source | Sequence[ImageRecord], *, unlabelled: bool = False, image_dir: Source | None = None
+) -> list[ImageRecord]:
     """The images of an index: a collection (labelled) or, with ``unlabelled``, any image source.
 
     Raises :class:`LandmarksError` when a labelled index is asked of images without landmark ids.
@@ -88,21 +89,37 @@ def load_index_records(images: Source | Sequence[ImageRecord], *, unlabelled: bo
         records = [ImageRecord(r.id, r.path, None) for r in records]
     missing = [r.id for r in records if not r.landmark]
     if missing and not unlabelled:
-        raise LandmarksError(f"{images if isinstance(images, (str, Path)) else 'images'}: {len(missing)} "
-                             f"image(s) have no landmark id (e.g. {missing[0]}); an index needs a labelled "
-                             "collection (or --unlabelled for a retrieval-only index)")
+        raise LandmarksError(
+            f"{images if isinstance(images, (str, Path)) else 'images'}: {len(missing)} "
+            f"image(s) have no landmark id (e.g. {missing[0]}); an index needs a labelled "
+            "collection (or --unlabelled for a retrieval-only index)"
+        )
     if not records:
         raise LandmarksError(f"{images if isinstance(images, (str, Path)) else 'images'}: no images")
     return records
 
 
-def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source, *,
-                non_landmarks: Source | Sequence[Source] | None = None, unlabelled: bool = False,
-                local: str | None = None, index_conf: Any = None, extract_conf: Any = None,
-                device: str = "cpu", overwrite: bool = False, image_dir: Source | None = None,
-                local_workers: int | None = None, show_progress: bool = True, whiten: Any = None,
-                calibration: Any = None, dba: Any = None, wait_s: float = 0.0,
-                command: str = "index") -> Path:
+def build_index(
+    model: Any,
+    images: Source | Sequence[ImageRecord],
+    out: Source,
+    *,
+    non_landmarks: Source | Sequence[Source] | None = None,
+    unlabelled: bool = False,
+    local: str | None = None,
+    index_conf: Any = None,
+    extract_conf: Any = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    image_dir: Source | None = None,
+    local_workers: int | None = None,
+    show_progress: bool = True,
+    whiten: Any = None,
+    calibration: Any = None,
+    dba: Any = None,
+    wait_s: float = 0.0,
+    command: str = "index",
+) -> Path:
     """Embed a collection and write an index folder; returns ``out``.
 
     Args:
@@ -138,17 +155,45 @@ def build_index(model: Any, images: Source | Sequence[ImageRecord], out: Source,
     rank = dist_env().rank
     lock = index_writer(out, command, wait_s) if rank == 0 else contextlib.nullcontext()
     with lock:
-        return _build_index(model, images, Path(out), non_landmarks=non_landmarks, unlabelled=unlabelled,
-                            local=local, index_conf=index_conf, extract_conf=extract_conf, device=device,
-                            overwrite=overwrite, image_dir=image_dir, local_workers=local_workers,
-                            show_progress=show_progress, whiten=whiten, calibration=calibration, dba=dba)
+        return _build_index(
+            model,
+            images,
+            Path(out),
+            non_landmarks=non_landmarks,
+            unlabelled=unlabelled,
+            local=local,
+            index_conf=index_conf,
+            extract_conf=extract_conf,
+            device=device,
+            overwrite=overwrite,
+            image_dir=image_dir,
+            local_workers=local_workers,
+            show_progress=show_progress,
+            whiten=whiten,
+            calibration=calibration,
+            dba=dba,
+        )
 
 
-def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, *,
-                 non_landmarks: Source | Sequence[Source] | None, unlabelled: bool, local: str | None,
-                 index_conf: Any, extract_conf: Any, device: str, overwrite: bool, image_dir: Source | None,
-                 local_workers: int | None, show_progress: bool, whiten: Any, calibration: Any,
-                 dba: Any) -> Path:
+def _build_index(
+    model: Any,
+    images: Source | Sequence[ImageRecord],
+    out: Path,
+    *,
+    non_landmarks: Source | Sequence[Source] | None,
+    unlabelled: bool,
+    local: str | None,
+    index_conf: Any,
+    extract_conf: Any,
+    device: str,
+    overwrite: bool,
+    image_dir: Source | None,
+    local_workers: int | None,
+    show_progress: bool,
+    whiten: Any,
+    calibration: Any,
+    dba: Any,
+) -> Path:
     from landmarks import extract
     from landmarks.data.collection import load_images
     from landmarks.index import IndexConfig, LandmarkIndex
@@ -160,8 +205,10 @@ def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, 
     if rank == 0:
         if (out / "meta.json").exists():
             if not overwrite:
-                raise LandmarksError(f"{out} already holds an index: grow it with `landmarks add {out} SRC` "
-                                     "or rebuild it with --overwrite")
+                raise LandmarksError(
+                    f"{out} already holds an index: grow it with `landmarks add {out} SRC` "
+                    "or rebuild it with --overwrite"
+                )
             _clear_index(out)
         elif overwrite:
             _clear_index(out)
@@ -174,19 +221,36 @@ def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, 
         from landmarks.rerank import index_extractor
 
         extractor = index_extractor(local, embedder)
-    logger.info("indexing %d images of %d landmarks with model %s (%s)", len(records),
-                len({r.landmark for r in records if r.landmark}), embedder.describe().get("name"),
-                embedder.fingerprint[:12])
-    res = extract.extract_embeddings(embedder, records, out / "work" / "images", ext_conf,
-                                     skipped_csv=out / "skipped.csv", desc="index", show_progress=show_progress)
+    logger.info(
+        "indexing %d images of %d landmarks with model %s (%s)",
+        len(records),
+        len({r.landmark for r in records if r.landmark}),
+        embedder.describe().get("name"),
+        embedder.fingerprint[:12],
+    )
+    res = extract.extract_embeddings(
+        embedder,
+        records,
+        out / "work" / "images",
+        ext_conf,
+        skipped_csv=out / "skipped.csv",
+        desc="index",
+        show_progress=show_progress,
+    )
     nl_emb, nl_ids = None, None
     if non_landmarks:
         nl_records = load_images(_as_sources(non_landmarks))
         if not nl_records:
             raise LandmarksError(f"no images found in {non_landmarks}")
-        nl = extract.extract_embeddings(embedder, nl_records, out / "work" / "non-landmarks", ext_conf,
-                                        skipped_csv=out / "skipped.csv", desc="non-landmarks",
-                                        show_progress=show_progress)
+        nl = extract.extract_embeddings(
+            embedder,
+            nl_records,
+            out / "work" / "non-landmarks",
+            ext_conf,
+            skipped_csv=out / "skipped.csv",
+            desc="non-landmarks",
+            show_progress=show_progress,
+        )
         nl_emb, nl_ids = nl.embeddings, nl.ids
     extract.finish_distributed()
     if rank != 0:
@@ -199,15 +263,35 @@ def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, 
         from landmarks.rerank import extract_local_features, local_meta, open_or_create_store
 
         store = open_or_create_store(out, extractor)
-        lres = extract_local_features(extractor, kept, store, skipped_csv=out / "skipped.csv",
-                                      num_workers=local_workers, show_progress=show_progress)
+        lres = extract_local_features(
+            extractor,
+            kept,
+            store,
+            skipped_csv=out / "skipped.csv",
+            num_workers=local_workers,
+            show_progress=show_progress,
+        )
         local_entry = local_meta(extractor)
-        logger.info("local features (%s) of %d images in %s (%.1f MB); %d unreadable", extractor.name,
-                    len(store), store.root, store.nbytes() / 1e6, len(lres.skipped))
-    index = LandmarkIndex.build(res.embeddings, res.ids, [r.landmark for r in kept],
-                                paths=[str(Path(r.path).absolute()) for r in kept], model=embedder.describe(),
-                                conf=conf, views=ext_conf.views(), non_landmarks=nl_emb, non_landmark_ids=nl_ids,
-                                whiten=whiten)
+        logger.info(
+            "local features (%s) of %d images in %s (%.1f MB); %d unreadable",
+            extractor.name,
+            len(store),
+            store.root,
+            store.nbytes() / 1e6,
+            len(lres.skipped),
+        )
+    index = LandmarkIndex.build(
+        res.embeddings,
+        res.ids,
+        [r.landmark for r in kept],
+        paths=[str(Path(r.path).absolute()) for r in kept],
+        model=embedder.describe(),
+        conf=conf,
+        views=ext_conf.views(),
+        non_landmarks=nl_emb,
+        non_landmark_ids=nl_ids,
+        whiten=whiten,
+    )
     if local_entry is not None:
         index.meta["local"] = local_entry
     if dba is not None and dba.active:
@@ -217,8 +301,13 @@ def _build_index(model: Any, images: Source | Sequence[ImageRecord], out: Path, 
     _calibrate(index, calibration)
     index.save(out)
     shutil.rmtree(out / "work", ignore_errors=True)
-    logger.info("indexed %d images of %d landmarks into %s; skipped %d", len(index),
-                len({lm for lm in index.landmarks if lm}), out, len(res.skipped))
+    logger.info(
+        "indexed %d images of %d landmarks into %s; skipped %d",
+        len(index),
+        len({lm for lm in index.landmarks if lm}),
+        out,
+        len(res.skipped),
+    )
     return out
 
 
@@ -228,18 +317,31 @@ def _calibrate(index: Any, calibration: Any) -> None:
     from landmarks.recognize import RecognizeConfig
 
     r = RecognizeConfig()
-    entry = calibrate_index(index, calibration or CalibrationConfig(), k=r.k, ood=r.ood, ood_weight=r.ood_weight,
-                            ood_query_k=r.ood_query_k)
+    entry = calibrate_index(
+        index,
+        calibration or CalibrationConfig(),
+        k=r.k,
+        ood=r.ood,
+        ood_weight=r.ood_weight,
+        ood_query_k=r.ood_query_k,
+    )
     index.meta.pop("calibration", None)
     if entry is not None:
         index.meta["calibration"] = entry
-        logger.info("is_landmark threshold %.4f: precision %.3f (target %.2f), %.1f%% of landmark queries "
-                    "recognised above it, %.1f%% of non-landmarks above it", entry["threshold"], entry["precision"],
-                    entry["precision_target"], 100 * entry["landmark_recall"], 100 * entry["nonlandmark_yes"])
+        logger.info(
+            "is_landmark threshold %.4f: precision %.3f (target %.2f), %.1f%% of landmark queries "
+            "recognised above it, %.1f%% of non-landmarks above it",
+            entry["threshold"],
+            entry["precision"],
+            entry["precision_target"],
+            100 * entry["landmark_recall"],
+            100 * entry["nonlandmark_yes"],
+        )
 
 
-def _query_records(queries: Source | Sequence[Source] | Sequence[ImageRecord],
-                   image_dir: Source | None) -> list[ImageRecord]:
+def _query_records(
+    queries: Source | Sequence[Source] | Sequence[ImageRecord], image_dir: Source | None
+) -> list[ImageRecord]:
     from landmarks.data.collection import load_images
 
     if isinstance(queries, (str, Path)):
@@ -250,11 +352,22 @@ def _query_records(queries: Source | Sequence[Source] | Sequence[ImageRecord],
     return load_images([Path(q) for q in items if isinstance(q, (str, Path))], image_dir)
 
 
-def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Sequence[ImageRecord],
-                      out_csv: Source, *, conf: Any = None, neighbours_jsonl: Source | None = None,
-                      retrieval_csv: Source | None = None, retrieval_k: int = 100, device: str = "cpu",
-                      model: Source | None = None, embedder: Any = None, image_dir: Source | None = None,
-                      num_workers: int | None = None, recognizer: Any = None) -> dict[str, Any]:
+def recognize_queries(
+    index_dir: Source,
+    queries: Source | Sequence[Source] | Sequence[ImageRecord],
+    out_csv: Source,
+    *,
+    conf: Any = None,
+    neighbours_jsonl: Source | None = None,
+    retrieval_csv: Source | None = None,
+    retrieval_k: int = 100,
+    device: str = "cpu",
+    model: Source | None = None,
+    embedder: Any = None,
+    image_dir: Source | None = None,
+    num_workers: int | None = None,
+    recognizer: Any = None,
+) -> dict[str, Any]:
     """Recognize query images against an index and write the Kaggle recognition CSV (and more).
 
     Args:
@@ -288,15 +401,21 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
     if not records:
         raise LandmarksError(f"no query images found in {queries}")
     own = recognizer is None
-    rec = recognizer or Recognizer.load(index_dir, conf, device=resolve_device(device), model=model,
-                                        embedder=embedder)
+    rec = recognizer or Recognizer.load(
+        index_dir, conf, device=resolve_device(device), model=model, embedder=embedder
+    )
     try:
         out = Path(out_csv)
         work = out.parent / f".{out.name}.work"
-        ext_conf = extract.ExtractConfig(batch_size=rec.conf.batch_size, num_workers=num_workers,
-                                         scales=rec.extract_conf.scales, flip=rec.extract_conf.flip)
-        res = extract.extract_resumable(rec.embedder, records, work, ext_conf,
-                                        skipped_csv=out.parent / "skipped.csv", desc="queries")
+        ext_conf = extract.ExtractConfig(
+            batch_size=rec.conf.batch_size,
+            num_workers=num_workers,
+            scales=rec.extract_conf.scales,
+            flip=rec.extract_conf.flip,
+        )
+        res = extract.extract_resumable(
+            rec.embedder, records, work, ext_conf, skipped_csv=out.parent / "skipped.csv", desc="queries"
+        )
         done = [records[i] for i in res.rows]
         k_ret = retrieval_k if retrieval_csv else 0
         recs = rec.recognize_embeddings(res.embeddings, queries=[r.path for r in done], retrieval_k=k_ret)
@@ -304,9 +423,13 @@ def recognize_queries(index_dir: Source, queries: Source | Sequence[Source] | Se
         # calibrated is_landmark answers the yes/no question of the service and the neighbours file)
         explicit = rec.conf.threshold
         predictions: dict[str, tuple[str, float] | None] = {
-            r.id: ((str(x.landmark), x.confidence) if x.landmark and (explicit is None or x.confidence >= explicit)
-                   else None)
-            for r, x in zip(done, recs)}
+            r.id: (
+                (str(x.landmark), x.confidence)
+                if x.landmark and (explicit is None or x.confidence >= explicit)
+                else None
+            )
+            for r, x in zip(done, recs)
+        }
         write_recognition_csv(out, predictions, ids=[r.id for r in records])
         if neighbours_jsonl:
             with atomic_write(neighbours_jsonl) as f:

@@ -56,8 +56,19 @@ logger = logging.getLogger("landmarks")
 #: features (:class:`~landmarks.rerank.LocalReranker`); any other :class:`~landmarks.rerank.Reranker`
 #: is passed to :class:`Recognizer`.
 RERANK_CHOICES = ("none", "local")
-__all__ = ["RERANK_CHOICES", "Neighbour", "RecognizeConfig", "Recognition", "Recognizer", "Reranker", "demote",
-           "neighbour_scores", "neighbours_row", "query_confidence", "vote"]
+__all__ = [
+    "RERANK_CHOICES",
+    "Neighbour",
+    "RecognizeConfig",
+    "Recognition",
+    "Recognizer",
+    "Reranker",
+    "demote",
+    "neighbour_scores",
+    "neighbours_row",
+    "query_confidence",
+    "vote",
+]
 
 
 @dataclass
@@ -128,7 +139,9 @@ class RecognizeConfig:
         if self.rerank_weight < 0:
             raise ConfigError(f"rerank_weight must be >= 0, got {self.rerank_weight}")
         if self.rerank_model not in ("fundamental", "homography", "affine"):
-            raise ConfigError(f"unknown rerank_model {self.rerank_model!r} (fundamental, homography or affine)")
+            raise ConfigError(
+                f"unknown rerank_model {self.rerank_model!r} (fundamental, homography or affine)"
+            )
         from landmarks.expansion import ExpansionConfig
 
         ExpansionConfig(self.qe_n, self.qe_alpha)  # validates
@@ -180,11 +193,16 @@ class RecognizerInfo:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the index's fields at the top level, plus ``recognize``, ``ood_active`` and
         ``is_landmark_threshold``."""
-        return {**self.index.to_dict(), "recognize": dict(self.recognize), "ood_active": self.ood_active,
-                "is_landmark_threshold": dict(self.is_landmark_threshold)}
+        return {
+            **self.index.to_dict(),
+            "recognize": dict(self.recognize),
+            "ood_active": self.ood_active,
+            "is_landmark_threshold": dict(self.is_landmark_threshold),
+        }
 
 
 # --- pure scoring -----------------------------------------------------------------------------------
+
 
 def neighbour_scores(sims: np.ndarray, penalties: np.ndarray | None = None) -> np.ndarray:
     """Per-neighbour voting scores.
@@ -264,11 +282,18 @@ def demote(best: np.ndarray, conf: np.ndarray, above: int | None, penalty: float
 
 # --- the recognizer ---------------------------------------------------------------------------------
 
+
 class Recognizer:
     """Recognize in-memory images against a :class:`~landmarks.index.LandmarkIndex`."""
 
-    def __init__(self, index: Any, embedder: Any, conf: RecognizeConfig | None = None,
-                 reranker: Reranker | None = None, index_dir: str | Path | None = None):
+    def __init__(
+        self,
+        index: Any,
+        embedder: Any,
+        conf: RecognizeConfig | None = None,
+        reranker: Reranker | None = None,
+        index_dir: str | Path | None = None,
+    ):
         from landmarks.extract import ExtractConfig
 
         self.index = index
@@ -284,14 +309,25 @@ class Recognizer:
         # local-feature verification of the top candidates (landmarks.rerank), when asked and no re-ranker is given
         if self.conf.rerank == "local" and reranker is None:
             self.reranker = LocalReranker.for_index(
-                index, embedder, self.index_dir or "this index", workers=self.conf.rerank_workers,
-                seed=self.conf.seed, model=self.conf.rerank_model, max_iters=self.conf.rerank_max_iters,
-                c=self.conf.rerank_c, min_inliers=self.conf.rerank_min_inliers, weight=self.conf.rerank_weight)
+                index,
+                embedder,
+                self.index_dir or "this index",
+                workers=self.conf.rerank_workers,
+                seed=self.conf.seed,
+                model=self.conf.rerank_model,
+                max_iters=self.conf.rerank_max_iters,
+                c=self.conf.rerank_c,
+                min_inliers=self.conf.rerank_min_inliers,
+                weight=self.conf.rerank_weight,
+            )
         #: is_landmark means confidence >= this (None: a landmark was voted); and where it comes from
         self.is_landmark_threshold, self.threshold_source = self._is_landmark_threshold()
         views = index.views
-        self.extract_conf = ExtractConfig(batch_size=self.conf.batch_size,
-                                          scales=tuple(views.get("scales", [1.0])), flip=bool(views.get("flip")))
+        self.extract_conf = ExtractConfig(
+            batch_size=self.conf.batch_size,
+            scales=tuple(views.get("scales", [1.0])),
+            flip=bool(views.get("flip")),
+        )
 
     @property
     def local(self) -> LocalReranker | None:
@@ -299,8 +335,16 @@ class Recognizer:
         return self.reranker if isinstance(self.reranker, LocalReranker) else None
 
     @classmethod
-    def load(cls, index_dir: str | Path, conf: RecognizeConfig | None = None, device: str = "cpu", *,
-             model: str | Path | None = None, embedder: Any = None, reranker: Reranker | None = None) -> Recognizer:
+    def load(
+        cls,
+        index_dir: str | Path,
+        conf: RecognizeConfig | None = None,
+        device: str = "cpu",
+        *,
+        model: str | Path | None = None,
+        embedder: Any = None,
+        reranker: Reranker | None = None,
+    ) -> Recognizer:
         """Open an index and its model.
 
         The model is ``embedder`` when given, else the run ``model``, else the run recorded in the
@@ -315,7 +359,9 @@ class Recognizer:
             if not source:
                 raise LandmarksError(f"{index_dir}: meta.json names no model; pass the model run explicitly")
             if not Path(source).exists():
-                raise LandmarksError(f"model {source} (recorded in {index_dir}/meta.json) not found; pass --model")
+                raise LandmarksError(
+                    f"model {source} (recorded in {index_dir}/meta.json) not found; pass --model"
+                )
             embedder = extract.load_embedder(source, device=device)
         return cls(index, embedder, conf, reranker=reranker, index_dir=index_dir)
 
@@ -328,9 +374,14 @@ class Recognizer:
         entry = (getattr(self.index, "meta", None) or {}).get("calibration")
         if not c.calibrated or not entry:
             return None, "none"
-        if not voting_matches(entry, c.k, c.ood and self.index.has_non_landmarks, c.ood_weight, c.ood_query_k):
-            logger.warning("the index's is_landmark calibration was made with other voting settings (%s); "
-                           "is_landmark is not thresholded", entry.get("voting"))
+        if not voting_matches(
+            entry, c.k, c.ood and self.index.has_non_landmarks, c.ood_weight, c.ood_query_k
+        ):
+            logger.warning(
+                "the index's is_landmark calibration was made with other voting settings (%s); "
+                "is_landmark is not thresholded",
+                entry.get("voting"),
+            )
             return None, "none"
         return float(entry["threshold"]), "calibrated"
 
@@ -339,8 +390,12 @@ class Recognizer:
         thr: dict[str, Any] = {"value": self.is_landmark_threshold, "source": self.threshold_source}
         if self.threshold_source == "calibrated":
             thr["calibration"] = self.index.meta["calibration"]
-        return RecognizerInfo(index=self.index.info(), recognize=asdict(self.conf),
-                              ood_active=bool(self.conf.ood and self.index.has_non_landmarks), is_landmark_threshold=thr)
+        return RecognizerInfo(
+            index=self.index.info(),
+            recognize=asdict(self.conf),
+            ood_active=bool(self.conf.ood and self.index.has_non_landmarks),
+            is_landmark_threshold=thr,
+        )
 
     # -- following the index on disk ------------------------------------------------------------------
 
@@ -407,11 +462,18 @@ class Recognizer:
         t0 = time.perf_counter()
         xq = self.embed(images) if len(images) else np.zeros((0, self.index.model_d), np.float32)
         t_embed = (time.perf_counter() - t0) * 1000.0
-        return self.recognize_embeddings(xq, queries=list(images), extra_timings={"embed": t_embed}, t_start=t0)
+        return self.recognize_embeddings(
+            xq, queries=list(images), extra_timings={"embed": t_embed}, t_start=t0
+        )
 
-    def recognize_embeddings(self, xq: np.ndarray, queries: Sequence[np.ndarray | str | Path] | None = None,
-                             extra_timings: dict[str, float] | None = None,
-                             t_start: float | None = None, retrieval_k: int = 0) -> list[Recognition]:
+    def recognize_embeddings(
+        self,
+        xq: np.ndarray,
+        queries: Sequence[np.ndarray | str | Path] | None = None,
+        extra_timings: dict[str, float] | None = None,
+        t_start: float | None = None,
+        retrieval_k: int = 0,
+    ) -> list[Recognition]:
         """Recognize from the model's query embeddings ``xq (nq, D)`` float32 L2-normalised (mapped to the
         index's space, e.g. whitened, by :meth:`LandmarkIndex.project`).
 
@@ -438,8 +500,9 @@ class Recognizer:
         if conf.qe_n > 0 and (retrieval_k or conf.qe_vote):  # alpha-QE with the index's rows (DBA'd if any)
             from landmarks.expansion import ExpansionConfig, query_expansion
 
-            xq_qe = query_expansion(xq, self.index.embeddings, self.index.search,
-                                    ExpansionConfig(conf.qe_n, conf.qe_alpha))
+            xq_qe = query_expansion(
+                xq, self.index.embeddings, self.index.search, ExpansionConfig(conf.qe_n, conf.qe_alpha)
+            )
         sims, rows = self.index.search(xq_qe if xq_qe is not None and conf.qe_vote else xq, k_search)
         ret_rows = rows
         if xq_qe is not None and retrieval_k and not conf.qe_vote:
@@ -453,8 +516,11 @@ class Recognizer:
 
         t = time.perf_counter()
         scores = None
-        retrieval = [[self.index.ids[r] for r in row[:retrieval_k] if r >= 0] for row in ret_rows] if retrieval_k \
+        retrieval = (
+            [[self.index.ids[r] for r in row[:retrieval_k] if r >= 0] for row in ret_rows]
+            if retrieval_k
             else None
+        )
         inliers = None
         if self.reranker is not None:
             if queries is None or len(queries) != nq:
@@ -463,24 +529,43 @@ class Recognizer:
         timings["rerank"] = (time.perf_counter() - t) * 1000.0
 
         t = time.perf_counter()
-        best, confidence, names = self.vote(sims[:, :conf.k], rows[:, :conf.k], q_ood,
-                                            scores=None if scores is None else scores[:, :conf.k])
+        best, confidence, names = self.vote(
+            sims[:, : conf.k],
+            rows[:, : conf.k],
+            q_ood,
+            scores=None if scores is None else scores[:, : conf.k],
+        )
         timings["vote"] = (time.perf_counter() - t) * 1000.0
         timings["total"] = (time.perf_counter() - t0) * 1000.0
 
         out = []
         shown = sims if scores is None else scores  # re-ranked: the score that ordered the candidates
         for q in range(nq):
-            nbrs = self._neighbours(shown[q, :conf.k], rows[q, :conf.k], None if inliers is None else inliers[q, :conf.k])
+            nbrs = self._neighbours(
+                shown[q, : conf.k], rows[q, : conf.k], None if inliers is None else inliers[q, : conf.k]
+            )
             lm = names[best[q]] if best[q] >= 0 else None
             c = float(confidence[q]) if np.isfinite(confidence[q]) else 0.0
             is_lm = lm is not None and (self.is_landmark_threshold is None or c >= self.is_landmark_threshold)
-            out.append(Recognition(landmark=lm, confidence=c, is_landmark=is_lm, neighbours=nbrs,
-                                   timings_ms=dict(timings), retrieval=None if retrieval is None else retrieval[q]))
+            out.append(
+                Recognition(
+                    landmark=lm,
+                    confidence=c,
+                    is_landmark=is_lm,
+                    neighbours=nbrs,
+                    timings_ms=dict(timings),
+                    retrieval=None if retrieval is None else retrieval[q],
+                )
+            )
         return out
 
-    def vote(self, sims: np.ndarray, rows: np.ndarray, query_ood: np.ndarray | None,
-             scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def vote(
+        self,
+        sims: np.ndarray,
+        rows: np.ndarray,
+        query_ood: np.ndarray | None,
+        scores: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Voting for a batch: ``sims``/``rows`` ``(nq, k)`` from :meth:`LandmarkIndex.search`.
 
         ``scores``: ``(nq, k)`` neighbour scores already computed (local re-ranking), else
@@ -508,8 +593,15 @@ class Recognizer:
             if r < 0:
                 continue
             n_in = None if inliers is None or inliers[j] < 0 else int(inliers[j])
-            out.append(Neighbour(id=self.index.ids[r], landmark=self.index.landmarks[r] or "", score=float(s),
-                                 inliers=n_in, path=self.index.paths[r]))
+            out.append(
+                Neighbour(
+                    id=self.index.ids[r],
+                    landmark=self.index.landmarks[r] or "",
+                    score=float(s),
+                    inliers=n_in,
+                    path=self.index.paths[r],
+                )
+            )
         return out
 
     def _neighbour_scores(self, sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -519,9 +611,13 @@ class Recognizer:
         pen = self.index.penalty[np.maximum(rows, 0)] if use_ood and len(self.index.ids) else None
         return neighbour_scores(sims, pen)
 
-    def _rerank(self, queries: Sequence[np.ndarray | str | Path], sims: np.ndarray, rows: np.ndarray,
-                retrieval: list[list[str]] | None,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]] | None]:
+    def _rerank(
+        self,
+        queries: Sequence[np.ndarray | str | Path],
+        sims: np.ndarray,
+        rows: np.ndarray,
+        retrieval: list[list[str]] | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[str]] | None]:
         """Re-rank the top-K candidates with :attr:`reranker` (see :meth:`recognize_embeddings`).
 
         Returns ``(sims, rows, inliers, scores, retrieval)``, the first four ``(nq, K')`` with
@@ -537,8 +633,10 @@ class Recognizer:
         cands = Candidates.select(sims, rows, self.index.ids, scores, K)
         res = self.reranker.rerank(queries, cands)
         if res.scores.shape != cands.scores.shape or res.inliers.shape != cands.scores.shape:
-            raise LandmarksError(f"the re-ranker returned scores {res.scores.shape} and inliers {res.inliers.shape} "
-                                 f"for candidates {cands.scores.shape}")
+            raise LandmarksError(
+                f"the re-ranker returned scores {res.scores.shape} and inliers {res.inliers.shape} "
+                f"for candidates {cands.scores.shape}"
+            )
         scores[:, :K] = res.scores
         inl = np.full(rows.shape, -1, np.int64)
         inl[:, :K] = res.inliers
@@ -546,13 +644,14 @@ class Recognizer:
             for q, ids in enumerate(cands.ids):
                 head = [ids[i] for i in res.retrieval[q]]
                 seen = set(head)
-                retrieval[q] = (head + [x for x in retrieval[q] if x not in seen])[:len(retrieval[q])]
+                retrieval[q] = (head + [x for x in retrieval[q] if x not in seen])[: len(retrieval[q])]
         order = rerank_order(scores)
         sims, rows, inl, scores = (np.take_along_axis(x, order, axis=1) for x in (sims, rows, inl, scores))
         return sims, rows, inl, scores, retrieval
 
-    def pair_verification(self, query: np.ndarray, image_id: str,
-                          image: np.ndarray | str | Path) -> tuple[LocalFeatures, LocalFeatures, Verification]:
+    def pair_verification(
+        self, query: np.ndarray, image_id: str, image: np.ndarray | str | Path
+    ) -> tuple[LocalFeatures, LocalFeatures, Verification]:
         """``(query features, image features, Verification)`` of a query and index image ``image_id``.
 
         The verification re-ranking runs: the stored features and the re-ranker's settings when it
@@ -564,8 +663,13 @@ class Recognizer:
         if got is not None:
             return got
         if self._verifier is None:
-            self._verifier = PairVerifier.for_index(self.index.meta, self.embedder, model=self.conf.rerank_model,
-                                                    seed=self.conf.seed, max_iters=self.conf.rerank_max_iters)
+            self._verifier = PairVerifier.for_index(
+                self.index.meta,
+                self.embedder,
+                model=self.conf.rerank_model,
+                seed=self.conf.seed,
+                max_iters=self.conf.rerank_max_iters,
+            )
         fa, fb = self._verifier.features(query), self._verifier.features(image)
         return fa, fb, self._verifier.verify(fa, fb)
 
@@ -582,8 +686,16 @@ class Recognizer:
 
     # -- growing the index ---------------------------------------------------------------------------
 
-    def add(self, records: Sequence[ImageRecord], *, num_workers: int | None = None, wait_s: float = 0.0,
-            command: str = "add", swap: bool = True, show_progress: bool = True) -> AddResult:
+    def add(
+        self,
+        records: Sequence[ImageRecord],
+        *,
+        num_workers: int | None = None,
+        wait_s: float = 0.0,
+        command: str = "add",
+        swap: bool = True,
+        show_progress: bool = True,
+    ) -> AddResult:
         """Add labelled ``records`` to the index on disk (:func:`landmarks.maintenance.add_to_index`).
 
         The stage holds the folder's writer lock and starts from the committed index (never from this
@@ -594,8 +706,16 @@ class Recognizer:
 
         if self.index_dir is None:
             raise LandmarksError("this recognizer's index has no folder to save to")
-        res = add_to_index(self.index_dir, records, self.embedder, batch_size=self.conf.batch_size,
-                           num_workers=num_workers, wait_s=wait_s, command=command, show_progress=show_progress)
+        res = add_to_index(
+            self.index_dir,
+            records,
+            self.embedder,
+            batch_size=self.conf.batch_size,
+            num_workers=num_workers,
+            wait_s=wait_s,
+            command=command,
+            show_progress=show_progress,
+        )
         if swap:
             self.replace_index(res.index)
         return res
@@ -608,7 +728,8 @@ def neighbours_row(query_id: str, path: str | None, rec: Recognition) -> dict[st
         "path": path,
         "landmark": rec.landmark if rec.is_landmark else None,
         "confidence": rec.confidence,
-        "neighbours": [{"id": n.id, "landmark": n.landmark, "score": n.score, "inliers": n.inliers, "path": n.path}
-                       for n in rec.neighbours],
+        "neighbours": [
+            {"id": n.id, "landmark": n.landmark, "score": n.score, "inliers": n.inliers, "path": n.path}
+            for n in rec.neighbours
+        ],
     }
-

@@ -66,8 +66,13 @@ _OUTCOME_MARK = {
     "abstained": ("\u2713", "non-landmark query, no prediction"),
 }
 #: Filters offered in the page: (tag, button label).
-FILTERS = (("all", "all"), ("wrong", "wrong"), ("right", "right"), ("nonlandmark", "non-landmark"),
-           ("noprediction", "no prediction"))
+FILTERS = (
+    ("all", "all"),
+    ("wrong", "wrong"),
+    ("right", "right"),
+    ("nonlandmark", "non-landmark"),
+    ("noprediction", "no prediction"),
+)
 
 
 @dataclass
@@ -90,8 +95,12 @@ class ReportConfig:
         for name in ("max_rows", "top_k", "max_match_drawings"):
             if getattr(self, name) < 0:
                 raise LandmarksError(f"report: {name} must be >= 0, got {getattr(self, name)}")
-        for name, hi in (("thumb_px", 512), ("neighbour_thumb_px", 512), ("match_max_side_px", 4096),
-                         ("match_drawing_px", 2048)):
+        for name, hi in (
+            ("thumb_px", 512),
+            ("neighbour_thumb_px", 512),
+            ("match_max_side_px", 4096),
+            ("match_drawing_px", 2048),
+        ):
             if not 8 <= getattr(self, name) <= hi:
                 raise LandmarksError(f"report: {name} must be in 8..{hi} pixels, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 95:
@@ -101,6 +110,7 @@ class ReportConfig:
 
 
 # --- pure scoring pieces ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class QueryResult:
@@ -169,14 +179,24 @@ def rank_worst_first(results: Sequence[QueryResult]) -> list[QueryResult]:
     return sorted(results, key=_badness_key)
 
 
-def score_queries(predictions: Mapping[str, Prediction | None], solution: Mapping[str, Sequence[str]],
-                  usage: Mapping[str, str] | None = None) -> list[QueryResult]:
+def score_queries(
+    predictions: Mapping[str, Prediction | None],
+    solution: Mapping[str, Sequence[str]],
+    usage: Mapping[str, str] | None = None,
+) -> list[QueryResult]:
     """One :class:`QueryResult` per solution id (predictions for other ids are ignored), in solution order."""
     out = []
     for qid, truth in solution.items():
         pred = predictions.get(qid)
-        out.append(QueryResult(qid, tuple(truth), pred, classify_prediction(pred, truth),
-                               None if usage is None else usage.get(qid)))
+        out.append(
+            QueryResult(
+                qid,
+                tuple(truth),
+                pred,
+                classify_prediction(pred, truth),
+                None if usage is None else usage.get(qid),
+            )
+        )
     return out
 
 
@@ -203,8 +223,11 @@ class PRCurve:
         return float(self.precision[self.relevant].sum() / self.num_landmark_queries)
 
 
-def precision_recall_curve(predictions: Mapping[str, Prediction | None], solution: Mapping[str, Sequence[str]],
-                           ignore_non_landmarks: bool = False) -> PRCurve:
+def precision_recall_curve(
+    predictions: Mapping[str, Prediction | None],
+    solution: Mapping[str, Sequence[str]],
+    ignore_non_landmarks: bool = False,
+) -> PRCurve:
     """The precision-recall curve of the predictions for the ``solution`` ids ranked by confidence.
 
     With ``ignore_non_landmarks`` the predictions on non-landmark queries are left out (as in
@@ -227,7 +250,9 @@ def precision_recall_curve(predictions: Mapping[str, Prediction | None], solutio
     return PRCurve(precision, recall, conf, relevant, m)
 
 
-def summarize(predictions: Mapping[str, Prediction | None], solution: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+def summarize(
+    predictions: Mapping[str, Prediction | None], solution: Mapping[str, Sequence[str]]
+) -> dict[str, Any]:
     """Metrics and counts over the ``solution`` ids (predictions for other ids are ignored).
 
     Keys: ``gap``, ``gap_ignoring_non_landmarks``, ``top1_accuracy`` (floats from
@@ -247,7 +272,9 @@ def summarize(predictions: Mapping[str, Prediction | None], solution: Mapping[st
     n_landmark = sum(1 for t in solution.values() if t)
     return {
         "gap": float(global_average_precision(preds, solution)),
-        "gap_ignoring_non_landmarks": float(global_average_precision(preds, solution, ignore_non_landmarks=True)),
+        "gap_ignoring_non_landmarks": float(
+            global_average_precision(preds, solution, ignore_non_landmarks=True)
+        ),
         "top1_accuracy": float(top1_accuracy(preds, solution)),
         "queries": len(solution),
         "landmark_queries": n_landmark,
@@ -262,6 +289,7 @@ def summarize(predictions: Mapping[str, Prediction | None], solution: Mapping[st
 
 
 # --- inputs -----------------------------------------------------------------------------------------
+
 
 def read_neighbours_jsonl(path: str | Path) -> dict[str, dict[str, Any]]:
     """Rows of a ``landmarks recognize --neighbours`` JSONL file, by query id.
@@ -293,8 +321,9 @@ def read_neighbours_jsonl(path: str | Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _load_inputs(predictions_csv: Path, solution_csv: Path) -> tuple[
-        dict[str, Prediction | None], dict[str, tuple[str, ...]], dict[str, str] | None, list[str]]:
+def _load_inputs(
+    predictions_csv: Path, solution_csv: Path
+) -> tuple[dict[str, Prediction | None], dict[str, tuple[str, ...]], dict[str, str] | None, list[str]]:
     """(predictions, solution truth, usage or None, ids predicted but absent from the solution)."""
     from landmarks.submission import read_recognition_predictions, read_recognition_solution
 
@@ -314,6 +343,7 @@ def _load_inputs(predictions_csv: Path, solution_csv: Path) -> tuple[
 
 # --- images -----------------------------------------------------------------------------------------
 
+
 def _jpeg_data_uri(img: Any, quality: int) -> str:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, optimize=True)
@@ -329,8 +359,9 @@ def array_to_data_uri(arr: np.ndarray, max_side_px: int, quality: int = 80) -> s
     return _jpeg_data_uri(img, quality)
 
 
-def thumbnail(source: str | Path, max_side_px: int, quality: int = 80,
-              max_pixels: int | None = 100_000_000) -> tuple[str, int, int]:
+def thumbnail(
+    source: str | Path, max_side_px: int, quality: int = 80, max_pixels: int | None = 100_000_000
+) -> tuple[str, int, int]:
     """``(JPEG data URI, width, height)`` of the image at ``source``, longer side at most ``max_side_px``.
 
     Raises :class:`ImageDecodeError` (with ``.reason``) when the image cannot be read.
@@ -364,7 +395,6 @@ class _Images:
         self.styles: list[str] = []
         self.failures = 0
 
-
     def resolve(self, path: str) -> Path:
         p = Path(path)
         if p.is_absolute() or p.exists():
@@ -382,9 +412,13 @@ class _Images:
         if key not in self._cache:
             result: _Thumb | str
             try:
-                uri, w, h = thumbnail(self.resolve(path), size, self.conf.jpeg_quality, self.conf.max_image_pixels)
+                uri, w, h = thumbnail(
+                    self.resolve(path), size, self.conf.jpeg_quality, self.conf.max_image_pixels
+                )
                 result = _Thumb(f"t{len(self.styles)}", w, h)
-                self.styles.append(f'.{result.css_class}{{width:{w}px;height:{h}px;background-image:url("{uri}")}}')
+                self.styles.append(
+                    f'.{result.css_class}{{width:{w}px;height:{h}px;background-image:url("{uri}")}}'
+                )
             except ImageDecodeError as e:
                 result = e.reason
             except Exception as e:  # never let one bad image end the report
@@ -439,7 +473,9 @@ class _MatchDrawer:
         img_b, fb = self._features(neighbour_path)
         v = self._verifier.verify(fa, fb)
         drawing = draw_verification(img_a, img_b, fa, fb, v, max_side_px=self.conf.match_max_side_px)
-        return array_to_data_uri(drawing, self.conf.match_drawing_px, self.conf.jpeg_quality), int(v.num_inliers)
+        return array_to_data_uri(drawing, self.conf.match_drawing_px, self.conf.jpeg_quality), int(
+            v.num_inliers
+        )
 
 
 class _IndexPaths:
@@ -477,6 +513,7 @@ def _index_image_paths(index_dir: Path) -> dict[str, str]:
 
 # --- plots ------------------------------------------------------------------------------------------
 
+
 def _new_figure(width_in: float, height_in: float) -> Figure:
     """A matplotlib figure on an Agg canvas; pyplot and the global backend are left alone."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -500,8 +537,12 @@ def pr_curve_figure(curves: Mapping[str, PRCurve]) -> Figure:
     ax = fig.add_subplot()
     for name, c in curves.items():
         if len(c.precision):
-            ax.step(np.r_[0.0, c.recall], np.r_[c.precision[0], c.precision], where="post",
-                    label=f"{name} (GAP {c.gap:.3f})")
+            ax.step(
+                np.r_[0.0, c.recall],
+                np.r_[c.precision[0], c.precision],
+                where="post",
+                label=f"{name} (GAP {c.gap:.3f})",
+            )
         else:
             ax.plot([], [], label=f"{name} (no predictions)")
     ax.set_xlim(0, 1)
@@ -521,8 +562,11 @@ def confidence_histogram_figure(results: Sequence[QueryResult], bins: int = 20) 
         "landmark queries, wrong": [r.confidence for r in results if r.outcome == "wrong"],
         "non-landmark queries": [r.confidence for r in results if r.outcome == "false_positive"],
     }
-    colours = {"landmark queries, right": "#2e7d32", "landmark queries, wrong": "#c62828",
-               "non-landmark queries": "#6a1b9a"}
+    colours = {
+        "landmark queries, right": "#2e7d32",
+        "landmark queries, wrong": "#c62828",
+        "non-landmark queries": "#6a1b9a",
+    }
     vals = [float(v) for g in groups.values() for v in g if v is not None and math.isfinite(v)]
     lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
     if hi - lo < 1e-9:
@@ -532,8 +576,14 @@ def confidence_histogram_figure(results: Sequence[QueryResult], bins: int = 20) 
     ax = fig.add_subplot()
     for name, g in groups.items():
         data = [float(v) for v in g if v is not None and math.isfinite(v)]
-        ax.hist(data, bins=edges.tolist(), histtype="step", linewidth=1.8, color=colours[name],
-                label=f"{name} ({len(data)})")
+        ax.hist(
+            data,
+            bins=edges.tolist(),
+            histtype="step",
+            linewidth=1.8,
+            color=colours[name],
+            label=f"{name} ({len(data)})",
+        )
     ax.set_xlabel("confidence of the prediction")
     ax.set_ylabel("queries")
     ax.set_title("confidence of the predictions")
@@ -564,8 +614,10 @@ def save_confidence_histogram(results: Sequence[QueryResult], path: str | Path, 
 
 # --- HTML -------------------------------------------------------------------------------------------
 
-_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-        "base-uri 'none'; form-action 'none'")
+_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'"
+)
 
 
 def _fmt_score(x: object) -> str:
@@ -577,11 +629,20 @@ def _fmt_score(x: object) -> str:
 
 
 #: The metrics table's columns: (summary key, header).
-_METRIC_COLUMNS = [("queries", "queries"), ("landmark_queries", "landmark"), ("non_landmark_queries", "non-landmark"),
-                   ("predictions", "predictions"), ("gap", "GAP"),
-                   ("gap_ignoring_non_landmarks", "GAP ignoring non-landmarks"), ("top1_accuracy", "top-1"),
-                   ("right", "right"), ("wrong", "wrong"), ("false_positives", "on non-landmarks"),
-                   ("missed", "missed"), ("abstained", "abstained")]
+_METRIC_COLUMNS = [
+    ("queries", "queries"),
+    ("landmark_queries", "landmark"),
+    ("non_landmark_queries", "non-landmark"),
+    ("predictions", "predictions"),
+    ("gap", "GAP"),
+    ("gap_ignoring_non_landmarks", "GAP ignoring non-landmarks"),
+    ("top1_accuracy", "top-1"),
+    ("right", "right"),
+    ("wrong", "wrong"),
+    ("false_positives", "on non-landmarks"),
+    ("missed", "missed"),
+    ("abstained", "abstained"),
+]
 
 
 def _metric_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -591,7 +652,9 @@ def _metric_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, li
         cells = []
         for key, _ in _METRIC_COLUMNS:
             v = m[key]
-            cells.append((key, (f"{v:.4f}" if math.isfinite(v) else "n/a") if isinstance(v, float) else str(v)))
+            cells.append(
+                (key, (f"{v:.4f}" if math.isfinite(v) else "n/a") if isinstance(v, float) else str(v))
+            )
         rows.append((part, cells))
     return rows
 
@@ -644,15 +707,23 @@ class _RowView:
     retrieval: str | None = None  # the retrieval cell (None: no retrieval figures)
 
 
-def _row_view(rank: int, r: QueryResult, nrow: dict[str, Any] | None, conf: ReportConfig, images: _Images,
-              index_paths: _IndexPaths, drawer: _MatchDrawer | None, no_drawing: str) -> tuple[_RowView, bool]:
+def _row_view(
+    rank: int,
+    r: QueryResult,
+    nrow: dict[str, Any] | None,
+    conf: ReportConfig,
+    images: _Images,
+    index_paths: _IndexPaths,
+    drawer: _MatchDrawer | None,
+    no_drawing: str,
+) -> tuple[_RowView, bool]:
     """The view of one query row and whether a match drawing was attempted (``no_drawing``: why not)."""
     mark, mark_title = _OUTCOME_MARK[r.outcome]
     qpath = (nrow or {}).get("path") or index_paths.get(r.id)
     qthumb = images.thumb(qpath, conf.thumb_px)
     neighbours: list[_NeighbourView] = []
     verified: dict[str, Any] | None = None
-    for i, nb in enumerate(((nrow or {}).get("neighbours") or [])[:conf.top_k]):
+    for i, nb in enumerate(((nrow or {}).get("neighbours") or [])[: conf.top_k]):
         nid = str(nb.get("id", "?"))
         nlm = nb.get("landmark")
         npath = nb.get("path") or index_paths.get(nid)
@@ -660,18 +731,32 @@ def _row_view(rank: int, r: QueryResult, nrow: dict[str, Any] | None, conf: Repo
         n_inl = int(inl) if isinstance(inl, (int, float)) and not isinstance(inl, bool) else None
         if n_inl is not None and verified is None and npath:
             verified = dict(nb, path=npath, rank=i + 1)
-        neighbours.append(_NeighbourView(
-            rank=i + 1, ok=r.is_landmark and nlm is not None and str(nlm) in r.truth,
-            thumb=images.thumb(npath, conf.neighbour_thumb_px), id=nid, landmark=str(nlm),
-            score=_fmt_score(nb.get("score")), inliers=n_inl))
+        neighbours.append(
+            _NeighbourView(
+                rank=i + 1,
+                ok=r.is_landmark and nlm is not None and str(nlm) in r.truth,
+                thumb=images.thumb(npath, conf.neighbour_thumb_px),
+                id=nid,
+                landmark=str(nlm),
+                score=_fmt_score(nb.get("score")),
+                inliers=n_inl,
+            )
+        )
     match = _MatchView()
     attempted = False
     if verified is not None and drawer is not None and qpath:
         attempted = True
         try:
             uri, n_now = drawer.draw(qpath, verified["path"])
-            match = _MatchView("drawn", uri=uri, rank=verified["rank"], id=str(verified.get("id")),
-                               inliers=int(verified["inliers"]), n_now=n_now, features=drawer.features)
+            match = _MatchView(
+                "drawn",
+                uri=uri,
+                rank=verified["rank"],
+                id=str(verified.get("id")),
+                inliers=int(verified["inliers"]),
+                n_now=n_now,
+                features=drawer.features,
+            )
         except ImageDecodeError as e:
             match = _MatchView("unreadable", reason=e.reason)
         except Exception as e:  # a failing drawing must not end the report
@@ -680,12 +765,21 @@ def _row_view(rank: int, r: QueryResult, nrow: dict[str, Any] | None, conf: Repo
     elif verified is not None:
         match = _MatchView("not_drawn", inliers=int(verified["inliers"]), reason=no_drawing)
     view = _RowView(
-        rank=rank, outcome=r.outcome, id=r.id, tags=" ".join(r.tags),
+        rank=rank,
+        outcome=r.outcome,
+        id=r.id,
+        tags=" ".join(r.tags),
         search=" ".join([r.id, *r.truth, r.prediction[0] if r.prediction else ""]).lower(),
-        confidence=None if r.confidence is None else _fmt_score(r.confidence), mark=mark, mark_title=mark_title,
-        thumb=qthumb, truth=" ".join(r.truth) if r.truth else "non-landmark",
-        usage=r.usage or "", prediction=None if r.prediction is None else (r.prediction[0], _fmt_score(r.prediction[1])),
-        neighbours=None if nrow is None else neighbours, match=match)
+        confidence=None if r.confidence is None else _fmt_score(r.confidence),
+        mark=mark,
+        mark_title=mark_title,
+        thumb=qthumb,
+        truth=" ".join(r.truth) if r.truth else "non-landmark",
+        usage=r.usage or "",
+        prediction=None if r.prediction is None else (r.prediction[0], _fmt_score(r.prediction[1])),
+        neighbours=None if nrow is None else neighbours,
+        match=match,
+    )
     return view, attempted
 
 
@@ -709,8 +803,9 @@ class _RetrievalView:
         return {"k": self.k, "queries": self.queries, "map": self.map_at_k, "found": self.found}
 
 
-def _retrieval_figures(retrieval_csv: str | Path | None, solution_csv: str | Path | None,
-                       k: int) -> tuple[_RetrievalView | None, dict[str, tuple[float, int | None]] | None]:
+def _retrieval_figures(
+    retrieval_csv: str | Path | None, solution_csv: str | Path | None, k: int
+) -> tuple[_RetrievalView | None, dict[str, tuple[float, int | None]] | None]:
     """The retrieval summary and ``{query: (AP@k, first correct position)}``, or ``(None, None)``.
 
     Raises :class:`LandmarksError` when only one of the two files is given.
@@ -718,17 +813,22 @@ def _retrieval_figures(retrieval_csv: str | Path | None, solution_csv: str | Pat
     if retrieval_csv is None and solution_csv is None:
         return None, None
     if retrieval_csv is None or solution_csv is None:
-        raise LandmarksError("retrieval figures need both the retrieval predictions and the retrieval solution")
+        raise LandmarksError(
+            "retrieval figures need both the retrieval predictions and the retrieval solution"
+        )
     from landmarks.metrics import retrieval_per_query
     from landmarks.submission import read_retrieval_predictions, read_retrieval_solution
 
     solution = read_retrieval_solution(solution_csv)
     per_query = retrieval_per_query(read_retrieval_predictions(retrieval_csv, solution), solution.truth, k)
     firsts = [k + 1 if f is None else f for _, f in per_query.values()]
-    view = _RetrievalView(k=k, queries=len(per_query),
-                          map_at_k=float(np.mean([ap for ap, _ in per_query.values()])) if per_query else math.nan,
-                          found=sum(f is not None for _, f in per_query.values()),
-                          median_first=f"{np.median(firsts):g}" if firsts else "n/a")
+    view = _RetrievalView(
+        k=k,
+        queries=len(per_query),
+        map_at_k=float(np.mean([ap for ap, _ in per_query.values()])) if per_query else math.nan,
+        found=sum(f is not None for _, f in per_query.values()),
+        median_first=f"{np.median(firsts):g}" if firsts else "n/a",
+    )
     return view, per_query
 
 
@@ -737,7 +837,11 @@ def _retrieval_cell(figures: tuple[float, int | None] | None, k: int) -> str:
     if figures is None:
         return "not a retrieval query"
     ap, first = figures
-    return f"AP@{k} {ap:.3f}, first correct at {first}" if first is not None else f"AP@{k} 0, none in the top {k}"
+    return (
+        f"AP@{k} {ap:.3f}, first correct at {first}"
+        if first is not None
+        else f"AP@{k} 0, none in the top {k}"
+    )
 
 
 def _template_text(name: str) -> str:
@@ -753,8 +857,12 @@ def _render_page(**context: Any) -> str:
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     template = env.from_string(_template_text("report.html.j2"))
-    return template.render(css=Markup(_template_text("report.css")), js=Markup(_template_text("report.js")),
-                           csp=Markup(_CSP), **context)
+    return template.render(
+        css=Markup(_template_text("report.css")),
+        js=Markup(_template_text("report.js")),
+        csp=Markup(_CSP),
+        **context,
+    )
 
 
 def _png_uri(data: bytes) -> str:
@@ -773,8 +881,11 @@ def _json_for_script(obj: Any) -> str:
     return json.dumps(_json_safe(obj), sort_keys=True, allow_nan=False).replace("</", "<\\/")
 
 
-def _neighbour_rows(predictions_csv: Path, neighbours_jsonl: str | Path | None, notes: list[str],
-                    ) -> tuple[Path | None, dict[str, dict[str, Any]], list[Path]]:
+def _neighbour_rows(
+    predictions_csv: Path,
+    neighbours_jsonl: str | Path | None,
+    notes: list[str],
+) -> tuple[Path | None, dict[str, dict[str, Any]], list[Path]]:
     """``(neighbours file, its rows by query id, folders relative image paths resolve against)``.
 
     The file defaults to ``<predictions stem>.neighbours.jsonl`` beside the predictions; without one a
@@ -785,14 +896,23 @@ def _neighbour_rows(predictions_csv: Path, neighbours_jsonl: str | Path | None, 
         neighbours_jsonl = default if default.is_file() else None
     base_dirs = [predictions_csv.parent]
     if neighbours_jsonl is None:
-        notes.append("no neighbours file: rows show predictions only (pass --neighbours from "
-                     "`landmarks recognize --neighbours`)")
+        notes.append(
+            "no neighbours file: rows show predictions only (pass --neighbours from "
+            "`landmarks recognize --neighbours`)"
+        )
         return None, {}, base_dirs
-    return Path(neighbours_jsonl), read_neighbours_jsonl(neighbours_jsonl), [Path(neighbours_jsonl).parent, *base_dirs]
+    return (
+        Path(neighbours_jsonl),
+        read_neighbours_jsonl(neighbours_jsonl),
+        [Path(neighbours_jsonl).parent, *base_dirs],
+    )
 
 
-def _metrics_by_part(predictions: Mapping[str, Prediction | None], solution: Mapping[str, Sequence[str]],
-                     usage: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
+def _metrics_by_part(
+    predictions: Mapping[str, Prediction | None],
+    solution: Mapping[str, Sequence[str]],
+    usage: Mapping[str, str] | None,
+) -> dict[str, dict[str, Any]]:
     """:func:`summarize` of all queries, and of the Public and Private ones when the solution has Usage."""
     metrics: dict[str, dict[str, Any]] = {"all": summarize(predictions, solution)}
     if usage is not None:
@@ -803,9 +923,16 @@ def _metrics_by_part(predictions: Mapping[str, Prediction | None], solution: Map
     return metrics
 
 
-def _row_views(shown: Sequence[QueryResult], nrows: Mapping[str, dict[str, Any]], conf: ReportConfig,
-               images: _Images, index_paths: _IndexPaths, drawer: _MatchDrawer | None, no_drawing: str,
-               per_query: Mapping[str, tuple[float, int | None]] | None) -> tuple[list[_RowView], int, int]:
+def _row_views(
+    shown: Sequence[QueryResult],
+    nrows: Mapping[str, dict[str, Any]],
+    conf: ReportConfig,
+    images: _Images,
+    index_paths: _IndexPaths,
+    drawer: _MatchDrawer | None,
+    no_drawing: str,
+    per_query: Mapping[str, tuple[float, int | None]] | None,
+) -> tuple[list[_RowView], int, int]:
     """``(rows, match drawings attempted, shown queries missing from the neighbours file)``."""
     rows: list[_RowView] = []
     drawings = missing_rows = 0
@@ -824,10 +951,16 @@ def _row_views(shown: Sequence[QueryResult], nrows: Mapping[str, dict[str, Any]]
     return rows, drawings, missing_rows
 
 
-def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html: str | Path,
-                 neighbours_jsonl: str | Path | None = None, index_dir: str | Path | None = None,
-                 conf: ReportConfig | None = None, retrieval_csv: str | Path | None = None,
-                 retrieval_solution_csv: str | Path | None = None) -> Path:
+def write_report(
+    predictions_csv: str | Path,
+    solution_csv: str | Path,
+    out_html: str | Path,
+    neighbours_jsonl: str | Path | None = None,
+    index_dir: str | Path | None = None,
+    conf: ReportConfig | None = None,
+    retrieval_csv: str | Path | None = None,
+    retrieval_solution_csv: str | Path | None = None,
+) -> Path:
     """Write the self-contained HTML report of a recognition run; returns ``out_html``.
 
     Args:
@@ -849,8 +982,10 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
     predictions, solution, usage, extra = _load_inputs(predictions_csv, solution_csv)
     notes: list[str] = []
     if extra:
-        notes.append(f"{len(extra)} prediction row(s) for ids not in the solution were ignored "
-                     f"(e.g. {', '.join(extra[:3])})")
+        notes.append(
+            f"{len(extra)} prediction row(s) for ids not in the solution were ignored "
+            f"(e.g. {', '.join(extra[:3])})"
+        )
     neighbours_jsonl, nrows, base_dirs = _neighbour_rows(predictions_csv, neighbours_jsonl, notes)
     if index_dir is not None and not Path(index_dir).is_dir():
         notes.append(f"index {index_dir}: not a folder; ignored")
@@ -862,44 +997,81 @@ def write_report(predictions_csv: str | Path, solution_csv: str | Path, out_html
     metrics = _metrics_by_part(predictions, solution, usage)
     results = score_queries(predictions, solution, usage)
     retrieval, per_query = _retrieval_figures(retrieval_csv, retrieval_solution_csv, conf.retrieval_k)
-    curves = {"all queries": precision_recall_curve(predictions, solution),
-              "ignoring non-landmarks": precision_recall_curve(predictions, solution, ignore_non_landmarks=True)}
+    curves = {
+        "all queries": precision_recall_curve(predictions, solution),
+        "ignoring non-landmarks": precision_recall_curve(predictions, solution, ignore_non_landmarks=True),
+    }
     pr_png = figure_png(pr_curve_figure(curves))
     hist_png = figure_png(confidence_histogram_figure(results))
 
     # Rows.
     ranked = rank_worst_first(results)
-    shown = ranked[:conf.max_rows]
+    shown = ranked[: conf.max_rows]
     omitted = len(ranked) - len(shown)
     images = _Images(conf, base_dirs)
-    drawer = (_MatchDrawer(conf, images, Path(index_dir) if index_dir is not None else None)
-              if conf.max_match_drawings > 0 and nrows else None)
+    drawer = (
+        _MatchDrawer(conf, images, Path(index_dir) if index_dir is not None else None)
+        if conf.max_match_drawings > 0 and nrows
+        else None
+    )
     no_drawing = "drawing budget used (--max-match-drawings)" if conf.max_match_drawings else "not drawn"
     if drawer is not None and drawer.unavailable:
         notes.append(drawer.unavailable)
         no_drawing = "match drawing unavailable"
         drawer = None
-    rows, drawings, missing_rows = _row_views(shown, nrows, conf, images, index_paths, drawer, no_drawing, per_query)
+    rows, drawings, missing_rows = _row_views(
+        shown, nrows, conf, images, index_paths, drawer, no_drawing, per_query
+    )
     if missing_rows:
-        notes.append(f"{missing_rows} shown quer{'y' if missing_rows == 1 else 'ies'} not in the neighbours file")
+        notes.append(
+            f"{missing_rows} shown quer{'y' if missing_rows == 1 else 'ies'} not in the neighbours file"
+        )
     if images.failures:
         notes.append(f"{images.failures} image(s) could not be shown (placeholders say why)")
     if index_paths.note:
         notes.append(index_paths.note)
 
     counts = {tag: sum(1 for r in shown if tag == "all" or tag in r.tags) for tag, _ in FILTERS}
-    data = {"metrics": metrics, "rows_shown": len(shown), "rows_omitted": omitted, "queries": len(ranked),
-            "match_drawings": drawings, "retrieval": None if retrieval is None else retrieval.to_json(),
-            "inputs": {"predictions": str(predictions_csv), "solution": str(solution_csv),
-                       "neighbours": None if neighbours_jsonl is None else str(neighbours_jsonl)}}
+    data = {
+        "metrics": metrics,
+        "rows_shown": len(shown),
+        "rows_omitted": omitted,
+        "queries": len(ranked),
+        "match_drawings": drawings,
+        "retrieval": None if retrieval is None else retrieval.to_json(),
+        "inputs": {
+            "predictions": str(predictions_csv),
+            "solution": str(solution_csv),
+            "neighbours": None if neighbours_jsonl is None else str(neighbours_jsonl),
+        },
+    }
     page = _render_page(
-        title=conf.title, thumb_styles=Markup("\n".join(images.styles)), predictions_name=predictions_csv.name,
-        solution_name=solution_csv.name, neighbours_name=None if neighbours_jsonl is None else Path(neighbours_jsonl).name,
-        metric_columns=_METRIC_COLUMNS, metric_rows=_metric_rows(metrics), notes=notes, pr_uri=_png_uri(pr_png),
-        hist_uri=_png_uri(hist_png), retrieval=retrieval, filters=[(tag, label, counts[tag]) for tag, label in FILTERS],
-        omitted=omitted, total=len(ranked), top_k=conf.top_k, rows=rows, data_json=Markup(_json_for_script(data)))
+        title=conf.title,
+        thumb_styles=Markup("\n".join(images.styles)),
+        predictions_name=predictions_csv.name,
+        solution_name=solution_csv.name,
+        neighbours_name=None if neighbours_jsonl is None else Path(neighbours_jsonl).name,
+        metric_columns=_METRIC_COLUMNS,
+        metric_rows=_metric_rows(metrics),
+        notes=notes,
+        pr_uri=_png_uri(pr_png),
+        hist_uri=_png_uri(hist_png),
+        retrieval=retrieval,
+        filters=[(tag, label, counts[tag]) for tag, label in FILTERS],
+        omitted=omitted,
+        total=len(ranked),
+        top_k=conf.top_k,
+        rows=rows,
+        data_json=Markup(_json_for_script(data)),
+    )
     with atomic_write(out_html) as f:
         f.write(page)
-    logger.info("report: %d queries (%d shown, %d omitted), %d match drawings -> %s",
-                len(ranked), len(shown), omitted, drawings, out_html)
+    logger.info(
+        "report: %d queries (%d shown, %d omitted), %d match drawings -> %s",
+        len(ranked),
+        len(shown),
+        omitted,
+        drawings,
+        out_html,
+    )
     return out_html

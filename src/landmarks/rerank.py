@@ -67,8 +67,10 @@ RERANK_MAX_ITERS = 2000
 
 # --- pure scoring -----------------------------------------------------------------------------------
 
-def local_scores(base: np.ndarray, inliers: np.ndarray, c: float = 70.0, min_inliers: int = 0,
-                 weight: float = 1.0) -> np.ndarray:
+
+def local_scores(
+    base: np.ndarray, inliers: np.ndarray, c: float = 70.0, min_inliers: int = 0, weight: float = 1.0
+) -> np.ndarray:
     """Re-ranked candidate scores ``base + weight * min(inliers, c) / c``; counts below ``min_inliers`` count as 0.
 
     Args:
@@ -119,22 +121,28 @@ def retrieval_order(similarities: np.ndarray, inliers: np.ndarray, min_inliers: 
 
 # --- the re-ranking contract ------------------------------------------------------------------------
 
+
 @dataclass
 class Candidates:
     """The top-K global candidates of a batch of queries, in global order (what a re-ranker sees)."""
 
     ids: list[list[str]]  # nq lists of K_q <= K index image ids (missing neighbours left out)
     similarities: np.ndarray  # (nq, K) float32 cosine similarities; -inf past K_q
-    scores: np.ndarray  # (nq, K) float32 voting scores (recognize.neighbour_scores: OOD-penalised); -inf past K_q
+    scores: (
+        np.ndarray
+    )  # (nq, K) float32 voting scores (recognize.neighbour_scores: OOD-penalised); -inf past K_q
 
     @classmethod
-    def select(cls, similarities: np.ndarray, rows: np.ndarray, ids: Sequence[str], scores: np.ndarray,
-               k: int) -> Candidates:
+    def select(
+        cls, similarities: np.ndarray, rows: np.ndarray, ids: Sequence[str], scores: np.ndarray, k: int
+    ) -> Candidates:
         """The first ``k`` columns of a search result ``(nq, >= k)`` (``rows`` ``-1`` = no neighbour)."""
         rows = np.asarray(rows)[:, :k]
-        return cls(ids=[[ids[r] for r in row if r >= 0] for row in rows],
-                   similarities=np.asarray(similarities, dtype=np.float32)[:, :k],
-                   scores=np.asarray(scores, dtype=np.float32)[:, :k])
+        return cls(
+            ids=[[ids[r] for r in row if r >= 0] for row in rows],
+            similarities=np.asarray(similarities, dtype=np.float32)[:, :k],
+            scores=np.asarray(scores, dtype=np.float32)[:, :k],
+        )
 
 
 @dataclass
@@ -160,6 +168,7 @@ class Reranker(Protocol):
 
 # --- extractors -------------------------------------------------------------------------------------
 
+
 def _loaded_model(embedder: Any) -> Any:
     """The ``LoadedModel`` behind an embedder (``CheckpointEmbedder.loaded``), or None."""
     return getattr(embedder, "loaded", None)
@@ -178,11 +187,14 @@ def index_extractor(features: str, embedder: Any = None, **kwargs: Any) -> Local
     if features not in LOCAL_FEATURES:
         raise ConfigError(f"unknown local features {features!r} (known: {', '.join(LOCAL_CHOICES)})")
     loaded = _loaded_model(embedder)
-    if LOCAL_FEATURES[features].needs_model and not getattr(getattr(loaded, "model", None), "has_local_head", False):
+    if LOCAL_FEATURES[features].needs_model and not getattr(
+        getattr(loaded, "model", None), "has_local_head", False
+    ):
         source = (embedder.describe().get("source") if embedder is not None else None) or "the model"
         raise LandmarksError(
             f"--local model: {source} has no local-feature head; train one (`landmarks train --init RUN "
-            "--local-only --out RUN2`, or `landmarks train --local`) or use --local sift")
+            "--local-only --out RUN2`, or `landmarks train --local`) or use --local sift"
+        )
     return make_local_extractor(features, loaded, **kwargs)
 
 
@@ -218,7 +230,9 @@ def index_extractor_from_dir(index_dir: str | Path, device: str = "cpu") -> Loca
 
         source = (meta.get("model") or {}).get("source")
         if not source or not Path(source).exists():
-            raise LandmarksError(f"{index_dir}: its local features come from model {source}, which is not found")
+            raise LandmarksError(
+                f"{index_dir}: its local features come from model {source}, which is not found"
+            )
         loaded = load_model(Path(source), device=device)
     return extractor_from_info(info, loaded)
 
@@ -229,6 +243,7 @@ def local_meta(extractor: LocalExtractor) -> dict[str, Any]:
 
 
 # --- pair verification as re-ranking runs it --------------------------------------------------------
+
 
 @dataclass
 class PairVerifier:
@@ -244,7 +259,9 @@ class PairVerifier:
     max_iters: int = RERANK_MAX_ITERS  # RANSAC iterations at most per pair
 
     @classmethod
-    def for_index(cls, index_meta: dict[str, Any] | None = None, embedder: Any = None, **kwargs: Any) -> PairVerifier:
+    def for_index(
+        cls, index_meta: dict[str, Any] | None = None, embedder: Any = None, **kwargs: Any
+    ) -> PairVerifier:
         """The verifier of an index whose ``meta.json`` is ``index_meta``: its recorded extractor (the
         default SIFT one when it has no local features, or no meta is given); ``kwargs``: the fields."""
         local = (index_meta or {}).get("local")
@@ -259,8 +276,12 @@ class PairVerifier:
 
     def verify_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`landmarks.verify.verify` (picklable: they travel to workers)."""
-        return {"model": self.model, "seed": int(self.seed), "max_iters": int(self.max_iters),
-                "threshold_px": self.extractor.ransac_threshold_px}
+        return {
+            "model": self.model,
+            "seed": int(self.seed),
+            "max_iters": int(self.max_iters),
+            "threshold_px": self.extractor.ransac_threshold_px,
+        }
 
     def features(self, image: np.ndarray | str | Path) -> LocalFeatures:
         """Local features of an ``(H, W, 3)`` uint8 image or an image path."""
@@ -273,8 +294,9 @@ class PairVerifier:
         return verify(feats_a, feats_b, **self.verify_kwargs())
 
 
-def verify_candidates(query: LocalFeatures, candidates: Sequence[LocalFeatures | None],
-                      **verify_kwargs: Any) -> list[Verification]:
+def verify_candidates(
+    query: LocalFeatures, candidates: Sequence[LocalFeatures | None], **verify_kwargs: Any
+) -> list[Verification]:
     """Verify a query against each of its K candidates in this process; results in candidate order.
 
     A candidate None (no features stored) gets an empty :class:`Verification` (0 inliers).
@@ -310,7 +332,11 @@ def limit_blas_threads(n: int = 1) -> list[str]:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_"):
+        for symbol in (
+            "openblas_set_num_threads",
+            "scipy_openblas_set_num_threads64_",
+            "openblas_set_num_threads64_",
+        ):
             fn = getattr(lib, symbol, None)
             if fn is not None:
                 fn(ctypes.c_int(n))
@@ -344,8 +370,12 @@ def worker_pool(workers: int, extractor: LocalExtractor | None = None) -> Proces
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(extractor,))
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(extractor,),
+    )
 
 
 def default_rerank_workers() -> int:
@@ -354,6 +384,7 @@ def default_rerank_workers() -> int:
 
 
 # --- extraction into a store ------------------------------------------------------------------------
+
 
 @dataclass
 class LocalExtraction:
@@ -387,10 +418,17 @@ def _decode_and_extract(path: str, extractor: LocalExtractor | None) -> tuple[An
         return None, f"local features failed: {type(e).__name__}: {e}"
 
 
-def extract_local_features(extractor: LocalExtractor, records: Sequence[ImageRecord], store: LocalFeatureStore, *,
-                           skipped_csv: str | Path | None = None, chunk_size: int = 512,
-                           num_workers: int | None = None, show_progress: bool = True,
-                           desc: str = "local features") -> LocalExtraction:
+def extract_local_features(
+    extractor: LocalExtractor,
+    records: Sequence[ImageRecord],
+    store: LocalFeatureStore,
+    *,
+    skipped_csv: str | Path | None = None,
+    chunk_size: int = 512,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+    desc: str = "local features",
+) -> LocalExtraction:
     """Extract the local features of ``records`` into ``store``, resuming: ids already stored are skipped.
 
     Images are decoded (and, for extractors that need no model, e.g. SIFT, also extracted) in
@@ -416,7 +454,9 @@ def extract_local_features(extractor: LocalExtractor, records: Sequence[ImageRec
     todo = [r for r in records if not store.has(r.id)]
     resumed = len(records) - len(todo)
     if resumed and todo:
-        logger.info("%s: resuming, %d of %d images already have local features", store.root, resumed, len(records))
+        logger.info(
+            "%s: resuming, %d of %d images already have local features", store.root, resumed, len(records)
+        )
     out = LocalExtraction(done=0, resumed=resumed)
     if not todo:
         return out
@@ -428,7 +468,7 @@ def extract_local_features(extractor: LocalExtractor, records: Sequence[ImageRec
     bar.update(resumed)
     try:
         for start in range(0, len(todo), chunk_size):
-            part = todo[start:start + chunk_size]
+            part = todo[start : start + chunk_size]
             paths = [str(r.path) for r in part]
             if pool is not None:
                 items = pool.map(_worker_item, paths, chunksize=max(1, min(16, len(part) // (4 * workers))))
@@ -487,8 +527,13 @@ def _store_in_worker(root: str, generation: int) -> LocalFeatureStore:
         return cached[1]
 
 
-def verify_job(store_root: str, generation: int, query: LocalFeatures, candidate_ids: Sequence[str],
-               verify_kwargs: dict[str, Any]) -> list[int]:
+def verify_job(
+    store_root: str,
+    generation: int,
+    query: LocalFeatures,
+    candidate_ids: Sequence[str],
+    verify_kwargs: dict[str, Any],
+) -> list[int]:
     """Inlier counts of ``query`` against each stored candidate (0 where none are stored).
 
     Runs in a worker process (or inline): reads the candidates from the store, then
@@ -516,10 +561,20 @@ class LocalReranker:
         weight: the saturated inlier bonus in units of the global score (:func:`local_scores`).
     """
 
-    def __init__(self, index_dir: str | Path, local_meta: dict[str, Any], extractor: LocalExtractor, *,
-                 workers: int | None = None, seed: int = 0, model: str = RERANK_MODEL,
-                 max_iters: int = RERANK_MAX_ITERS, c: float = 70.0, min_inliers: int = 10,
-                 weight: float = 1.0):
+    def __init__(
+        self,
+        index_dir: str | Path,
+        local_meta: dict[str, Any],
+        extractor: LocalExtractor,
+        *,
+        workers: int | None = None,
+        seed: int = 0,
+        model: str = RERANK_MODEL,
+        max_iters: int = RERANK_MAX_ITERS,
+        c: float = 70.0,
+        min_inliers: int = 10,
+        weight: float = 1.0,
+    ):
         self.index_dir = Path(index_dir)
         self.meta = dict(local_meta)
         self.extractor = extractor
@@ -542,7 +597,8 @@ class LocalReranker:
         if not meta:
             raise ConfigError(
                 f"rerank='local' needs the index's local features for the re-ranker, and {index_dir} has none: "
-                "rebuild it with `landmarks index ... --local sift` (or --local model)")
+                "rebuild it with `landmarks index ... --local sift` (or --local model)"
+            )
         return cls(index_dir, meta, extractor_from_meta(meta, embedder), **kwargs)
 
     # -- pool -----------------------------------------------------------------------------------------
@@ -572,14 +628,17 @@ class LocalReranker:
         """
         inl = np.full(candidates.scores.shape, -1, np.int64)
         for q, counts in enumerate(self.inliers(queries, candidates.ids)):
-            inl[q, :len(counts)] = counts
+            inl[q, : len(counts)] = counts
         scores = local_scores(candidates.scores, inl, self.c, self.min_inliers, self.weight)
-        retrieval = [retrieval_order(candidates.similarities[q, :len(ids)], inl[q, :len(ids)], self.min_inliers)
-                     for q, ids in enumerate(candidates.ids)]
+        retrieval = [
+            retrieval_order(candidates.similarities[q, : len(ids)], inl[q, : len(ids)], self.min_inliers)
+            for q, ids in enumerate(candidates.ids)
+        ]
         return Reranked(scores=scores, inliers=inl, retrieval=retrieval)
 
-    def verification(self, query: np.ndarray | str | Path,
-                     image_id: str) -> tuple[LocalFeatures, LocalFeatures, Verification] | None:
+    def verification(
+        self, query: np.ndarray | str | Path, image_id: str
+    ) -> tuple[LocalFeatures, LocalFeatures, Verification] | None:
         """``(query features, stored features, Verification)`` of a query and one index image, as
         :meth:`rerank` verifies it (None when the image has no stored features)."""
         if not self.store.has(image_id):
@@ -593,8 +652,9 @@ class LocalReranker:
         """Local features of a query (an ``(H, W, 3)`` uint8 image or a path)."""
         return self.verifier.features(query)
 
-    def inliers(self, queries: Sequence[np.ndarray | str | Path],
-                candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    def inliers(
+        self, queries: Sequence[np.ndarray | str | Path], candidates: Sequence[Sequence[str]]
+    ) -> list[np.ndarray]:
         """Inlier counts of each query against each of its candidates.
 
         Args:
@@ -618,8 +678,11 @@ class LocalReranker:
             try:
                 feats = self.query_features(query)
             except (ImageDecodeError, ValueError) as e:
-                logger.warning("query %s: no local features (%s); not re-ranked",
-                               query if isinstance(query, (str, Path)) else q, e)
+                logger.warning(
+                    "query %s: no local features (%s); not re-ranked",
+                    query if isinstance(query, (str, Path)) else q,
+                    e,
+                )
                 continue
             ids = list(cands)
             if pool is None:
@@ -628,8 +691,20 @@ class LocalReranker:
             g = min(n_groups, len(ids))
             for k in range(g):
                 pos = list(range(k, len(ids), g))
-                pending.append((q, pos, pool.submit(verify_job, root, self.generation, feats,
-                                                    [ids[p] for p in pos], self.verify_kwargs)))
+                pending.append(
+                    (
+                        q,
+                        pos,
+                        pool.submit(
+                            verify_job,
+                            root,
+                            self.generation,
+                            feats,
+                            [ids[p] for p in pos],
+                            self.verify_kwargs,
+                        ),
+                    )
+                )
         for q, pos, fut in pending:
             out[q][pos] = fut.result()
         return out
@@ -647,23 +722,41 @@ class LocalReranker:
             self.store = LocalFeatureStore.open(self.store_root)
             self.generation += 1
 
-    def add(self, records: Sequence[ImageRecord], *, skipped_csv: str | Path | None = None,
-            num_workers: int | None = None) -> LocalExtraction:
+    def add(
+        self,
+        records: Sequence[ImageRecord],
+        *,
+        skipped_csv: str | Path | None = None,
+        num_workers: int | None = None,
+    ) -> LocalExtraction:
         """Extract and store the local features of images added to the index (workers then re-read the store)."""
-        res = extract_local_features(self.extractor, records, self.store, skipped_csv=skipped_csv,
-                                     num_workers=num_workers, desc="local features")
+        res = extract_local_features(
+            self.extractor,
+            records,
+            self.store,
+            skipped_csv=skipped_csv,
+            num_workers=num_workers,
+            desc="local features",
+        )
         self.generation += 1
         return res
 
 
-def add_local_features(index_dir: str | Path, index_meta: dict[str, Any], embedder: Any,
-                       records: Sequence[ImageRecord], *, skipped_csv: str | Path | None = None,
-                       num_workers: int | None = None) -> LocalExtraction | None:
+def add_local_features(
+    index_dir: str | Path,
+    index_meta: dict[str, Any],
+    embedder: Any,
+    records: Sequence[ImageRecord],
+    *,
+    skipped_csv: str | Path | None = None,
+    num_workers: int | None = None,
+) -> LocalExtraction | None:
     """Extract the local features of ``records`` into an index's store when it has one (else None)."""
     meta = index_meta.get("local")
     if not meta:
         return None
     extractor = extractor_from_meta(meta, embedder)
-    store = LocalFeatureStore.create(Path(index_dir) / str(meta.get("dir", LOCAL_DIR)), extractor.dim,
-                                     extractor.to_info())
+    store = LocalFeatureStore.create(
+        Path(index_dir) / str(meta.get("dir", LOCAL_DIR)), extractor.dim, extractor.to_info()
+    )
     return extract_local_features(extractor, records, store, skipped_csv=skipped_csv, num_workers=num_workers)

@@ -66,6 +66,7 @@ class RevisitedResult:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dictionary (``nan`` becomes ``None``)."""
+
         def clean(x: Any) -> Any:
             if isinstance(x, float):
                 return None if np.isnan(x) else x
@@ -75,10 +76,20 @@ class RevisitedResult:
                 return [clean(v) for v in x]
             return x
 
-        return clean({"dataset": self.dataset, "queries": self.queries, "database": self.database,
-                      "distractors": self.distractors, "depth": self.depth, "kappas": list(KAPPAS),
-                      "results": self.results, "unreadable": self.unreadable, "seconds": self.seconds,
-                      "settings": self.settings})
+        return clean(
+            {
+                "dataset": self.dataset,
+                "queries": self.queries,
+                "database": self.database,
+                "distractors": self.distractors,
+                "depth": self.depth,
+                "kappas": list(KAPPAS),
+                "results": self.results,
+                "unreadable": self.unreadable,
+                "seconds": self.seconds,
+                "settings": self.settings,
+            }
+        )
 
 
 def crop_queries(dataset: RevisitedDataset, out_dir: str | Path) -> list[ImageRecord]:
@@ -123,8 +134,9 @@ def rank_database(xq: np.ndarray, xb: np.ndarray, depth: int) -> np.ndarray:
     return rows.astype(np.int64)
 
 
-def _embed(embedder: Any, records: Sequence[ImageRecord], work: Path, conf: Any, desc: str,
-           show_progress: bool) -> tuple[np.ndarray, list[str]]:
+def _embed(
+    embedder: Any, records: Sequence[ImageRecord], work: Path, conf: Any, desc: str, show_progress: bool
+) -> tuple[np.ndarray, list[str]]:
     """Embeddings in record order (zeros where unreadable) and the unreadable ids."""
     from landmarks.extract import extract_resumable
 
@@ -147,12 +159,20 @@ def load_features(path: str | Path, dim: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def evaluate_revisited(embedder: Any, dataset: RevisitedDataset, work_dir: str | Path, *,
-                       extract_conf: Any = None, qe: ExpansionConfig | None = None,
-                       dba: ExpansionConfig | None = None, distractors: str | Path | Sequence[str | Path] | None = None,
-                       distractor_features: str | Path | None = None, depth: int = DEFAULT_DEPTH,
-                       project: Callable[[np.ndarray], np.ndarray] | None = None,
-                       show_progress: bool = True) -> RevisitedResult:
+def evaluate_revisited(
+    embedder: Any,
+    dataset: RevisitedDataset,
+    work_dir: str | Path,
+    *,
+    extract_conf: Any = None,
+    qe: ExpansionConfig | None = None,
+    dba: ExpansionConfig | None = None,
+    distractors: str | Path | Sequence[str | Path] | None = None,
+    distractor_features: str | Path | None = None,
+    depth: int = DEFAULT_DEPTH,
+    project: Callable[[np.ndarray], np.ndarray] | None = None,
+    show_progress: bool = True,
+) -> RevisitedResult:
     """Run the Revisited protocol on ``dataset`` with ``embedder`` (see the module docstring).
 
     Args:
@@ -191,12 +211,16 @@ def evaluate_revisited(embedder: Any, dataset: RevisitedDataset, work_dir: str |
         raise DataFormatError(f"query {name}: its crop could not be embedded (see {work / 'embed-queries'})")
     seconds["embed_queries"] = time.perf_counter() - t
     t = time.perf_counter()
-    xb, unreadable = _embed(embedder, dataset.database_records(), work / "embed-database", conf, "database",
-                            show_progress)
+    xb, unreadable = _embed(
+        embedder, dataset.database_records(), work / "embed-database", conf, "database", show_progress
+    )
     seconds["embed_database"] = time.perf_counter() - t
     if unreadable:
-        logger.warning("%d database image(s) could not be read and rank with similarity 0 (e.g. %s)",
-                       len(unreadable), unreadable[0])
+        logger.warning(
+            "%d database image(s) could not be read and rank with similarity 0 (e.g. %s)",
+            len(unreadable),
+            unreadable[0],
+        )
     xd = np.zeros((0, xb.shape[1]), np.float32)
     t = time.perf_counter()
     if distractors is not None:
@@ -230,8 +254,21 @@ def evaluate_revisited(embedder: Any, dataset: RevisitedDataset, work_dir: str |
     results = metrics.revisited_map(ranks, dataset.gnd_dicts(), KAPPAS)
     seconds["score"] = time.perf_counter() - t
     return RevisitedResult(
-        dataset=dataset.name, results=results, queries=len(qrecords), database=len(xb), distractors=len(xd),
-        depth=ranks.shape[1], unreadable=unreadable, seconds={k: round(v, 3) for k, v in seconds.items()},
-        settings={"qe": {"n": qe.n, "alpha": qe.alpha}, "dba": {"n": dba.n, "alpha": dba.alpha},
-                  "views": conf.views(), "model": embedder.describe().get("name"),
-                  "fingerprint": embedder.fingerprint, "gnd": str(dataset.gnd_path)}, ranks=ranks)
+        dataset=dataset.name,
+        results=results,
+        queries=len(qrecords),
+        database=len(xb),
+        distractors=len(xd),
+        depth=ranks.shape[1],
+        unreadable=unreadable,
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        settings={
+            "qe": {"n": qe.n, "alpha": qe.alpha},
+            "dba": {"n": dba.n, "alpha": dba.alpha},
+            "views": conf.views(),
+            "model": embedder.describe().get("name"),
+            "fingerprint": embedder.fingerprint,
+            "gnd": str(dataset.gnd_path),
+        },
+        ranks=ranks,
+    )

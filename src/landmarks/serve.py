@@ -149,12 +149,22 @@ class AddResultLike(Protocol):
 class RecognizerProtocol(Protocol):
     """The methods of ``landmarks.recognize.Recognizer`` the service calls; tests pass a fake."""
 
-    def recognize(self, images: Sequence[np.ndarray], ids: Sequence[str] | None = None) -> Sequence[RecognitionLike]:
+    def recognize(
+        self, images: Sequence[np.ndarray], ids: Sequence[str] | None = None
+    ) -> Sequence[RecognitionLike]:
         """Recognize ``(H, W, 3)`` uint8 RGB images; one answer per image, in order."""
         ...
 
-    def add(self, records: Sequence[ImageRecord], *, num_workers: int | None = None, wait_s: float = 0.0,
-            command: str = "add", swap: bool = True, show_progress: bool = True) -> AddResultLike:
+    def add(
+        self,
+        records: Sequence[ImageRecord],
+        *,
+        num_workers: int | None = None,
+        wait_s: float = 0.0,
+        command: str = "add",
+        swap: bool = True,
+        show_progress: bool = True,
+    ) -> AddResultLike:
         """Add labelled images to the index on disk under its writer lock; ``swap=False``: do not use it yet.
 
         Raises ``IndexConflictError`` (an id indexed under another landmark) or ``IndexBusyError``.
@@ -196,24 +206,32 @@ class ServeConfig:
     max_add_upload_mb: float = 100.0  # largest body of POST /v1/index/images (413 beyond)
     max_add_files: int = 64  # most images in one POST /v1/index/images
     max_pixels: int = 40_000_000  # decoded width x height limit; larger images (and bombs) are 400
-    decode_min_side_px: int | None = None  # JPEGs may be decoded shrunk (DCT scaling) down to this shorter side; None: full size
+    decode_min_side_px: int | None = (
+        None  # JPEGs may be decoded shrunk (DCT scaling) down to this shorter side; None: full size
+    )
     timeout_s: float = 30.0  # limit on one recognize/matches request, queueing included (504 beyond)
     add_timeout_s: float = 600.0  # limit on one POST /v1/index/images (504 beyond; the add may still finish)
     token: str | None = None  # bearer token guarding POST /v1/index/images; None: adding is off (403)
     upload_dir: str | None = None  # folder where images added over HTTP are stored; None: adding is off
     index_dir: str | None = None  # the index folder; relative neighbour paths are resolved against it
-    rerank: Literal["none", "local"] = "none"  # local re-ranking of the shortlist (applied when the recognizer is loaded)
+    rerank: Literal["none", "local"] = (
+        "none"  # local re-ranking of the shortlist (applied when the recognizer is loaded)
+    )
     thumbnail_px: int = 256  # longest side of the neighbour thumbnails
     match_side_px: int = 800  # match drawings: both images are shrunk to this longest side first
     max_known_ids: int = 200_000  # index ids remembered (id -> image path) for thumbnails and match drawings
     graceful_timeout_s: float = 10.0  # on SIGINT/SIGTERM, how long in-flight requests may finish
-    decode_processes: int | None = None  # killable processes decoding uploads (None: workers + 2; 0: decode in the worker threads)
+    decode_processes: int | None = (
+        None  # killable processes decoding uploads (None: workers + 2; 0: decode in the worker threads)
+    )
     max_jpeg_scans: int = 100  # JPEGs with more scans are 400 (progressive-decoding bombs; libjpeg writes 10)
     header_timeout_s: float = 10.0  # a connection must send a request's headers within this (else closed)
     body_timeout_s: float = 30.0  # a request body must arrive within this (else 408 and closed)
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 256  # open connections at most; more are closed at once (requests beyond: 503)
-    max_inflight_upload_mb: float = 256.0  # request bodies held in memory at once, all requests together (503 beyond)
+    max_inflight_upload_mb: float = (
+        256.0  # request bodies held in memory at once, all requests together (503 beyond)
+    )
     lock_wait_s: float = 30.0  # an HTTP add waits this long for another writer of the index (then 503)
 
 
@@ -389,8 +407,12 @@ class WorkerPool:
         """``workers``, ``running``, ``queued`` and ``capacity`` right now."""
         with self._lock:
             pending = self._pending
-        return {"workers": self.workers, "running": min(pending, self.workers),
-                "queued": max(0, pending - self.workers), "capacity": self.capacity}
+        return {
+            "workers": self.workers,
+            "running": min(pending, self.workers),
+            "queued": max(0, pending - self.workers),
+            "capacity": self.capacity,
+        }
 
     def shutdown(self) -> None:
         """Cancel queued jobs; running ones finish in their threads."""
@@ -479,7 +501,9 @@ def _finite(x: Any, default: float = 0.0) -> float:
     return v if math.isfinite(v) else default
 
 
-def recognition_to_json(rec: RecognitionLike, extra_timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+def recognition_to_json(
+    rec: RecognitionLike, extra_timings: Mapping[str, float] | None = None
+) -> dict[str, Any]:
     """The JSON answer for one recognition (non-finite numbers become 0)."""
     timings = {str(k): round(_finite(v), 3) for k, v in dict(rec.timings_ms or {}).items()}
     for k, v in (extra_timings or {}).items():
@@ -489,8 +513,12 @@ def recognition_to_json(rec: RecognitionLike, extra_timings: Mapping[str, float]
         "confidence": _finite(rec.confidence),
         "is_landmark": bool(rec.is_landmark),
         "neighbours": [
-            {"id": str(n.id), "landmark": str(n.landmark), "score": _finite(n.score),
-             "inliers": None if n.inliers is None else int(n.inliers)}
+            {
+                "id": str(n.id),
+                "landmark": str(n.landmark),
+                "score": _finite(n.score),
+                "inliers": None if n.inliers is None else int(n.inliers),
+            }
             for n in rec.neighbours
         ],
         "timings_ms": timings,
@@ -527,8 +555,9 @@ class ClientGone(Exception):
     """The client closed the connection before its request was read (logged as one quiet 499 line)."""
 
 
-async def read_body(request: Request, limit_bytes: int, budget: UploadBudget | None = None,
-                    timeout_s: float | None = None) -> bytes:
+async def read_body(
+    request: Request, limit_bytes: int, budget: UploadBudget | None = None, timeout_s: float | None = None
+) -> bytes:
     """The request body, refusing (413) more than ``limit_bytes``: first by the declared
     Content-Length, then while reading, so at most ``limit_bytes`` plus one chunk is ever held.
 
@@ -551,15 +580,19 @@ async def read_body(request: Request, limit_bytes: int, budget: UploadBudget | N
             async for chunk in request.stream():
                 if budget is not None:
                     if not budget.take(len(chunk)):
-                        raise ApiError(503, "busy: too many uploads in flight; retry shortly",
-                                       {"Retry-After": "1", "Connection": "close"})
+                        raise ApiError(
+                            503,
+                            "busy: too many uploads in flight; retry shortly",
+                            {"Retry-After": "1", "Connection": "close"},
+                        )
                     held += len(chunk)
                 buf += chunk
                 if len(buf) > limit_bytes:
                     raise ApiError(413, too_big, {"Connection": "close"})
     except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s",
-                       {"Connection": "close"}) from None
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout_s:g} s", {"Connection": "close"}
+        ) from None
     except ClientDisconnect:
         raise ClientGone() from None
     finally:
@@ -572,9 +605,13 @@ async def _replay(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
-async def parse_multipart(request: Request, body: bytes, max_files: int) -> list[tuple[str, str | UploadFile]]:
+async def parse_multipart(
+    request: Request, body: bytes, max_files: int
+) -> list[tuple[str, str | UploadFile]]:
     """Parse a multipart/form-data ``body`` already read (and size-checked) into (name, value) items."""
-    parser = MultiPartParser(Headers(raw=request.headers.raw), _replay(body), max_files=max_files, max_fields=16)
+    parser = MultiPartParser(
+        Headers(raw=request.headers.raw), _replay(body), max_files=max_files, max_fields=16
+    )
     try:
         form = await parser.parse()
     except MultiPartException as e:
@@ -582,8 +619,9 @@ async def parse_multipart(request: Request, body: bytes, max_files: int) -> list
     return list(form.multi_items())
 
 
-async def read_image_upload(request: Request, limit_bytes: int, budget: UploadBudget | None = None,
-                            timeout_s: float | None = None) -> tuple[bytes, str]:
+async def read_image_upload(
+    request: Request, limit_bytes: int, budget: UploadBudget | None = None, timeout_s: float | None = None
+) -> tuple[bytes, str]:
     """The image bytes and a name for them, from a multipart ``file`` field or a raw image body."""
     media = _media_type(request)
     if media == "multipart/form-data":
@@ -598,8 +636,11 @@ async def read_image_upload(request: Request, limit_bytes: int, budget: UploadBu
                 return data, _clean_name(value.filename) or "upload"
         raise ApiError(400, "multipart body has no 'file' field")
     if media and not (media.startswith("image/") or media in RAW_CONTENT_TYPES):
-        raise ApiError(415, f"unsupported Content-Type {media!r}: send multipart/form-data with a 'file' "
-                            "field, or the raw image bytes with an image/* Content-Type")
+        raise ApiError(
+            415,
+            f"unsupported Content-Type {media!r}: send multipart/form-data with a 'file' "
+            "field, or the raw image bytes with an image/* Content-Type",
+        )
     body = await read_body(request, limit_bytes, budget, timeout_s)
     return body, "upload"
 
@@ -655,8 +696,14 @@ class _AccessLog:
         finally:
             code = status[0] or 500  # 0: an exception escaped, the error middleware answers 500
             level = logging.DEBUG if 0 < code < 400 else logging.INFO if code < 500 else logging.ERROR
-            log.log(level, "%s %s %d %.1fms", _printable(str(scope.get("method"))), _printable(str(scope.get("path"))),
-                    code, 1000 * (time.perf_counter() - t0))
+            log.log(
+                level,
+                "%s %s %d %.1fms",
+                _printable(str(scope.get("method"))),
+                _printable(str(scope.get("path"))),
+                code,
+                1000 * (time.perf_counter() - t0),
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -684,8 +731,12 @@ class _Service:
         self.decoders: DecoderPool | None = None
         self.decode_waiters: WorkerPool | None = None  # threads that wait for decoder processes
         if n_dec > 0:
-            self.decoders = DecoderPool(n_dec, max_pixels=conf.max_pixels, min_side_px=conf.decode_min_side_px,
-                                        max_scans=conf.max_jpeg_scans)
+            self.decoders = DecoderPool(
+                n_dec,
+                max_pixels=conf.max_pixels,
+                min_side_px=conf.decode_min_side_px,
+                max_scans=conf.max_jpeg_scans,
+            )
             self.decode_waiters = WorkerPool(n_dec, conf.queue_size)
 
     def close(self) -> None:
@@ -702,13 +753,19 @@ class _Service:
         """Decode an upload (in a killable process when configured); any failure is the upload's fault (400/415)."""
         if self.decoders is not None:
             try:
-                return self.decoders.decode(data, name, deadline if deadline is not None
-                                            else time.monotonic() + self.conf.timeout_s)
+                return self.decoders.decode(
+                    data, name, deadline if deadline is not None else time.monotonic() + self.conf.timeout_s
+                )
             except DecodeTimeoutError as e:
                 raise ApiError(504, f"timed out: {e}") from None
         try:
-            return decode_image(data, name=name, max_pixels=self.conf.max_pixels,
-                                min_side_px=self.conf.decode_min_side_px, max_scans=self.conf.max_jpeg_scans)
+            return decode_image(
+                data,
+                name=name,
+                max_pixels=self.conf.max_pixels,
+                min_side_px=self.conf.decode_min_side_px,
+                max_scans=self.conf.max_jpeg_scans,
+            )
         except ImageDecodeError:
             raise
         except MemoryError:
@@ -749,12 +806,20 @@ class _Service:
         if self.decode_waiters is None:
             return None, 0.0
         t0 = time.perf_counter()
-        img = await self.run(max(0.0, deadline - time.monotonic()), self.decode, data, name, deadline,
-                             pool=self.decode_waiters)
+        img = await self.run(
+            max(0.0, deadline - time.monotonic()), self.decode, data, name, deadline, pool=self.decode_waiters
+        )
         return img, 1000 * (time.perf_counter() - t0)
 
-    def recognize_job(self, data: bytes, name: str, submitted: float, deadline: float,
-                      img: np.ndarray | None = None, decode_ms: float = 0.0) -> dict[str, Any]:
+    def recognize_job(
+        self,
+        data: bytes,
+        name: str,
+        submitted: float,
+        deadline: float,
+        img: np.ndarray | None = None,
+        decode_ms: float = 0.0,
+    ) -> dict[str, Any]:
         t0 = time.perf_counter()
         queue_ms = 1000 * (t0 - submitted)
         if img is None:
@@ -792,7 +857,9 @@ class _Service:
         upload_dir = Path(self.conf.upload_dir or ".")
         staged: list[tuple[str, Path, bytes]] = []
         for name, data in files:
-            info = image_info(data, name=name, max_pixels=self.conf.max_pixels, max_scans=self.conf.max_jpeg_scans)
+            info = image_info(
+                data, name=name, max_pixels=self.conf.max_pixels, max_scans=self.conf.max_jpeg_scans
+            )
             self.decode(data, name, deadline)  # the whole image must decode, not only its header
             image_id = "http-" + hashlib.sha256(data).hexdigest()[:20]
             ext = {"JPEG": "jpg", "MPO": "jpg"}.get(info.format, info.format.lower())
@@ -807,8 +874,14 @@ class _Service:
         try:
             # under the index's writer lock, from the committed index (never from this process's copy);
             # num_workers=0: forking a server full of threads can deadlock the child
-            res = self.recognizer.add(records, num_workers=0, wait_s=self.conf.lock_wait_s,
-                                      command=f"serve (PID {os.getpid()}): HTTP add", swap=False, show_progress=False)
+            res = self.recognizer.add(
+                records,
+                num_workers=0,
+                wait_s=self.conf.lock_wait_s,
+                command=f"serve (PID {os.getpid()}): HTTP add",
+                swap=False,
+                show_progress=False,
+            )
         except IndexConflictError as e:
             raise ApiError(409, str(e)) from None
         except IndexBusyError as e:
@@ -817,8 +890,12 @@ class _Service:
             self.recognizer.replace_index(res.index)
         for r in records:
             self.paths.put(r.id, r.path)
-        log.info("added %d image(s) of landmark %s over HTTP (%d already there)", len(res.added), landmark,
-                 len(res.known))
+        log.info(
+            "added %d image(s) of landmark %s over HTTP (%d already there)",
+            len(res.added),
+            landmark,
+            len(res.known),
+        )
         return {"added": len(res.added), "ids": [r.id for r in records], "landmark": landmark}
 
     def thumbnail(self, image_id: str) -> bytes:
@@ -830,7 +907,9 @@ class _Service:
         if path is None:
             raise ApiError(404, f"unknown image id {image_id!r}: only ids returned by this index are served")
         try:
-            img = open_image(path, name=image_id, max_pixels=self.conf.max_pixels, min_side_px=self.conf.thumbnail_px)
+            img = open_image(
+                path, name=image_id, max_pixels=self.conf.max_pixels, min_side_px=self.conf.thumbnail_px
+            )
         except ImageDecodeError as e:
             raise ApiError(404, f"index image {image_id!r} cannot be read: {e.reason}") from None
         img.thumbnail((self.conf.thumbnail_px, self.conf.thumbnail_px))
@@ -845,13 +924,19 @@ class _Service:
 
     # -- scheduling ----------------------------------------------------------------------------------
 
-    async def run(self, timeout_s: float, fn: Callable[..., T], *args: Any, pool: WorkerPool | None = None) -> T:
+    async def run(
+        self, timeout_s: float, fn: Callable[..., T], *args: Any, pool: WorkerPool | None = None
+    ) -> T:
         """Run ``fn(*args)`` in ``pool`` (default: the recognition workers): 503 when full, 504 after ``timeout_s``."""
         pool = pool or self.pool
         fut = pool.submit(fn, *args)
         if fut is None:
-            raise ApiError(503, f"busy: all {pool.workers} workers and {self.conf.queue_size} queue slots "
-                                "are taken; retry shortly", {"Retry-After": "1"})
+            raise ApiError(
+                503,
+                f"busy: all {pool.workers} workers and {self.conf.queue_size} queue slots "
+                "are taken; retry shortly",
+                {"Retry-After": "1"},
+            )
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout_s)
         except asyncio.TimeoutError:
@@ -892,8 +977,12 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
         svc.close()
         log.info("stopped")
 
-    app = FastAPI(title="landmarks", version=__version__, lifespan=lifespan,
-                  description="Landmark recognition over HTTP: which landmark is in this photo?")
+    app = FastAPI(
+        title="landmarks",
+        version=__version__,
+        lifespan=lifespan,
+        description="Landmark recognition over HTTP: which landmark is in this photo?",
+    )
     app.state.service = svc
     app.add_middleware(_AccessLog)
 
@@ -907,7 +996,9 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())), e.get("msg")) for e in exc.errors()]
+        parts = [
+            "{}: {}".format(".".join(str(x) for x in e.get("loc", ())), e.get("msg")) for e in exc.errors()
+        ]
         return _error(422, "invalid request: " + "; ".join(parts))
 
     @app.exception_handler(ClientGone)
@@ -925,39 +1016,68 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index_page() -> HTMLResponse:
-        return HTMLResponse(page, headers={
-            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
-                                       "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
-            "Cache-Control": "no-cache"})
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
+                "Cache-Control": "no-cache",
+            },
+        )
 
     @app.get("/healthz", response_model=HealthOut, tags=["service"])
     async def healthz() -> dict[str, Any]:
         """Liveness; answered without waiting for a worker."""
-        return {"status": "ok", "version": __version__,
-                "uptime_s": round(time.monotonic() - svc.started, 3), **svc.pool.stats()}
+        return {
+            "status": "ok",
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - svc.started, 3),
+            **svc.pool.stats(),
+        }
 
-    @app.post("/v1/recognize", response_model=RecognizeOut, responses=_ERRORS, openapi_extra=_IMAGE_BODY,
-              tags=["recognition"])
+    @app.post(
+        "/v1/recognize",
+        response_model=RecognizeOut,
+        responses=_ERRORS,
+        openapi_extra=_IMAGE_BODY,
+        tags=["recognition"],
+    )
     async def recognize(request: Request) -> dict[str, Any]:
         """Which landmark is in this photo? Send a multipart ``file`` or the raw image bytes."""
         t0 = time.perf_counter()
         data, name = await read_image_upload(request, svc.upload_limit, svc.uploads, conf.body_timeout_s)
         deadline = time.monotonic() + conf.timeout_s
         img, decode_ms = await svc.predecode(data, name, deadline)
-        out = await svc.run(max(0.0, deadline - time.monotonic()), svc.recognize_job, data, name,
-                            time.perf_counter(), deadline, img, decode_ms)
+        out = await svc.run(
+            max(0.0, deadline - time.monotonic()),
+            svc.recognize_job,
+            data,
+            name,
+            time.perf_counter(),
+            deadline,
+            img,
+            decode_ms,
+        )
         out["timings_ms"]["server_total"] = round(1000 * (time.perf_counter() - t0), 3)
         return out
 
-    @app.post("/v1/matches", responses={**_ERRORS, 200: {"content": {"image/png": {}},
-                                                           "description": "the inlier matches drawn"},
-                                         501: {"model": ErrorOut, "description": "not available"}},
-              response_class=Response, openapi_extra=_IMAGE_BODY, tags=["recognition"])
+    @app.post(
+        "/v1/matches",
+        responses={
+            **_ERRORS,
+            200: {"content": {"image/png": {}}, "description": "the inlier matches drawn"},
+            501: {"model": ErrorOut, "description": "not available"},
+        },
+        response_class=Response,
+        openapi_extra=_IMAGE_BODY,
+        tags=["recognition"],
+    )
     async def matches(request: Request, neighbour: str) -> Response:
         """The local-feature inlier matches between the uploaded photo and index image ``neighbour`` (PNG)."""
         data, name = await read_image_upload(request, svc.upload_limit, svc.uploads, conf.body_timeout_s)
-        png, inliers = await svc.run(conf.timeout_s, svc.matches_job, data, name, neighbour,
-                                     time.monotonic() + conf.timeout_s)
+        png, inliers = await svc.run(
+            conf.timeout_s, svc.matches_job, data, name, neighbour, time.monotonic() + conf.timeout_s
+        )
         return Response(png, media_type="image/png", headers={"X-Inliers": str(inliers)})
 
     @app.get("/v1/index", response_model=IndexOut, tags=["index"])
@@ -966,16 +1086,27 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
         await svc.run(conf.timeout_s, svc.refresh)
         with svc.lock.read():  # not while an add is changing the index
             info = svc.recognizer.info()
-        return {"size": info.index.size, "landmarks": info.index.landmarks,
-                "model": info.index.model_name or info.index.model_fingerprint,
-                "generation": info.index.generation,
-                "adding_enabled": bool(conf.token and conf.upload_dir),
-                "details": _jsonable(info.to_dict())}
+        return {
+            "size": info.index.size,
+            "landmarks": info.index.landmarks,
+            "model": info.index.model_name or info.index.model_fingerprint,
+            "generation": info.index.generation,
+            "adding_enabled": bool(conf.token and conf.upload_dir),
+            "details": _jsonable(info.to_dict()),
+        }
 
-    @app.post("/v1/index/images", response_model=AddOut, openapi_extra=_ADD_BODY, tags=["index"],
-              responses={**_ERRORS, 401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
-                         403: {"model": ErrorOut, "description": "adding is off (no token at start-up)"},
-                         409: {"model": ErrorOut, "description": "an image is already indexed under another landmark"}})
+    @app.post(
+        "/v1/index/images",
+        response_model=AddOut,
+        openapi_extra=_ADD_BODY,
+        tags=["index"],
+        responses={
+            **_ERRORS,
+            401: {"model": ErrorOut, "description": "missing or wrong bearer token"},
+            403: {"model": ErrorOut, "description": "adding is off (no token at start-up)"},
+            409: {"model": ErrorOut, "description": "an image is already indexed under another landmark"},
+        },
+    )
     async def add_images(request: Request) -> dict[str, Any]:
         """Add labelled images to the index (``Authorization: Bearer <token>``; multipart ``files`` + ``landmark``)."""
         if not conf.token:
@@ -1002,14 +1133,21 @@ def create_app(recognizer: RecognizerProtocol, conf: ServeConfig | None = None) 
             raise ApiError(400, "missing the 'landmark' field")
         if not files:
             raise ApiError(400, "no 'files' in the request")
-        return await svc.run(conf.add_timeout_s, svc.add_job, files, landmark, time.monotonic() + conf.timeout_s)
+        return await svc.run(
+            conf.add_timeout_s, svc.add_job, files, landmark, time.monotonic() + conf.timeout_s
+        )
 
-    @app.get("/v1/thumbnail/{image_id:path}", response_class=Response, tags=["index"],
-             responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorOut}})
+    @app.get(
+        "/v1/thumbnail/{image_id:path}",
+        response_class=Response,
+        tags=["index"],
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorOut}},
+    )
     def thumbnail(image_id: str) -> Response:
         """A small JPEG of index image ``image_id`` (one the index has returned or that was added here)."""
-        return Response(svc.thumbnail(image_id), media_type="image/jpeg",
-                        headers={"Cache-Control": "max-age=3600"})
+        return Response(
+            svc.thumbnail(image_id), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"}
+        )
 
     return app
 
@@ -1067,8 +1205,11 @@ def serve(recognizer: RecognizerProtocol, conf: ServeConfig, sock: socket.socket
                 return
 
             def handle(sig: int, frame: Any) -> None:
-                log.info("received %s, shutting down (in-flight requests get %gs)",
-                         signal.Signals(sig).name, conf.graceful_timeout_s)
+                log.info(
+                    "received %s, shutting down (in-flight requests get %gs)",
+                    signal.Signals(sig).name,
+                    conf.graceful_timeout_s,
+                )
                 self.handle_exit(sig, frame)
 
             sigs = [signal.SIGINT, signal.SIGTERM]
@@ -1087,10 +1228,19 @@ def serve(recognizer: RecognizerProtocol, conf: ServeConfig, sock: socket.socket
     port = sock.getsockname()[1]
     shown = f"[{conf.host}]" if ":" in conf.host else conf.host
     app.state.url = f"http://{shown}:{port}/"
-    config = uvicorn.Config(app, log_config=None, access_log=False, server_header=False, ws="none",
-                            lifespan="on", timeout_graceful_shutdown=max(1, int(math.ceil(conf.graceful_timeout_s))),
-                            timeout_keep_alive=max(1, int(math.ceil(conf.keep_alive_s))), http=guarded_h11(conf),
-                            limit_concurrency=conf.max_connections, h11_max_incomplete_event_size=16 * 1024)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        ws="none",
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(math.ceil(conf.graceful_timeout_s))),
+        timeout_keep_alive=max(1, int(math.ceil(conf.keep_alive_s))),
+        http=guarded_h11(conf),
+        limit_concurrency=conf.max_connections,
+        h11_max_incomplete_event_size=16 * 1024,
+    )
     server = _Server(config)
     try:
         server.run(sockets=[sock])

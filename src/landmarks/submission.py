@@ -166,7 +166,11 @@ def read_solution(path: str | Path, task: str) -> Solution:
         if has_usage:
             use = row[2]
             if use not in USAGES:
-                raise _error(path, line, f"unknown Usage {use!r} for id {query_id!r} (expected Public, Private or Ignored)")
+                raise _error(
+                    path,
+                    line,
+                    f"unknown Usage {use!r} for id {query_id!r} (expected Public, Private or Ignored)",
+                )
             if use == "Ignored":
                 ignored.add(query_id)
                 continue
@@ -188,7 +192,9 @@ def read_retrieval_solution(path: str | Path) -> Solution:
     return read_solution(path, RETRIEVAL)
 
 
-def _read_predictions(path: str | Path, task: str, solution: Solution | None) -> Iterator[tuple[int, str, list[str]]]:
+def _read_predictions(
+    path: str | Path, task: str, solution: Solution | None
+) -> Iterator[tuple[int, str, list[str]]]:
     """Yield ``(line, id, tokens)`` of each prediction row after the shared checks."""
     path = Path(path)
     rows = _rows(path)
@@ -248,7 +254,9 @@ def read_recognition_predictions(
         score = _parse_score(tokens[1]) if len(tokens) == 2 else None
         if score is None:
             raise _error(
-                Path(path), line, f"landmarks cell {' '.join(tokens)!r} for id {query_id!r} is not '<landmark> <score>'"
+                Path(path),
+                line,
+                f"landmarks cell {' '.join(tokens)!r} for id {query_id!r} is not '<landmark> <score>'",
             )
         out[query_id] = (tokens[0], score)
     return out
@@ -271,7 +279,9 @@ def read_retrieval_predictions(path: str | Path, solution: Solution | None = Non
 
 def _check_token(kind: str, value: str) -> str:
     if not isinstance(value, str) or not value or _ANY_SPACE.search(value):
-        raise DataFormatError(f"{kind} {value!r} cannot be written: ids must be non-empty strings without whitespace")
+        raise DataFormatError(
+            f"{kind} {value!r} cannot be written: ids must be non-empty strings without whitespace"
+        )
     return value
 
 

@@ -62,13 +62,33 @@ from landmarks.utils.workers import worker_context
 
 logger = logging.getLogger("landmarks")
 
-__all__ = ["DataConfig", "Dist", "FinetuneConfig", "OptimConfig", "TrainConfig", "TrainData", "TrainResult",
-           "Trainer", "build_optimizer", "knn_predict", "load_config_file", "load_init_weights", "lr_factor",
-           "make_config", "param_groups", "plan_steps", "read_log", "read_stats", "resolve_amp", "split_data",
-           "train"]
+__all__ = [
+    "DataConfig",
+    "Dist",
+    "FinetuneConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainData",
+    "TrainResult",
+    "Trainer",
+    "build_optimizer",
+    "knn_predict",
+    "load_config_file",
+    "load_init_weights",
+    "lr_factor",
+    "make_config",
+    "param_groups",
+    "plan_steps",
+    "read_log",
+    "read_stats",
+    "resolve_amp",
+    "split_data",
+    "train",
+]
 
 
 # --- configuration ------------------------------------------------------------------------------------
+
 
 @dataclass
 class DataConfig:
@@ -105,7 +125,9 @@ class FinetuneConfig:
     """Fine-tuning a pretrained backbone (the defaults train every parameter from the first step)."""
 
     frozen_levels: int = 0  # backbone feature levels (timm feature_info, stem first) frozen for the whole run
-    head_only_fraction: float = 0.0  # share of the optimizer steps at the start with the whole backbone frozen
+    head_only_fraction: float = (
+        0.0  # share of the optimizer steps at the start with the whole backbone frozen
+    )
     freeze_bn: bool = False  # keep the backbone's BatchNorm layers in eval mode (pretrained statistics)
     head_warmup_epochs: int = 0  # epochs of neck + heads on backbone features computed once, before step 0
 
@@ -160,6 +182,7 @@ class TrainResult:
 
 # --- pure helpers -------------------------------------------------------------------------------------
 
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Learning-rate multiplier for optimizer step ``step`` (0-based) of ``total``.
 
@@ -194,8 +217,15 @@ def param_groups(model: LandmarkNet, conf: OptimConfig) -> list[dict[str, Any]]:
     out = []
     for (part, decay), params in sorted(groups.items()):
         mult = conf.head_lr_mult if part in ("head", "neck", "pool", "local") else 1.0
-        out.append({"params": params, "name": f"{part}{'' if decay else '_no_decay'}", "lr_mult": mult,
-                    "weight_decay": conf.weight_decay if decay else 0.0, "lr": conf.lr * mult})
+        out.append(
+            {
+                "params": params,
+                "name": f"{part}{'' if decay else '_no_decay'}",
+                "lr_mult": mult,
+                "weight_decay": conf.weight_decay if decay else 0.0,
+                "lr": conf.lr * mult,
+            }
+        )
     return out
 
 
@@ -208,13 +238,16 @@ def build_optimizer(model: LandmarkNet, conf: OptimConfig) -> torch.optim.Optimi
         # The fused kernel is ~7x faster on CPU for a GLDv2-sized head and allocates no temporaries.
         device = next(iter(groups[0]["params"])).device
         fused = device.type in ("cpu", "cuda")
-        return torch.optim.AdamW(groups, lr=conf.lr, betas=conf.betas, weight_decay=conf.weight_decay,
-                                 fused=fused or None)
-    return torch.optim.SGD(groups, lr=conf.lr, momentum=conf.momentum, nesterov=True,
-                           weight_decay=conf.weight_decay)
+        return torch.optim.AdamW(
+            groups, lr=conf.lr, betas=conf.betas, weight_decay=conf.weight_decay, fused=fused or None
+        )
+    return torch.optim.SGD(
+        groups, lr=conf.lr, momentum=conf.momentum, nesterov=True, weight_decay=conf.weight_decay
+    )
 
 
 # --- distributed --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Dist:
@@ -285,6 +318,7 @@ def _subsample(items: list[ImageRecord], n: int, seed: int) -> list[ImageRecord]
 
 # --- data ---------------------------------------------------------------------------------------------
 
+
 def _auto_workers(conf: int, world_size: int) -> int:
     if conf >= 0:
         return conf
@@ -307,8 +341,9 @@ class TrainData:
         return [max(1, row["count"]) for row in self.classes]
 
 
-def split_data(data: str | Path | Sequence[ImageRecord], conf: TrainConfig,
-               class_names: list[str] | None = None) -> TrainData:
+def split_data(
+    data: str | Path | Sequence[ImageRecord], conf: TrainConfig, class_names: list[str] | None = None
+) -> TrainData:
     """Load and split a labelled collection (seeded, stratified), with ``class_names`` as the class map
     (a resumed run's or an ``--init`` run's) or the training split's landmarks, sorted."""
     c = conf
@@ -324,18 +359,23 @@ def split_data(data: str | Path | Sequence[ImageRecord], conf: TrainConfig,
     class_index = {lm: i for i, lm in enumerate(classes)}
     dropped = sum(1 for r in train if r.landmark not in class_index)
     if dropped:
-        logger.warning("%d training images belong to landmarks outside the class map of %s; ignored",
-                       dropped, c.init)
+        logger.warning(
+            "%d training images belong to landmarks outside the class map of %s; ignored", dropped, c.init
+        )
     train = [r for r in train if r.landmark in class_index]
     val = [r for r in val if r.landmark in class_index]
     counts = landmark_counts(train)
     if len(train) < c.batch_size:
-        raise LandmarksError(f"{len(train)} training images are fewer than one batch of {c.batch_size}; "
-                             f"lower --batch-size")
-    return TrainData(train=train, labels=[class_index[r.landmark or ""] for r in train],
-                     val=_subsample(val, c.data.max_val_queries, c.seed),
-                     db=_subsample(train, c.data.max_val_db, c.seed + 1),
-                     classes=[{"landmark": lm, "count": int(counts.get(lm, 0))} for lm in classes])
+        raise LandmarksError(
+            f"{len(train)} training images are fewer than one batch of {c.batch_size}; lower --batch-size"
+        )
+    return TrainData(
+        train=train,
+        labels=[class_index[r.landmark or ""] for r in train],
+        val=_subsample(val, c.data.max_val_queries, c.seed),
+        db=_subsample(train, c.data.max_val_db, c.seed + 1),
+        classes=[{"landmark": lm, "count": int(counts.get(lm, 0))} for lm in classes],
+    )
 
 
 def load_init_weights(net: LandmarkNet, init: str) -> tuple[int, int]:
@@ -347,8 +387,10 @@ def load_init_weights(net: LandmarkNet, init: str) -> tuple[int, int]:
     unexpected = [k for k in state if k not in own]
     bad_missing = [k for k in missing if not k.startswith("local.")]
     if bad_missing or [k for k in unexpected if not k.startswith("local.")]:
-        raise IncompatibleArtifactError(f"{init}: weights do not fit this model (missing {bad_missing[:3]}, "
-                                        f"unexpected {unexpected[:3]}): use the same backbone and sizes")
+        raise IncompatibleArtifactError(
+            f"{init}: weights do not fit this model (missing {bad_missing[:3]}, "
+            f"unexpected {unexpected[:3]}): use the same backbone and sizes"
+        )
     shape = [k for k in state if k in own and own[k].shape != state[k].shape]
     if shape:
         raise IncompatibleArtifactError(f"{init}: tensor shapes differ for {shape[:3]}")
@@ -367,6 +409,7 @@ def _preprocessing_stats(net: LandmarkNet) -> tuple[tuple[float, float, float], 
 
 
 # --- the loop -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _EpochTally:
@@ -395,9 +438,17 @@ class Trainer:
     trainer's resolved copy, and the schedule it plans lives in ``schedule``.
     """
 
-    def __init__(self, conf: TrainConfig, data: str | Path | Sequence[ImageRecord], out: str | Path, *,
-                 resume: bool = False, time_budget_min: float | None = None, dist: Dist | None = None,
-                 device: str | None = None):
+    def __init__(
+        self,
+        conf: TrainConfig,
+        data: str | Path | Sequence[ImageRecord],
+        out: str | Path,
+        *,
+        resume: bool = False,
+        time_budget_min: float | None = None,
+        dist: Dist | None = None,
+        device: str | None = None,
+    ):
         self.t_start = time.perf_counter()
         self.out = Path(out)
         self.dist = dist or Dist.from_env(device)
@@ -407,8 +458,10 @@ class Trainer:
             self.resume_state = ckpt.load_train_state(self.out)
             conf = from_dict(TrainConfig, self.resume_state[1]["config"])
         elif (self.out / ckpt.TRAIN_STATE_FILE).exists():
-            raise LandmarksError(f"{self.out} already holds a training run: pass --resume to continue it "
-                                 f"or choose another --out")
+            raise LandmarksError(
+                f"{self.out} already holds a training run: pass --resume to continue it "
+                f"or choose another --out"
+            )
         else:
             conf = copy.deepcopy(conf)
             if time_budget_min is not None:
@@ -423,14 +476,31 @@ class Trainer:
         self.data_source = str(Path(data).absolute()) if isinstance(data, (str, Path)) else None
         self._setup_data(data)
         self._setup_model()
-        self.validator = Validator(self.val_records, self.db_records, [row["landmark"] for row in self.classes],
-                                   image_size=conf.data.image_size, batch_size=conf.batch_size,
-                                   num_workers=_auto_workers(conf.data.num_workers, 1), knn_k=conf.knn_k,
-                                   mean=self.mean, std=self.std, device=self.device, amp_dtype=self.amp_dtype,
-                                   skipped_csv=self.writer.skipped_csv)
-        self.budget = (BudgetPlanner(conf.time_budget_min * 60.0, self.elapsed_before, self.t_start,
-                                     self.validator.num_images, conf.eval_every_epochs)
-                       if conf.time_budget_min > 0 else None)
+        self.validator = Validator(
+            self.val_records,
+            self.db_records,
+            [row["landmark"] for row in self.classes],
+            image_size=conf.data.image_size,
+            batch_size=conf.batch_size,
+            num_workers=_auto_workers(conf.data.num_workers, 1),
+            knn_k=conf.knn_k,
+            mean=self.mean,
+            std=self.std,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            skipped_csv=self.writer.skipped_csv,
+        )
+        self.budget = (
+            BudgetPlanner(
+                conf.time_budget_min * 60.0,
+                self.elapsed_before,
+                self.t_start,
+                self.validator.num_images,
+                conf.eval_every_epochs,
+            )
+            if conf.time_budget_min > 0
+            else None
+        )
 
     @property
     def total(self) -> int:
@@ -455,8 +525,13 @@ class Trainer:
         self.val_records, self.db_records = split.val, split.db
         self.classes, self.class_counts = split.classes, split.class_counts
         if self.dist.is_main:
-            logger.info("data: %d training images of %d landmarks, %d validation queries, %d in the kNN database",
-                        len(split.train), len(split.classes), len(split.val), len(split.db))
+            logger.info(
+                "data: %d training images of %d landmarks, %d validation queries, %d in the kNN database",
+                len(split.train),
+                len(split.classes),
+                len(split.val),
+                len(split.db),
+            )
 
     def _build_net(self) -> LandmarkNet:
         """The network, initialised (seeded, or from ``--init``), with its frozen parts frozen."""
@@ -467,8 +542,12 @@ class Trainer:
         if c.init and self.resume_state is None:
             loaded, new = load_init_weights(net, c.init)
             if self.dist.is_main:
-                logger.info("initialised from %s (%d tensors%s)", c.init, loaded,
-                            f"; new: {new} local-head tensors" if new else "")
+                logger.info(
+                    "initialised from %s (%d tensors%s)",
+                    c.init,
+                    loaded,
+                    f"; new: {new} local-head tensors" if new else "",
+                )
         if net.has_local_head:
             net.local_receptive_field  # noqa: B018 (measure now, stored in meta)
         if c.local_only:
@@ -478,10 +557,14 @@ class Trainer:
         if not 0.0 <= ft.head_only_fraction <= 1.0:
             raise ConfigError(f"finetune.head_only_fraction must lie in [0, 1], got {ft.head_only_fraction}")
         if (ft.head_only_fraction > 0 or ft.head_warmup_epochs > 0) and self.dist.world_size > 1:
-            raise ConfigError("finetune.head_only_fraction and head_warmup_epochs are not supported under torchrun "
-                              "(DDP cannot change the trainable parameters mid-run); use finetune.frozen_levels")
+            raise ConfigError(
+                "finetune.head_only_fraction and head_warmup_epochs are not supported under torchrun "
+                "(DDP cannot change the trainable parameters mid-run); use finetune.frozen_levels"
+            )
         #: Backbone parameters frozen for the whole run (names in ``net``), and the modules holding them.
-        self.frozen_names = {f"backbone.model.{n}" for n in net.backbone.frozen_parameter_names(ft.frozen_levels)}
+        self.frozen_names = {
+            f"backbone.model.{n}" for n in net.backbone.frozen_parameter_names(ft.frozen_levels)
+        }
         for name, p in net.named_parameters():
             if name in self.frozen_names:
                 p.requires_grad = False
@@ -497,8 +580,11 @@ class Trainer:
         if c.channels_last:
             net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.net = net
-        self.ce_weight = (torch.from_numpy(class_weights(self.class_counts)).to(self.device)
-                          if c.model.head.class_weighted else None)
+        self.ce_weight = (
+            torch.from_numpy(class_weights(self.class_counts)).to(self.device)
+            if c.model.head.class_weighted
+            else None
+        )
         model: nn.Module = net
         if self.dist.world_size > 1:
             if c.sync_bn and self.device.type == "cuda":
@@ -511,14 +597,15 @@ class Trainer:
         self.optimizer = build_optimizer(net, c.optim)
         for g in self.optimizer.param_groups:
             g.setdefault("lr_mult", 1.0)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_grad_scaler(self.amp_dtype,
-                                                                                      self.device.type))
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=precision.needs_grad_scaler(self.amp_dtype, self.device.type)
+        )
         self.step = 0
         if self.resume_state is not None:
             self._restore(*self.resume_state)
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         self.net.load_state_dict(model_state, strict=True)
         ckpt.load_optimizer_state(self.optimizer, tensors, state["optimizer"])
         if state.get("scaler"):
@@ -535,14 +622,23 @@ class Trainer:
         c = self.conf
         transform = TrainTransform(c.data.image_size, c.data.augment)
         ds = TrainDataset(self.train_records, self.labels, transform, decode_min_side_px=c.data.image_size)
-        sampler = EpochSampler(len(ds), c.batch_size, seed=c.seed, rank=self.dist.rank,
-                               world_size=self.dist.world_size)
+        sampler = EpochSampler(
+            len(ds), c.batch_size, seed=c.seed, rank=self.dist.rank, world_size=self.dist.world_size
+        )
         workers = _auto_workers(c.data.num_workers, self.dist.world_size)
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=sampler.local_batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-            pin_memory=self.device.type == "cuda", drop_last=False, persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(c.seed),
-            multiprocessing_context=worker_context() if workers > 0 else None)
+            ds,
+            batch_size=sampler.local_batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            generator=torch.Generator().manual_seed(c.seed),
+            multiprocessing_context=worker_context() if workers > 0 else None,
+        )
         return sampler, loader
 
     # --- one step ----------------------------------------------------------------------------------------
@@ -557,8 +653,12 @@ class Trainer:
         elif ft.freeze_bn or self.frozen_names:
             for name, m in self.net.backbone.model.named_modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-                        ft.freeze_bn or any(f"backbone.model.{name}.{p}" in self.frozen_names
-                                            for p, _ in m.named_parameters(recurse=False))):
+                    ft.freeze_bn
+                    or any(
+                        f"backbone.model.{name}.{p}" in self.frozen_names
+                        for p, _ in m.named_parameters(recurse=False)
+                    )
+                ):
                     m.eval()
 
     def _apply_head_only(self, on: bool) -> None:
@@ -614,8 +714,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def train_step(self, batch: dict[str, Any], micro: int, total: int, warmup: int
-                   ) -> tuple[dict[str, torch.Tensor], bool]:
+    def train_step(
+        self, batch: dict[str, Any], micro: int, total: int, warmup: int
+    ) -> tuple[dict[str, torch.Tensor], bool]:
         """One micro-batch (forward, loss, backward); after every ``accumulate``-th micro-batch an optimizer
         step at the scheduled learning rate. Returns the batch statistics (0-d tensors on the device) and
         whether a step was made.
@@ -707,14 +808,16 @@ class Trainer:
             if step % per_epoch == 0:
                 perm = torch.randperm(len(xs), generator=gen).to(self.device)
                 loss_sum = acc_sum = 0.0
-            i = perm[(step % per_epoch) * bs:(step % per_epoch + 1) * bs]
+            i = perm[(step % per_epoch) * bs : (step % per_epoch + 1) * bs]
             for g in opt.param_groups:
                 g["lr"] = base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
             logits = head(net.neck(xs[i]), ys[i])
             loss = margin_cross_entropy(logits, ys[i], self.ce_weight)
             if ms is not None and local is not None:
                 lo = local(ms[i])
-                loss = loss + lc.loss_weight * (F.cross_entropy(lo["logits"], ys[i]) + lc.recon_weight * lo["recon_loss"])
+                loss = loss + lc.loss_weight * (
+                    F.cross_entropy(lo["logits"], ys[i]) + lc.recon_weight * lo["recon_loss"]
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -722,8 +825,13 @@ class Trainer:
             acc_sum += float((logits.detach().argmax(1) == ys[i]).float().mean())
             step += 1
         n = max(1, total - (total - 1) // per_epoch * per_epoch)
-        out = {"epochs": round(total / per_epoch, 2), "steps": total, "loss": round(loss_sum / n, 4),
-               "acc": round(acc_sum / n, 3), "seconds": round(time.perf_counter() - t0, 1)}
+        out = {
+            "epochs": round(total / per_epoch, 2),
+            "steps": total,
+            "loss": round(loss_sum / n, 4),
+            "acc": round(acc_sum / n, 3),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         if self.dist.is_main:
             logger.info("head warm-up on cached features of %d images: %s", len(xs), out)
         return out
@@ -738,10 +846,18 @@ class Trainer:
 
     def train_state(self, epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors + JSON of everything ``--resume`` needs."""
-        return training_state(self.resolved_config(), self.net, self.optimizer, self.scaler, self.schedule,
-                              step=self.step, epoch=epoch,
-                              elapsed_s=self.elapsed_before + (time.perf_counter() - self.t_start),
-                              classes=self.classes, data_source=self.data_source)
+        return training_state(
+            self.resolved_config(),
+            self.net,
+            self.optimizer,
+            self.scaler,
+            self.schedule,
+            step=self.step,
+            epoch=epoch,
+            elapsed_s=self.elapsed_before + (time.perf_counter() - self.t_start),
+            classes=self.classes,
+            data_source=self.data_source,
+        )
 
     def save_state(self, epoch: int) -> None:
         """Write ``train_state.safetensors`` (rank 0)."""
@@ -751,12 +867,22 @@ class Trainer:
     def meta(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """The meta dict saved with the weights."""
         pre = Preprocess(self.conf.data.image_size, self.mean, self.std)
-        return run_meta(self.resolved_config(), self.net, self.classes, pre, name=self.out.name,
-                        data_source=self.data_source, epoch=epoch, step=self.step, metrics=metrics)
+        return run_meta(
+            self.resolved_config(),
+            self.net,
+            self.classes,
+            pre,
+            name=self.out.name,
+            data_source=self.data_source,
+            epoch=epoch,
+            step=self.step,
+            metrics=metrics,
+        )
 
     # --- planning ---------------------------------------------------------------------------------------
-    def measure_rates(self, sampler: EpochSampler, loader: torch.utils.data.DataLoader, warm: int = 2,
-                      steps: int = 6) -> Rates:
+    def measure_rates(
+        self, sampler: EpochSampler, loader: torch.utils.data.DataLoader, warm: int = 2, steps: int = 6
+    ) -> Rates:
         """Time a few real training steps (the weights and optimizer are restored afterwards), one
         validation's rate and one checkpoint write (the last two on rank 0; 0 elsewhere)."""
         model_state = copy.deepcopy(self.net.state_dict())
@@ -832,9 +958,16 @@ class Trainer:
             total, every, sch.replan_every = self.budget.first_plan(rates, self.spe)
             total, sch.eval_every = dist.broadcast((total, every))
             if dist.is_main:
-                logger.info("time budget %.1f min: %.3f s/step, %.1f ms/image to validate: %d steps planned "
-                            "(%.1f epochs), validation every %d epoch(s)", c.time_budget_min, rates.step_s,
-                            1000 * rates.eval_img_s, total, total / self.spe, sch.eval_every)
+                logger.info(
+                    "time budget %.1f min: %.3f s/step, %.1f ms/image to validate: %d steps planned "
+                    "(%.1f epochs), validation every %d epoch(s)",
+                    c.time_budget_min,
+                    rates.step_s,
+                    1000 * rates.eval_img_s,
+                    total,
+                    total / self.spe,
+                    sch.eval_every,
+                )
         self._set_total(total)
 
     def _replan(self, row: dict[str, Any], step_s: float | None = None) -> None:
@@ -857,8 +990,10 @@ class Trainer:
         sampler, loader = self._train_loader()
         self.spe = sampler.batches_per_epoch // self.conf.optim.accumulate
         if self.spe < 1:
-            raise LandmarksError(f"an epoch of {len(self.train_records)} images has no complete optimizer step "
-                                 f"(batch {self.conf.batch_size} x accumulate {self.conf.optim.accumulate})")
+            raise LandmarksError(
+                f"an epoch of {len(self.train_records)} images has no complete optimizer step "
+                f"(batch {self.conf.batch_size} x accumulate {self.conf.optim.accumulate})"
+            )
         self._plan_schedule(sampler, loader)
         self.writer.write_config(self.resolved_config())
         dist.barrier()
@@ -894,10 +1029,15 @@ class Trainer:
     def _epoch_images(self, epoch: int, start_step: int) -> int:
         """Images the rest of ``epoch`` will train on (for the progress bar), from ``start_step`` in it."""
         c = self.conf
-        return (min(self.spe, self.schedule.total - epoch * self.spe) - start_step) * c.optim.accumulate * c.batch_size
+        return (
+            (min(self.spe, self.schedule.total - epoch * self.spe) - start_step)
+            * c.optim.accumulate
+            * c.batch_size
+        )
 
-    def _train_epoch(self, epoch: int, sampler: EpochSampler, loader: torch.utils.data.DataLoader,
-                     stop: dict[str, bool]) -> _EpochTally:
+    def _train_epoch(
+        self, epoch: int, sampler: EpochSampler, loader: torch.utils.data.DataLoader, stop: dict[str, bool]
+    ) -> _EpochTally:
         """The optimizer steps from the current one to the end of ``epoch`` (or of the schedule, or a stop);
         re-plans mid-epoch under a time budget and writes the periodic checkpoints."""
         c, dist, spe = self.conf, self.dist, self.spe
@@ -905,11 +1045,17 @@ class Trainer:
         start_step = self.step - epoch * spe
         planned_end = min(spe, self.schedule.total - epoch * spe)
         # A time-budgeted schedule may grow during the epoch: let the sampler run to the epoch's end.
-        sampler.set_epoch(epoch, start_step * acc_n, (spe if self.budget is not None else planned_end) * acc_n)
+        sampler.set_epoch(
+            epoch, start_step * acc_n, (spe if self.budget is not None else planned_end) * acc_n
+        )
         self._set_train_mode()
-        bar = Progress(total=self._epoch_images(epoch, start_step),
-                       desc=f"epoch {epoch + 1}/{math.ceil(self.schedule.total / spe)}", unit="img",
-                       interval_s=c.log_interval_s, disable=not dist.is_main)
+        bar = Progress(
+            total=self._epoch_images(epoch, start_step),
+            desc=f"epoch {epoch + 1}/{math.ceil(self.schedule.total / spe)}",
+            unit="img",
+            interval_s=c.log_interval_s,
+            disable=not dist.is_main,
+        )
         tally = _EpochTally(first_step=self.step)
         t0 = window_t = time.perf_counter()
         window_step = self.step
@@ -923,21 +1069,32 @@ class Trainer:
                 bar.update(n_img)
             else:
                 vals = read_stats(stats, self.step)
-                bar.update(n_img, loss=round(vals.get("loss", vals.get("local_loss", 0.0)), 4),
-                           acc=round(vals.get("acc", vals.get("local_acc", 0.0)), 3),
-                           lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                bar.update(
+                    n_img,
+                    loss=round(vals.get("loss", vals.get("local_loss", 0.0)), 4),
+                    acc=round(vals.get("acc", vals.get("local_acc", 0.0)), 3),
+                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                )
             if not stepped:
                 continue
             sch = self.schedule
-            if self.budget is not None and sch.replan_every and self.step % sch.replan_every == 0 \
-                    and self.step < sch.total:
+            if (
+                self.budget is not None
+                and sch.replan_every
+                and self.step % sch.replan_every == 0
+                and self.step < sch.total
+            ):
                 now = time.perf_counter()
                 window = (now - window_t) / max(1, self.step - window_step)
                 overall = self.budget.mean_step_s(now - t0, self.step - tally.first_step)
                 self._replan({}, step_s=0.5 * (window + overall))
                 window_t, window_step = now, self.step
                 bar.total = self._epoch_images(epoch, start_step)
-            if c.checkpoint_every_steps and self.step % c.checkpoint_every_steps == 0 and self.step < sch.total:
+            if (
+                c.checkpoint_every_steps
+                and self.step % c.checkpoint_every_steps == 0
+                and self.step < sch.total
+            ):
                 self.save_state(epoch)
             if stop["flag"] or self.step >= sch.total:
                 break
@@ -947,8 +1104,9 @@ class Trainer:
             self.budget.add_training_time(tally.train_s, self.step - tally.first_step)
         return tally
 
-    def _run_epoch(self, epoch: int, sampler: EpochSampler, loader: torch.utils.data.DataLoader,
-                   stop: dict[str, bool]) -> dict[str, Any]:
+    def _run_epoch(
+        self, epoch: int, sampler: EpochSampler, loader: torch.utils.data.DataLoader, stop: dict[str, bool]
+    ) -> dict[str, Any]:
         """Train to the end of ``epoch`` (or of the schedule), then validate, checkpoint and log; returns the
         epoch's log row ({} when stopped)."""
         tally = self._train_epoch(epoch, sampler, loader, stop)
@@ -960,12 +1118,16 @@ class Trainer:
         images = epoch_steps * c.optim.accumulate * c.batch_size
         all_skipped = [s for part in dist.gather(tally.skipped) for s in part]
         means = read_stats({k: v / max(1, tally.count) for k, v in tally.sums.items()}, self.step)
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step,
-                               "lr": self.optimizer.param_groups[0]["lr"],
-                               **{f"train_{k}": v for k, v in means.items()},
-                               "images_per_s": round(images / tally.train_s, 2) if tally.train_s > 0 else 0.0,
-                               "train_s": round(tally.train_s, 3), "epoch_steps": epoch_steps,
-                               "gem_p": float(self.net.pool.p.detach().float().cpu()[0])}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **{f"train_{k}": v for k, v in means.items()},
+            "images_per_s": round(images / tally.train_s, 2) if tally.train_s > 0 else 0.0,
+            "train_s": round(tally.train_s, 3),
+            "epoch_steps": epoch_steps,
+            "gem_p": float(self.net.pool.p.detach().float().cpu()[0]),
+        }
         if dist.is_main:
             self.writer.add_skipped(all_skipped)
             row["skipped"] = len(all_skipped)
@@ -986,7 +1148,9 @@ class Trainer:
         self.save_state(epoch + 1 if epoch_done else epoch)
         row["ckpt_s"] = round(time.perf_counter() - t, 3)
         self.writer.append_log(row)
-        logger.info("epoch %d/%d: %s", epoch + 1, math.ceil(self.schedule.total / self.spe), _fmt_metrics(row))
+        logger.info(
+            "epoch %d/%d: %s", epoch + 1, math.ceil(self.schedule.total / self.spe), _fmt_metrics(row)
+        )
 
 
 @contextlib.contextmanager
@@ -998,6 +1162,7 @@ def _stop_on_sigterm(enabled: bool) -> Iterator[dict[str, bool]]:
 
     def _on_term(signum: int, frame: Any) -> None:
         stop["flag"] = True
+
     if enabled:
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, _on_term)
@@ -1019,20 +1184,41 @@ def read_stats(stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
     vals = {k: float(v) for k, v in stats.items()}
     for k in ("loss", "local_loss"):
         if k in vals and not math.isfinite(vals[k]):
-            raise LandmarksError(f"the loss became {vals[k]} by step {step}: lower the learning rate (optim.lr) "
-                                 f"or enable gradient clipping (optim.grad_clip)")
+            raise LandmarksError(
+                f"the loss became {vals[k]} by step {step}: lower the learning rate (optim.lr) "
+                f"or enable gradient clipping (optim.grad_clip)"
+            )
     return vals
 
 
 def _fmt_metrics(row: dict[str, Any]) -> str:
-    keys = ("step", "train_loss", "train_acc", "train_local_loss", "train_local_acc", "images_per_s",
-            "val_gap", "val_top1", "val_local_acc", "skipped")
-    return ", ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row)
+    keys = (
+        "step",
+        "train_loss",
+        "train_acc",
+        "train_local_loss",
+        "train_local_acc",
+        "images_per_s",
+        "val_gap",
+        "val_top1",
+        "val_local_acc",
+        "skipped",
+    )
+    return ", ".join(
+        f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row
+    )
 
 
-def train(conf: TrainConfig, data: str | Path | Sequence[ImageRecord], out: str | Path, *, resume: bool = False,
-          time_budget_min: float | None = None, device: str | None = None,
-          on_trainer: Callable[[Trainer], None] | None = None) -> TrainResult:
+def train(
+    conf: TrainConfig,
+    data: str | Path | Sequence[ImageRecord],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    time_budget_min: float | None = None,
+    device: str | None = None,
+    on_trainer: Callable[[Trainer], None] | None = None,
+) -> TrainResult:
     """Train a model and write the run folder ``out``.
 
     Args:

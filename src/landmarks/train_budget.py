@@ -24,8 +24,16 @@ class Rates:
     ckpt_s: float  # one checkpoint write (training state)
 
 
-def plan_steps(avail_s: float, step_s: float, steps_per_epoch: int, eval_s: float, epoch_overhead_s: float,
-               final_s: float, eval_every: int = 1, max_eval_share: float = 0.15) -> tuple[int, int]:
+def plan_steps(
+    avail_s: float,
+    step_s: float,
+    steps_per_epoch: int,
+    eval_s: float,
+    epoch_overhead_s: float,
+    final_s: float,
+    eval_every: int = 1,
+    max_eval_share: float = 0.15,
+) -> tuple[int, int]:
     """Optimizer steps that fit a time budget, and the evaluation interval to use.
 
     The largest ``steps`` with ``steps · step_s + epochs · epoch_overhead_s + evals · eval_s + final_s
@@ -62,7 +70,9 @@ class BudgetPlanner:
         eval_every: the configured validation interval in epochs (the planner only widens it).
     """
 
-    def __init__(self, budget_s: float, elapsed_before: float, t_start: float, eval_images: int, eval_every: int):
+    def __init__(
+        self, budget_s: float, elapsed_before: float, t_start: float, eval_images: int, eval_every: int
+    ):
         self.budget_s = budget_s
         self.elapsed_before = elapsed_before
         self.t_start = t_start
@@ -84,8 +94,15 @@ class BudgetPlanner:
     def plan(self, remaining_s: float, rates: Rates, spe: int) -> tuple[int, int]:
         """``(steps, eval_every)`` that fit ``remaining_s`` at ``rates``, with ``spe`` steps per epoch."""
         ckpt_s = rates.ckpt_s
-        return plan_steps(remaining_s, rates.step_s, spe, self.eval_estimate_s(rates), epoch_overhead_s=2 * ckpt_s + 0.5,
-                          final_s=2 * ckpt_s + 0.02 * remaining_s, eval_every=self.eval_every)
+        return plan_steps(
+            remaining_s,
+            rates.step_s,
+            spe,
+            self.eval_estimate_s(rates),
+            epoch_overhead_s=2 * ckpt_s + 0.5,
+            final_s=2 * ckpt_s + 0.02 * remaining_s,
+            eval_every=self.eval_every,
+        )
 
     def first_plan(self, rates: Rates, spe: int) -> tuple[int, int, int]:
         """The schedule of a new run: ``(total steps, eval_every, replan_every)``; re-plans come every ~5 % of
@@ -104,8 +121,15 @@ class BudgetPlanner:
         """Seconds per step over this session's loops (plus a loop in progress)."""
         return (self.train_s + extra_s) / max(1, self.train_steps + extra_steps)
 
-    def replan(self, step: int, total: int, eval_every: int, spe: int, row: dict[str, Any],
-               step_s: float | None = None) -> tuple[int, int]:
+    def replan(
+        self,
+        step: int,
+        total: int,
+        eval_every: int,
+        spe: int,
+        row: dict[str, Any],
+        step_s: float | None = None,
+    ) -> tuple[int, int]:
         """The schedule ``(total, eval_every)`` to continue with from ``step``.
 
         ``row``: the epoch-end log row (its ``train_s``, ``epoch_steps``, ``eval_s``, ``ckpt_s`` are the

@@ -28,8 +28,9 @@ from landmarks.utils.workers import worker_context
 logger = logging.getLogger("landmarks")
 
 
-def knn_predict(xq: np.ndarray, xb: np.ndarray, yb: np.ndarray, k: int = 3,
-                chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def knn_predict(
+    xq: np.ndarray, xb: np.ndarray, yb: np.ndarray, k: int = 3, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """kNN voting by summed cosine similarity: exact search, then recognition's :func:`landmarks.recognize.vote`.
 
     Args:
@@ -51,9 +52,9 @@ def knn_predict(xq: np.ndarray, xb: np.ndarray, yb: np.ndarray, k: int = 3,
     tb = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))
     yb = np.asarray(yb, dtype=np.int64)
     for s in range(0, len(xq), chunk):
-        sims = torch.from_numpy(np.ascontiguousarray(xq[s:s + chunk], dtype=np.float32)) @ tb.T
+        sims = torch.from_numpy(np.ascontiguousarray(xq[s : s + chunk], dtype=np.float32)) @ tb.T
         top_s, top_i = sims.topk(k, dim=1)
-        labels[s:s + chunk], scores[s:s + chunk] = vote(top_s.numpy(), yb[top_i.numpy()])
+        labels[s : s + chunk], scores[s : s + chunk] = vote(top_s.numpy(), yb[top_i.numpy()])
     return labels, scores
 
 
@@ -73,10 +74,22 @@ class Validator:
         skipped_csv: where unreadable images are listed (None: not listed, e.g. on ranks other than 0).
     """
 
-    def __init__(self, val_records: Sequence[ImageRecord], db_records: Sequence[ImageRecord],
-                 class_names: Sequence[str], *, image_size: int, batch_size: int, num_workers: int, knn_k: int,
-                 mean: Sequence[float], std: Sequence[float], device: torch.device, amp_dtype: torch.dtype | None,
-                 skipped_csv: Path | None):
+    def __init__(
+        self,
+        val_records: Sequence[ImageRecord],
+        db_records: Sequence[ImageRecord],
+        class_names: Sequence[str],
+        *,
+        image_size: int,
+        batch_size: int,
+        num_workers: int,
+        knn_k: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        skipped_csv: Path | None,
+    ):
         self.val_records = list(val_records)
         self.db_records = list(db_records)
         self.class_names = list(class_names)
@@ -98,10 +111,15 @@ class Validator:
     def loader(self, records: Sequence[ImageRecord]) -> torch.utils.data.DataLoader:
         """Batches of ``records`` for inference (``EvalDataset``: squashed to S, no augmentation), pinned on a GPU."""
         workers = self.num_workers
-        return torch.utils.data.DataLoader(EvalDataset(records, self.image_size), batch_size=self.batch_size,
-                                           shuffle=False, num_workers=workers, collate_fn=collate,
-                                           pin_memory=self.device.type == "cuda",
-                                           multiprocessing_context=worker_context() if workers > 0 else None)
+        return torch.utils.data.DataLoader(
+            EvalDataset(records, self.image_size),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            multiprocessing_context=worker_context() if workers > 0 else None,
+        )
 
     def _log_skipped(self, skipped: list[tuple[str, str]]) -> None:
         if skipped and self.skipped_csv is not None:
@@ -110,8 +128,9 @@ class Validator:
                 log.add(path, reason)
 
     @torch.no_grad()
-    def embed(self, net: LandmarkNet, records: Sequence[ImageRecord], timing: dict[str, float] | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def embed(
+        self, net: LandmarkNet, records: Sequence[ImageRecord], timing: dict[str, float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Embed ``records`` with ``net``'s current weights: ``(N, D)`` float32 L2-normalised, ``(N,)`` ok mask,
         and the local head's ``(N,)`` predicted classes (None without a local head).
 
@@ -169,7 +188,8 @@ class Validator:
         out: dict[str, Any] = {
             "val_gap": float(global_average_precision(predictions, solution)),
             "val_top1": float(top1_accuracy(predictions, solution)),
-            "val_queries": len(self.val_records), "val_db": int(okb.sum()),
+            "val_queries": len(self.val_records),
+            "val_db": int(okb.sum()),
         }
         if local_pred is not None:
             yq = np.array([self.class_index[r.landmark or ""] for r in self.val_records], np.int64)

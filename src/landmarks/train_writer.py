@@ -32,34 +32,74 @@ class Schedule:
     replan_every: int = 0  # time budget: re-plan every N steps (0: never)
 
 
-def run_meta(conf: dict[str, Any], net: LandmarkNet, classes: list[dict[str, Any]], preprocessing: Preprocess, *,
-             name: str, data_source: str | None, epoch: int, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+def run_meta(
+    conf: dict[str, Any],
+    net: LandmarkNet,
+    classes: list[dict[str, Any]],
+    preprocessing: Preprocess,
+    *,
+    name: str,
+    data_source: str | None,
+    epoch: int,
+    step: int,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
     """The meta dict saved with the weights (``conf``: the resolved training config as a dict)."""
     h = conf["model"]["head"]
     local = None
     if net.has_local_head:
         rf, pad = net.local_receptive_field
-        local = {"stride": net.local_stride, "receptive_field": [rf, pad], "dim": conf["model"]["local"]["dim"],
-                 "stage": net.backbone.local_module, "channels": net.backbone.local_channels}
+        local = {
+            "stride": net.local_stride,
+            "receptive_field": [rf, pad],
+            "dim": conf["model"]["local"]["dim"],
+            "stage": net.backbone.local_module,
+            "channels": net.backbone.local_channels,
+        }
     return {
-        "format": "landmarks-run", "name": name, "config": conf, "data": data_source,
-        "num_classes": len(classes), "classes": classes,
-        "embedding_dim": net.embedding_dim, "preprocessing": preprocessing.to_dict(),
-        "margins": {"kind": h["kind"], "scale": h["scale"], "margin_rad": h["margin_rad"],
-                    "dynamic": h["dynamic_margins"], "a": h["margin_a"], "b": h["margin_b"],
-                    "subcenters": h["subcenters"], "class_weighted": h["class_weighted"]},
+        "format": "landmarks-run",
+        "name": name,
+        "config": conf,
+        "data": data_source,
+        "num_classes": len(classes),
+        "classes": classes,
+        "embedding_dim": net.embedding_dim,
+        "preprocessing": preprocessing.to_dict(),
+        "margins": {
+            "kind": h["kind"],
+            "scale": h["scale"],
+            "margin_rad": h["margin_rad"],
+            "dynamic": h["dynamic_margins"],
+            "a": h["margin_a"],
+            "b": h["margin_b"],
+            "subcenters": h["subcenters"],
+            "class_weighted": h["class_weighted"],
+        },
         "gem_p": float(net.pool.p.detach().float().cpu()[0]),
         "pretrained": net.backbone.pretrained_info,
-        "local": local, "epoch": epoch, "step": step, "metrics": metrics,
-        "versions": ckpt.library_versions(), **ckpt.git_info(),
+        "local": local,
+        "epoch": epoch,
+        "step": step,
+        "metrics": metrics,
+        "versions": ckpt.library_versions(),
+        **ckpt.git_info(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def training_state(conf: dict[str, Any], net: LandmarkNet, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, schedule: Schedule, *, step: int, epoch: int, elapsed_s: float,
-                   classes: list[dict[str, Any]], data_source: str | None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def training_state(
+    conf: dict[str, Any],
+    net: LandmarkNet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    schedule: Schedule,
+    *,
+    step: int,
+    epoch: int,
+    elapsed_s: float,
+    classes: list[dict[str, Any]],
+    data_source: str | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors + JSON of everything ``--resume`` needs (model, optimizer, scaler, RNG, schedule, step)."""
     tensors = {f"model.{k}": v for k, v in ckpt.cpu_state_dict(net).items()}
     opt_t, opt_info = ckpt.optimizer_state(optimizer)
@@ -67,10 +107,19 @@ def training_state(conf: dict[str, Any], net: LandmarkNet, optimizer: torch.opti
     tensors.update(opt_t)
     tensors.update(rng_t)
     state = {
-        "step": step, "epoch": epoch, "total_steps": schedule.total, "warmup": schedule.warmup,
-        "eval_every": schedule.eval_every, "replan_every": schedule.replan_every, "elapsed_s": elapsed_s,
-        "config": conf, "data": data_source, "classes": classes, "optimizer": opt_info,
-        "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rng_info,
+        "step": step,
+        "epoch": epoch,
+        "total_steps": schedule.total,
+        "warmup": schedule.warmup,
+        "eval_every": schedule.eval_every,
+        "replan_every": schedule.replan_every,
+        "elapsed_s": elapsed_s,
+        "config": conf,
+        "data": data_source,
+        "classes": classes,
+        "optimizer": opt_info,
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "rng": rng_info,
         "local_receptive_field": list(net.local_receptive_field) if net.has_local_head else None,
     }
     return tensors, state

@@ -77,8 +77,13 @@ class Verification:
 # --------------------------------------------------------------------------------------------------
 
 
-def match_descriptors(desc_a: np.ndarray, desc_b: np.ndarray, ratio: float | None = 0.85, mutual: bool = True,
-                      max_distance: float | None = None) -> np.ndarray:
+def match_descriptors(
+    desc_a: np.ndarray,
+    desc_b: np.ndarray,
+    ratio: float | None = 0.85,
+    mutual: bool = True,
+    max_distance: float | None = None,
+) -> np.ndarray:
     """Nearest-neighbour matches from A to B, vectorised.
 
     Args:
@@ -126,8 +131,13 @@ def match_descriptors(desc_a: np.ndarray, desc_b: np.ndarray, ratio: float | Non
 # --------------------------------------------------------------------------------------------------
 
 
-def usac_params(threshold_px: float, seed: int = 0, method: str = "magsac", max_iters: int = 10000,
-                confidence: float = 0.9999) -> Any:
+def usac_params(
+    threshold_px: float,
+    seed: int = 0,
+    method: str = "magsac",
+    max_iters: int = 10000,
+    confidence: float = 0.9999,
+) -> Any:
     """OpenCV ``UsacParams`` for a seeded, single-threaded (deterministic) USAC run."""
     if method not in METHODS:
         raise ValueError(f"unknown RANSAC method {method!r} (known: {', '.join(METHODS)})")
@@ -163,9 +173,16 @@ def usac_params(threshold_px: float, seed: int = 0, method: str = "magsac", max_
     return p
 
 
-def fit_model(pts_a: np.ndarray, pts_b: np.ndarray, model: str = "fundamental", threshold_px: float | None = None,
-              seed: int = 0, method: str = "magsac", max_iters: int = 10000,
-              confidence: float = 0.9999) -> tuple[np.ndarray | None, np.ndarray]:
+def fit_model(
+    pts_a: np.ndarray,
+    pts_b: np.ndarray,
+    model: str = "fundamental",
+    threshold_px: float | None = None,
+    seed: int = 0,
+    method: str = "magsac",
+    max_iters: int = 10000,
+    confidence: float = 0.9999,
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Fit ``model`` to point correspondences with seeded USAC.
 
     Args:
@@ -208,10 +225,21 @@ def fit_model(pts_a: np.ndarray, pts_b: np.ndarray, model: str = "fundamental", 
     return mat, inliers
 
 
-def verify(feats_a: LocalFeatures, feats_b: LocalFeatures, model: str = "fundamental", seed: int = 0, *,
-           ratio: float | None = 0.85, mutual: bool = True, max_distance: float | None = None,
-           threshold_px: float | None = None, method: str = "magsac", max_iters: int = 10000,
-           confidence: float = 0.9999, matches: np.ndarray | None = None) -> Verification:
+def verify(
+    feats_a: LocalFeatures,
+    feats_b: LocalFeatures,
+    model: str = "fundamental",
+    seed: int = 0,
+    *,
+    ratio: float | None = 0.85,
+    mutual: bool = True,
+    max_distance: float | None = None,
+    threshold_px: float | None = None,
+    method: str = "magsac",
+    max_iters: int = 10000,
+    confidence: float = 0.9999,
+    matches: np.ndarray | None = None,
+) -> Verification:
     """Match two images' local features and verify the matches geometrically.
 
     Args:
@@ -231,16 +259,31 @@ def verify(feats_a: LocalFeatures, feats_b: LocalFeatures, model: str = "fundame
     if model not in MODELS:
         raise ValueError(f"unknown geometric model {model!r} (known: {', '.join(MODELS)})")
     if matches is None:
-        matches = match_descriptors(feats_a.descriptors, feats_b.descriptors, ratio=ratio, mutual=mutual,
-                                    max_distance=max_distance)
+        matches = match_descriptors(
+            feats_a.descriptors, feats_b.descriptors, ratio=ratio, mutual=mutual, max_distance=max_distance
+        )
     matches = np.asarray(matches, dtype=np.int64).reshape(-1, 2)
-    mat, mask = fit_model(feats_a.keypoints[matches[:, 0]], feats_b.keypoints[matches[:, 1]], model,
-                          threshold_px, seed, method, max_iters, confidence)
+    mat, mask = fit_model(
+        feats_a.keypoints[matches[:, 0]],
+        feats_b.keypoints[matches[:, 1]],
+        model,
+        threshold_px,
+        seed,
+        method,
+        max_iters,
+        confidence,
+    )
     return Verification(matches, mask, int(mask.sum()), mat, model)
 
 
-def homography_from_inliers(feats_a: LocalFeatures, feats_b: LocalFeatures, v: Verification, seed: int = 0,
-                            threshold_px: float | None = None, method: str = "magsac") -> Verification:
+def homography_from_inliers(
+    feats_a: LocalFeatures,
+    feats_b: LocalFeatures,
+    v: Verification,
+    seed: int = 0,
+    threshold_px: float | None = None,
+    method: str = "magsac",
+) -> Verification:
     """A homography fitted (seeded USAC) to the inliers of another verification, e.g. a fundamental one.
 
     With a fundamental matrix there is no map from A's pixels to B's; the dominant plane among its
@@ -248,5 +291,12 @@ def homography_from_inliers(feats_a: LocalFeatures, feats_b: LocalFeatures, v: V
     """
     if v.model == "homography":
         return v
-    return verify(feats_a, feats_b, "homography", seed, matches=v.inlier_matches, threshold_px=threshold_px,
-                  method=method)
+    return verify(
+        feats_a,
+        feats_b,
+        "homography",
+        seed,
+        matches=v.inlier_matches,
+        threshold_px=threshold_px,
+        method=method,
+    )

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 def _as_rgb(img: np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(img)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
-        raise ValueError(f"{name}: expected an (H, W, 3) uint8 image, got shape {arr.shape} dtype {arr.dtype}")
+        raise ValueError(
+            f"{name}: expected an (H, W, 3) uint8 image, got shape {arr.shape} dtype {arr.dtype}"
+        )
     if arr.ndim == 2:
         return np.repeat(arr[:, :, None], 3, axis=2)
     if arr.shape[2] == 1:
@@ -27,13 +29,24 @@ def _as_rgb(img: np.ndarray, name: str) -> np.ndarray:
 def match_colors(n: int, saturation: float = 0.9, value: float = 1.0) -> np.ndarray:
     """``(n, 3)`` uint8 RGB colours spread around the hue circle (golden-ratio steps): deterministic."""
     hues = (np.arange(n) * 0.618033988749895) % 1.0
-    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, saturation, value)] for h in hues],
-                    dtype=np.uint8).reshape(-1, 3)
+    return np.array(
+        [[round(255 * c) for c in colorsys.hsv_to_rgb(h, saturation, value)] for h in hues], dtype=np.uint8
+    ).reshape(-1, 3)
 
 
-def draw_matches(img_a: np.ndarray, img_b: np.ndarray, kpts_a: np.ndarray, kpts_b: np.ndarray, *,
-                 colors: np.ndarray | None = None, max_height_px: int | None = 720, gap_px: int = 8,
-                 radius_px: int = 3, thickness_px: int = 1, max_lines: int | None = 500) -> np.ndarray:
+def draw_matches(
+    img_a: np.ndarray,
+    img_b: np.ndarray,
+    kpts_a: np.ndarray,
+    kpts_b: np.ndarray,
+    *,
+    colors: np.ndarray | None = None,
+    max_height_px: int | None = 720,
+    gap_px: int = 8,
+    radius_px: int = 3,
+    thickness_px: int = 1,
+    max_lines: int | None = 500,
+) -> np.ndarray:
     """Draw corresponding keypoints of two images side by side, joined by lines.
 
     Args:
@@ -61,12 +74,20 @@ def draw_matches(img_a: np.ndarray, img_b: np.ndarray, kpts_a: np.ndarray, kpts_
         height = min(height, int(max_height_px))
     height = max(height, 1)
     sa, sb = height / a.shape[0], height / b.shape[0]
-    ra = cv2.resize(a, (max(1, round(a.shape[1] * sa)), height), interpolation=cv2.INTER_AREA if sa < 1 else cv2.INTER_LINEAR)
-    rb = cv2.resize(b, (max(1, round(b.shape[1] * sb)), height), interpolation=cv2.INTER_AREA if sb < 1 else cv2.INTER_LINEAR)
+    ra = cv2.resize(
+        a,
+        (max(1, round(a.shape[1] * sa)), height),
+        interpolation=cv2.INTER_AREA if sa < 1 else cv2.INTER_LINEAR,
+    )
+    rb = cv2.resize(
+        b,
+        (max(1, round(b.shape[1] * sb)), height),
+        interpolation=cv2.INTER_AREA if sb < 1 else cv2.INTER_LINEAR,
+    )
     wa = ra.shape[1]
     canvas = np.full((height, wa + gap_px + rb.shape[1], 3), 255, np.uint8)
     canvas[:, :wa] = ra
-    canvas[:, wa + gap_px:] = rb
+    canvas[:, wa + gap_px :] = rb
     if colors is None:
         cols = match_colors(len(pa))
     else:
@@ -85,15 +106,28 @@ def draw_matches(img_a: np.ndarray, img_b: np.ndarray, kpts_a: np.ndarray, kpts_
     fb = np.round(qb * (1 << shift)).astype(np.int64)
     for k, (p, q) in enumerate(zip(fa, fb)):
         color = tuple(int(c) for c in cols[idx[k]])
-        cv2.line(canvas, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), color, thickness_px, cv2.LINE_AA, shift)
-        cv2.circle(canvas, (int(p[0]), int(p[1])), radius_px << shift, color, thickness_px, cv2.LINE_AA, shift)
-        cv2.circle(canvas, (int(q[0]), int(q[1])), radius_px << shift, color, thickness_px, cv2.LINE_AA, shift)
+        cv2.line(
+            canvas, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), color, thickness_px, cv2.LINE_AA, shift
+        )
+        cv2.circle(
+            canvas, (int(p[0]), int(p[1])), radius_px << shift, color, thickness_px, cv2.LINE_AA, shift
+        )
+        cv2.circle(
+            canvas, (int(q[0]), int(q[1])), radius_px << shift, color, thickness_px, cv2.LINE_AA, shift
+        )
     return canvas
 
 
-def draw_verification(img_a: np.ndarray, img_b: np.ndarray, feats_a: LocalFeatures, feats_b: LocalFeatures,
-                      verification: Verification, *, max_side_px: int | None = None,
-                      **draw_kwargs: Any) -> np.ndarray:
+def draw_verification(
+    img_a: np.ndarray,
+    img_b: np.ndarray,
+    feats_a: LocalFeatures,
+    feats_b: LocalFeatures,
+    verification: Verification,
+    *,
+    max_side_px: int | None = None,
+    **draw_kwargs: Any,
+) -> np.ndarray:
     """Draw the inlier matches of a verified pair (what re-ranking counted), side by side.
 
     The one match drawing of the package: ``landmarks match --draw``, the HTML report and the

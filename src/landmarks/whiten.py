@@ -81,8 +81,13 @@ class Whitening:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary: ``{"in_dim", "dim", "shrinkage", "n_train", "sha256"}``."""
-        return {"in_dim": self.in_dim, "dim": self.dim, "shrinkage": self.shrinkage, "n_train": self.n_train,
-                "sha256": self.digest()}
+        return {
+            "in_dim": self.in_dim,
+            "dim": self.dim,
+            "shrinkage": self.shrinkage,
+            "n_train": self.n_train,
+            "sha256": self.digest(),
+        }
 
 
 def effective_dim(d: int, n: int, dim: int | None) -> int:
@@ -116,7 +121,9 @@ def learn_whitening(x: np.ndarray, dim: int | None = None, shrinkage: float = 1.
     floor = shrinkage * float(lam.mean()) if lam.mean() > 0 else 0.0
     scale = np.sqrt(lam[:k] + floor)
     scale = np.where(scale > 0, scale, 1.0)
-    return Whitening(mean=mean, proj=vec[:, :k] / scale, eigenvalues=lam[:k], shrinkage=float(shrinkage), n_train=n)
+    return Whitening(
+        mean=mean, proj=vec[:, :k] / scale, eigenvalues=lam[:k], shrinkage=float(shrinkage), n_train=n
+    )
 
 
 def apply_whitening(x: np.ndarray, w: Whitening) -> np.ndarray:
@@ -136,6 +143,7 @@ def apply_whitening(x: np.ndarray, w: Whitening) -> np.ndarray:
 
 # --- files ------------------------------------------------------------------------------------------
 
+
 def save_whitening(path: str | Path, w: Whitening) -> None:
     """Write ``w`` as one safetensors file (tensors + a JSON header), atomically."""
     import torch
@@ -143,9 +151,11 @@ def save_whitening(path: str | Path, w: Whitening) -> None:
 
     from landmarks.utils.io import atomic_save
 
-    tensors = {"mean": torch.from_numpy(np.ascontiguousarray(w.mean)),
-               "proj": torch.from_numpy(np.ascontiguousarray(w.proj)),
-               "eigenvalues": torch.from_numpy(np.ascontiguousarray(w.eigenvalues))}
+    tensors = {
+        "mean": torch.from_numpy(np.ascontiguousarray(w.mean)),
+        "proj": torch.from_numpy(np.ascontiguousarray(w.proj)),
+        "eigenvalues": torch.from_numpy(np.ascontiguousarray(w.eigenvalues)),
+    }
     meta = {"landmarks_whitening": json.dumps(w.describe())}
     atomic_save(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -160,10 +170,16 @@ def load_whitening(path: str | Path, expect_sha256: str | None = None) -> Whiten
             arrays = {k: f.get_tensor(k) for k in ("mean", "proj", "eigenvalues")}
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise IncompatibleArtifactError(f"{path}: not a readable whitening file ({e})") from e
-    w = Whitening(mean=np.asarray(arrays["mean"], np.float64), proj=np.asarray(arrays["proj"], np.float64),
-                  eigenvalues=np.asarray(arrays["eigenvalues"], np.float64),
-                  shrinkage=float(info["shrinkage"]), n_train=int(info["n_train"]))
+    w = Whitening(
+        mean=np.asarray(arrays["mean"], np.float64),
+        proj=np.asarray(arrays["proj"], np.float64),
+        eigenvalues=np.asarray(arrays["eigenvalues"], np.float64),
+        shrinkage=float(info["shrinkage"]),
+        n_train=int(info["n_train"]),
+    )
     if expect_sha256 is not None and w.digest() != expect_sha256:
-        raise IncompatibleArtifactError(f"{path}: whitening parameters do not match the index's meta.json "
-                                        "(file corrupt or replaced); rebuild the index")
+        raise IncompatibleArtifactError(
+            f"{path}: whitening parameters do not match the index's meta.json "
+            "(file corrupt or replaced); rebuild the index"
+        )
     return w

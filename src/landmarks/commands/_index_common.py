@@ -12,19 +12,34 @@ __all__ = ["add_extraction_arguments", "add_wait_argument", "rank_world", "resol
 def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     """``--batch-size``, ``--workers``, ``--device``."""
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader workers decoding images (default: CPUs - 1, at most 8; 0: none)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the forward pass (default on CPU: cores minus decoding workers, "
-                             "so decoding and the forward pass do not fight over cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers decoding images (default: CPUs - 1, at most 8; 0: none)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the forward pass (default on CPU: cores minus decoding workers, "
+        "so decoding and the forward pass do not fight over cores)",
+    )
 
 
 def add_wait_argument(parser: argparse.ArgumentParser) -> None:
     """``--wait SECONDS``: how long a writer waits for another writer of the same index."""
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                        help="when another process is writing the index, wait up to this long for it "
-                             "(default 0: refuse at once)")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another process is writing the index, wait up to this long for it "
+        "(default 0: refuse at once)",
+    )
 
 
 def setup_threads(device: str, threads: int | None, workers: int | None) -> int:

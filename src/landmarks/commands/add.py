@@ -23,9 +23,15 @@ from landmarks.commands._index_common import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``landmarks add``."""
     parser.add_argument("index", metavar="INDEX", help="index folder")
-    parser.add_argument("src", metavar="SRC", help="labelled images: folder-per-landmark, GLDv2 CSV or list file")
-    parser.add_argument("--image-dir", default=None, help="where a CSV's images are (default: beside the CSV)")
-    parser.add_argument("--model", default=None, help="the model run (default: the one recorded in the index)")
+    parser.add_argument(
+        "src", metavar="SRC", help="labelled images: folder-per-landmark, GLDv2 CSV or list file"
+    )
+    parser.add_argument(
+        "--image-dir", default=None, help="where a CSV's images are (default: beside the CSV)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="the model run (default: the one recorded in the index)"
+    )
     add_extraction_arguments(parser)
     add_wait_argument(parser)
 
@@ -39,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
     records = load_collection(args.src, args.image_dir)
     device = resolve_device(args.device)
     setup_threads(device, args.threads, args.workers)
-    rec = Recognizer.load(args.index, RecognizeConfig(batch_size=args.batch_size),
-                          device=device, model=args.model)
+    rec = Recognizer.load(
+        args.index, RecognizeConfig(batch_size=args.batch_size), device=device, model=args.model
+    )
     res = rec.add(records, num_workers=args.workers, wait_s=args.wait, command=command_line())
-    print(f"added {len(res.added)} images ({res.new_landmarks} new landmarks) to {Path(args.index)}; it now holds "
-          f"{len(res.index)} images of {res.index.num_landmarks} landmarks")
+    print(
+        f"added {len(res.added)} images ({res.new_landmarks} new landmarks) to {Path(args.index)}; it now holds "
+        f"{len(res.index)} images of {res.index.num_landmarks} landmarks"
+    )
     return 0

@@ -19,9 +19,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-minutes", type=float, default=None, help="training time budget (default 4)")
     parser.add_argument("--landmarks", type=int, default=None, help="synthetic landmarks (default 100)")
     parser.add_argument("--queries", type=int, default=None, help="test queries (default 1000)")
-    parser.add_argument("--preset", default=None, help="training preset (default cpu: Lite0 fine-tuned from ImageNet weights; cpu-scratch: random init)")
-    parser.add_argument("--local-features", choices=("sift", "model"), default=None,
-                        help="local features for re-ranking (default sift)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="training preset (default cpu: Lite0 fine-tuned from ImageNet weights; cpu-scratch: random init)",
+    )
+    parser.add_argument(
+        "--local-features",
+        choices=("sift", "model"),
+        default=None,
+        help="local features for re-ranking (default sift)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="delete --out first")
 
@@ -37,9 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     conf = DemoConfig(seed=args.seed, device=args.device)
-    for name, value in (("train_minutes", args.train_minutes), ("landmarks", args.landmarks),
-                        ("queries", args.queries), ("preset", args.preset),
-                        ("local_features", args.local_features)):
+    for name, value in (
+        ("train_minutes", args.train_minutes),
+        ("landmarks", args.landmarks),
+        ("queries", args.queries),
+        ("preset", args.preset),
+        ("local_features", args.local_features),
+    ):
         if value is not None:
             setattr(conf, name, value)
     print_summary(run_demo(out, conf))

@@ -57,9 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Score a retrieval submission (id,images, best first) against a solution (id,images,Usage).",
     )
     for p, cols in ((rec, "landmarks"), (ret, "images")):
-        p.add_argument("--solution", required=True, type=Path, metavar="S.csv", help=f"solution: id,{cols},Usage")
-        p.add_argument("--predictions", required=True, type=Path, metavar="P.csv", help=f"submission: id,{cols}")
-        p.add_argument("--json", action="store_true", help='print {"all": {...}, "public": {...}, "private": {...}}')
+        p.add_argument(
+            "--solution", required=True, type=Path, metavar="S.csv", help=f"solution: id,{cols},Usage"
+        )
+        p.add_argument(
+            "--predictions", required=True, type=Path, metavar="P.csv", help=f"submission: id,{cols}"
+        )
+        p.add_argument(
+            "--json", action="store_true", help='print {"all": {...}, "public": {...}, "private": {...}}'
+        )
     rev = sub.add_parser(
         "revisited",
         help="Revisited Oxford/Paris protocol: Easy/Medium/Hard mAP and mP@1,5,10 (+R1M)",
@@ -67,27 +73,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ROOT/gnd_<dataset>.pkl or .json; the pickle is read with a restricted unpickler): queries cropped "
         "to their boxes, embeddings resumable in --work.",
     )
-    rev.add_argument("--data", required=True, type=Path, metavar="ROOT",
-                     help="the dataset folder (holding jpg/ and gnd_<dataset>.pkl), or the folder above it")
-    rev.add_argument("--dataset", default="roxford5k", metavar="NAME",
-                     help="roxford5k (default), rparis6k or another name with gnd_NAME.pkl/.json")
+    rev.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="ROOT",
+        help="the dataset folder (holding jpg/ and gnd_<dataset>.pkl), or the folder above it",
+    )
+    rev.add_argument(
+        "--dataset",
+        default="roxford5k",
+        metavar="NAME",
+        help="roxford5k (default), rparis6k or another name with gnd_NAME.pkl/.json",
+    )
     src = rev.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", default=None, help="trained run folder (or checkpoint file)")
     src.add_argument("--index", default=None, help="an index folder: its model and views are used")
     dis = rev.add_mutually_exclusive_group()
-    dis.add_argument("--distractors", nargs="+", default=None, metavar="SRC",
-                     help="+R1M: distractor images (folders, list files) appended to the database")
-    dis.add_argument("--distractor-features", type=Path, default=None, metavar="F.npy",
-                     help="+R1M: the distractors' features already extracted with this model, (M, D) .npy")
-    rev.add_argument("--work", type=Path, default=None,
-                     help="crops and resumable embeddings (default: ROOT/.landmarks-work/<model fingerprint>)")
-    rev.add_argument("--qe", type=_nonnegative_int, default=0, metavar="N", help="alpha-QE with N neighbours (0: off)")
+    dis.add_argument(
+        "--distractors",
+        nargs="+",
+        default=None,
+        metavar="SRC",
+        help="+R1M: distractor images (folders, list files) appended to the database",
+    )
+    dis.add_argument(
+        "--distractor-features",
+        type=Path,
+        default=None,
+        metavar="F.npy",
+        help="+R1M: the distractors' features already extracted with this model, (M, D) .npy",
+    )
+    rev.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="crops and resumable embeddings (default: ROOT/.landmarks-work/<model fingerprint>)",
+    )
+    rev.add_argument(
+        "--qe", type=_nonnegative_int, default=0, metavar="N", help="alpha-QE with N neighbours (0: off)"
+    )
     rev.add_argument("--qe-alpha", type=float, default=3.0, metavar="A", help="alpha of --qe (default 3)")
-    rev.add_argument("--dba", type=_nonnegative_int, default=0, metavar="N", help="DBA with N neighbours (0: off)")
+    rev.add_argument(
+        "--dba", type=_nonnegative_int, default=0, metavar="N", help="DBA with N neighbours (0: off)"
+    )
     rev.add_argument("--dba-alpha", type=float, default=3.0, metavar="A", help="alpha of --dba (default 3)")
-    rev.add_argument("--multiscale", action="store_true", help="embed at scales 0.707, 1, 1.414 (with --model)")
-    rev.add_argument("--depth", type=_positive_int, default=10_000,
-                     help="ranks kept per query when the database is larger (default 10000)")
+    rev.add_argument(
+        "--multiscale", action="store_true", help="embed at scales 0.707, 1, 1.414 (with --model)"
+    )
+    rev.add_argument(
+        "--depth",
+        type=_positive_int,
+        default=10_000,
+        help="ranks kept per query when the database is larger (default 10000)",
+    )
     rev.add_argument("--json", action="store_true", help="print the figures as JSON")
     add_extraction_arguments(rev)
     ret.add_argument(
@@ -143,7 +182,10 @@ def _table(
         for split, values in results.items()
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -175,11 +217,17 @@ def evaluate(
         n_preds = len(ret_preds)
         t1 = time.perf_counter()
         results = {
-            name: metrics.retrieval_metrics(_restrict(ret_preds, truth), truth, k=k) for name, truth in splits.items()
+            name: metrics.retrieval_metrics(_restrict(ret_preds, truth), truth, k=k)
+            for name, truth in splits.items()
         }
     log.debug(
         "%s: %d queries (%d ignored), %d predictions; read in %.2f s, scored in %.2f s",
-        task, len(sol.truth), len(sol.ignored), n_preds, t1 - t0, time.perf_counter() - t1,
+        task,
+        len(sol.truth),
+        len(sol.ignored),
+        n_preds,
+        t1 - t0,
+        time.perf_counter() - t1,
     )
     return results, {name: len(truth) for name, truth in splits.items()}
 
@@ -191,7 +239,11 @@ def run(args: argparse.Namespace) -> int:
     k = getattr(args, "k", 100)
     results, counts = evaluate(args.task, args.solution, args.predictions, k=k)
     if args.json:
-        print(json.dumps({s: {key: _json_value(v) for key, v in r.items()} for s, r in results.items()}, indent=2))
+        print(
+            json.dumps(
+                {s: {key: _json_value(v) for key, v in r.items()} for s, r in results.items()}, indent=2
+            )
+        )
         return 0
     if args.task == submission.RECOGNITION:
         columns = [
@@ -231,8 +283,9 @@ def run_revisited(args: argparse.Namespace) -> int:
         index = LandmarkIndex.load(args.index)
         source = index.meta["model"].get("source")
         if not source or not Path(source).exists():
-            raise LandmarksError(f"{args.index}: the model recorded in meta.json ({source}) is not "
-                                             "there; pass --model")
+            raise LandmarksError(
+                f"{args.index}: the model recorded in meta.json ({source}) is not there; pass --model"
+            )
         embedder = extract.load_embedder(source, device=device)
         index.check_model(embedder.fingerprint)
         scales, flip = tuple(index.views.get("scales", [1.0])), bool(index.views.get("flip"))
@@ -240,24 +293,45 @@ def run_revisited(args: argparse.Namespace) -> int:
             project = index.project
     else:
         embedder = extract.load_embedder(args.model, device=device)
-    conf = extract.ExtractConfig(batch_size=args.batch_size, num_workers=args.workers, scales=scales, flip=flip)
+    conf = extract.ExtractConfig(
+        batch_size=args.batch_size, num_workers=args.workers, scales=scales, flip=flip
+    )
     work = args.work or dataset.root / ".landmarks-work" / embedder.fingerprint[:16]
-    res = evaluate_revisited(embedder, dataset, work, extract_conf=conf,
-                             qe=ExpansionConfig(args.qe, args.qe_alpha), dba=ExpansionConfig(args.dba, args.dba_alpha),
-                             distractors=args.distractors, distractor_features=args.distractor_features,
-                             depth=args.depth, project=project)
+    res = evaluate_revisited(
+        embedder,
+        dataset,
+        work,
+        extract_conf=conf,
+        qe=ExpansionConfig(args.qe, args.qe_alpha),
+        dba=ExpansionConfig(args.dba, args.dba_alpha),
+        distractors=args.distractors,
+        distractor_features=args.distractor_features,
+        depth=args.depth,
+        project=project,
+    )
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
         return 0
     name = dataset.name + ("+R1M" if res.distractors else "")
-    table = {split.capitalize(): {"map": v["map"], **{f"mp@{k}": p for k, p in zip(KAPPAS, v["mp@k"])}}
-             for split, v in res.results.items()}
-    counts = {split.capitalize(): sum(1 for g in dataset.truth.gnd
-                                      if any(len(getattr(g, key)) for key in metrics.REVISITED_PROTOCOLS[split][0]))
-              for split in res.results}
-    print(f"{name}: {res.queries} queries, {res.database} images"
-          + (f" + {res.distractors} distractors" if res.distractors else "")
-          + f", model {embedder.describe().get('name')}"
-          + (f", QE n={args.qe}" if args.qe else "") + (f", DBA n={args.dba}" if args.dba else "") + " (scores in %)")
+    table = {
+        split.capitalize(): {"map": v["map"], **{f"mp@{k}": p for k, p in zip(KAPPAS, v["mp@k"])}}
+        for split, v in res.results.items()
+    }
+    counts = {
+        split.capitalize(): sum(
+            1
+            for g in dataset.truth.gnd
+            if any(len(getattr(g, key)) for key in metrics.REVISITED_PROTOCOLS[split][0])
+        )
+        for split in res.results
+    }
+    print(
+        f"{name}: {res.queries} queries, {res.database} images"
+        + (f" + {res.distractors} distractors" if res.distractors else "")
+        + f", model {embedder.describe().get('name')}"
+        + (f", QE n={args.qe}" if args.qe else "")
+        + (f", DBA n={args.dba}" if args.dba else "")
+        + " (scores in %)"
+    )
     print(_table(table, counts, [("map", "mAP", True), *[(f"mp@{k}", f"mP@{k}", True) for k in KAPPAS]]))
     return 0

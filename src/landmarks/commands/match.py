@@ -41,23 +41,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``landmarks match``."""
     parser.add_argument("image_a", metavar="A", help="first image")
     parser.add_argument("image_b", metavar="B", help="second image")
-    parser.add_argument("--features", default=None, metavar="sift|RUN",
-                        help="local features: 'sift' (RootSIFT, no weights; the default) or a run directory with a "
-                             "local head")
-    parser.add_argument("--index", type=Path, default=None, metavar="INDEX",
-                        help="use the local-feature settings recorded by this index (instead of --features)")
-    parser.add_argument("--model", default="fundamental", choices=["fundamental", "homography", "affine"],
-                        help="geometric model for RANSAC (default: fundamental)")
+    parser.add_argument(
+        "--features",
+        default=None,
+        metavar="sift|RUN",
+        help="local features: 'sift' (RootSIFT, no weights; the default) or a run directory with a "
+        "local head",
+    )
+    parser.add_argument(
+        "--index",
+        type=Path,
+        default=None,
+        metavar="INDEX",
+        help="use the local-feature settings recorded by this index (instead of --features)",
+    )
+    parser.add_argument(
+        "--model",
+        default="fundamental",
+        choices=["fundamental", "homography", "affine"],
+        help="geometric model for RANSAC (default: fundamental)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="RANSAC seed (default 0)")
-    parser.add_argument("--max-features", type=int, default=None,
-                        help="keypoints per image (default: 1000 for SIFT, the extractor's top N otherwise)")
-    parser.add_argument("--threshold-px", type=float, default=None,
-                        help="RANSAC inlier threshold in pixels (default: per model and features)")
-    parser.add_argument("--ratio", type=float, default=0.85, help="Lowe ratio test (>= 1 disables; default 0.85)")
+    parser.add_argument(
+        "--max-features",
+        type=int,
+        default=None,
+        help="keypoints per image (default: 1000 for SIFT, the extractor's top N otherwise)",
+    )
+    parser.add_argument(
+        "--threshold-px",
+        type=float,
+        default=None,
+        help="RANSAC inlier threshold in pixels (default: per model and features)",
+    )
+    parser.add_argument(
+        "--ratio", type=float, default=0.85, help="Lowe ratio test (>= 1 disables; default 0.85)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device for learned features (default cpu)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--draw", type=Path, default=None, metavar="OUT.png",
-                        help="write the inlier matches side by side as an image (.png, .jpg, .webp)")
+    parser.add_argument(
+        "--draw",
+        type=Path,
+        default=None,
+        metavar="OUT.png",
+        help="write the inlier matches side by side as an image (.png, .jpg, .webp)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,9 +106,13 @@ def run(args: argparse.Namespace) -> int:
             raise LandmarksError("--index sets the local features: drop --features / --max-features")
         extractor = index_extractor_from_dir(args.index, device=args.device)
         if extractor is None:
-            raise LandmarksError(f"--index {args.index}: the index has no local features (`landmarks index --local`)")
+            raise LandmarksError(
+                f"--index {args.index}: the index has no local features (`landmarks index --local`)"
+            )
     else:
-        extractor = build_local_extractor(args.features or "sift", device=args.device, max_features=args.max_features)
+        extractor = build_local_extractor(
+            args.features or "sift", device=args.device, max_features=args.max_features
+        )
     t0 = time.perf_counter()
     fa = extractor(img_a)
     fb = extractor(img_b)
@@ -88,7 +120,11 @@ def run(args: argparse.Namespace) -> int:
     threshold = args.threshold_px if args.threshold_px is not None else extractor.ransac_threshold_px
     ratio = args.ratio if args.ratio < 1.0 else None
     v = verify(fa, fb, args.model, args.seed, ratio=ratio, threshold_px=threshold)
-    h = v if args.model != "fundamental" else homography_from_inliers(fa, fb, v, args.seed, threshold_px=threshold)
+    h = (
+        v
+        if args.model != "fundamental"
+        else homography_from_inliers(fa, fb, v, args.seed, threshold_px=threshold)
+    )
     t2 = time.perf_counter()
     logger.info("extraction %.0f ms, matching + RANSAC %.1f ms", (t1 - t0) * 1e3, (t2 - t1) * 1e3)
     homography = _normalised(h.model_3x3) if h.model_3x3 is not None else None
@@ -117,8 +153,9 @@ def _normalised(m: np.ndarray) -> np.ndarray:
     return m / m[2, 2] if abs(m[2, 2]) > 1e-12 else m
 
 
-def _draw(path: Path, img_a: np.ndarray, img_b: np.ndarray, fa: LocalFeatures, fb: LocalFeatures,
-          v: Verification) -> None:
+def _draw(
+    path: Path, img_a: np.ndarray, img_b: np.ndarray, fa: LocalFeatures, fb: LocalFeatures, v: Verification
+) -> None:
     from landmarks.viz import draw_verification
 
     canvas = draw_verification(img_a, img_b, fa, fb, v)
@@ -142,7 +179,11 @@ def _text(args: argparse.Namespace, r: dict[str, Any]) -> str:
     if r["homography"] is None:
         lines.append("homography A -> B: none found")
     else:
-        how = "" if r["model"] != "fundamental" else f" (fitted to the fundamental inliers: {r['homography_inliers']} agree)"
+        how = (
+            ""
+            if r["model"] != "fundamental"
+            else f" (fitted to the fundamental inliers: {r['homography_inliers']} agree)"
+        )
         lines.append(f"homography A -> B{how}:")
         lines += ["  [" + "  ".join(f"{x: .6g}" for x in row) + "]" for row in r["homography"]]
     return "\n".join(lines)

@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``landmarks remove``."""
     parser.add_argument("index", metavar="INDEX", help="index folder")
     parser.add_argument("ids", metavar="IDS", nargs="+", help="image ids, or files with one id per line")
-    parser.add_argument("--landmarks", action="store_true", help="the ids are landmark ids: remove all their images")
+    parser.add_argument(
+        "--landmarks", action="store_true", help="the ids are landmark ids: remove all their images"
+    )
     parser.add_argument("--missing-ok", action="store_true", help="ignore ids that are not in the index")
     add_wait_argument(parser)
 
@@ -42,9 +44,17 @@ def run(args: argparse.Namespace) -> int:
     """Remove and save (:func:`landmarks.maintenance.remove_from_index`); returns 0."""
     from landmarks.maintenance import command_line, remove_from_index
 
-    res = remove_from_index(args.index, read_ids(args.ids), landmarks=args.landmarks, missing_ok=args.missing_ok,
-                            wait_s=args.wait, command=command_line())
+    res = remove_from_index(
+        args.index,
+        read_ids(args.ids),
+        landmarks=args.landmarks,
+        missing_ok=args.missing_ok,
+        wait_s=args.wait,
+        command=command_line(),
+    )
     assert res.index is not None
-    print(f"removed {len(res.removed)} images from {args.index}; it now holds {len(res.index)} images of "
-          f"{res.index.num_landmarks} landmarks")
+    print(
+        f"removed {len(res.removed)} images from {args.index}; it now holds {len(res.index)} images of "
+        f"{res.index.num_landmarks} landmarks"
+    )
     return 0

@@ -31,34 +31,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``landmarks train``."""
     from landmarks.models.presets import PRESETS
 
-    parser.add_argument("--data", help="GLDv2 CSV (images in train/ beside it) or folder-per-landmark collection "
-                                       "(optional with --resume)")
+    parser.add_argument(
+        "--data",
+        help="GLDv2 CSV (images in train/ beside it) or folder-per-landmark collection "
+        "(optional with --resume)",
+    )
     parser.add_argument("--out", required=True, help="run folder to write (config, weights, meta, log)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: cpu = EfficientNet-Lite0 fine-tuned from its packaged "
-                                                            "ImageNet weights; cpu-scratch: resnet10t from random init; "
-                                                            "lite2-256: the offline GPU choice)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named configuration (default: cpu = EfficientNet-Lite0 fine-tuned from its packaged "
+        "ImageNet weights; cpu-scratch: resnet10t from random init; "
+        "lite2-256: the offline GPU choice)",
+    )
     parser.add_argument("--config", help="JSON config file (e.g. another run's config.json)")
     parser.add_argument("--epochs", type=int, help="passes over the training split")
     parser.add_argument("--image-size", type=int, help="training / inference side in pixels")
     parser.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
     parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
-                        help="size the whole schedule from measured throughput to finish in this many minutes")
-    parser.add_argument("--pretrained", help="backbone weights: lite0, lite1, lite2 (ImageNet, installed with "
-                                             "the package; use model.backbone=tf_efficientnet_lite0 etc.), a "
-                                             "timm tag (e.g. ra_in1k, or 'timm' for the default; downloads) or "
-                                             "a local weights file; default: the preset's")
-    parser.add_argument("--init", metavar="RUN", help="start from this run's weights and class map "
-                                                      "(multi-stage training; the head is kept)")
-    parser.add_argument("--local-only", action="store_true",
-                        help="train only the DELG-style local head on a frozen model (use with --init)")
-    parser.add_argument("--local", action="store_true", help="also train the DELG-style local head in this run (on the detached stride-16 map)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="size the whole schedule from measured throughput to finish in this many minutes",
+    )
+    parser.add_argument(
+        "--pretrained",
+        help="backbone weights: lite0, lite1, lite2 (ImageNet, installed with "
+        "the package; use model.backbone=tf_efficientnet_lite0 etc.), a "
+        "timm tag (e.g. ra_in1k, or 'timm' for the default; downloads) or "
+        "a local weights file; default: the preset's",
+    )
+    parser.add_argument(
+        "--init",
+        metavar="RUN",
+        help="start from this run's weights and class map (multi-stage training; the head is kept)",
+    )
+    parser.add_argument(
+        "--local-only",
+        action="store_true",
+        help="train only the DELG-style local head on a frozen model (use with --init)",
+    )
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="also train the DELG-style local head in this run (on the detached stride-16 map)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the local GPU if any, else CPU)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. optim.lr=3e-4 model.head.subcenters=3")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. optim.lr=3e-4 model.head.subcenters=3",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
@@ -71,8 +99,12 @@ def resolve_config(args: argparse.Namespace) -> Any:
     if args.config:
         data = load_config_file(args.config)
         if args.preset and data.get("preset") not in (None, args.preset):
-            logger.info("--preset %s applied under --config %s (preset %s)", args.preset, args.config,
-                        data.get("preset"))
+            logger.info(
+                "--preset %s applied under --config %s (preset %s)",
+                args.preset,
+                args.config,
+                data.get("preset"),
+            )
         conf = merge(conf, data)
         if args.preset:
             conf.preset = args.preset
@@ -140,8 +172,12 @@ def run(args: argparse.Namespace) -> int:
     result = train(conf, data, out, resume=args.resume, time_budget_min=args.time_budget, device=args.device)
 
     if dist_env().is_main:
-        summary = {"run": str(result.run_dir), "steps": result.steps, "epochs": result.epochs,
-                   "elapsed_s": round(result.elapsed_s, 1)}
+        summary = {
+            "run": str(result.run_dir),
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "elapsed_s": round(result.elapsed_s, 1),
+        }
         summary.update({k: v for k, v in result.metrics.items() if k.startswith("val_")})
         print(json.dumps(summary))
     return 0

@@ -20,8 +20,20 @@ from urllib.parse import quote, unquote
 from landmarks.errors import DataFormatError, LandmarksError
 
 #: File name endings listed as images when walking folders (decoding itself goes by content).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".gif", ".bmp", ".tif",
-                    ".tiff", ".mpo")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".webp",
+    ".avif",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".mpo",
+)
 #: GLDv2 split folders, by CSV name prefix.
 GLDV2_SPLITS = ("train", "index", "test")
 _SAFE = "/-_.~+=@:()[]!$&'*;"
@@ -60,8 +72,11 @@ def gldv2_image_path(root: str | Path, split: str, image_id: str, ext: str = ".j
 
 def is_image_file(path: Path) -> bool:
     """True for a visible file whose name ends like an image (or that has no extension)."""
-    return path.is_file() and not path.name.startswith(".") and (
-        path.suffix.lower() in IMAGE_EXTENSIONS or path.suffix == "")
+    return (
+        path.is_file()
+        and not path.name.startswith(".")
+        and (path.suffix.lower() in IMAGE_EXTENSIONS or path.suffix == "")
+    )
 
 
 def read_text_file(path: str | Path) -> str:
@@ -72,8 +87,9 @@ def read_text_file(path: str | Path) -> str:
     except FileNotFoundError:
         raise LandmarksError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise DataFormatError(f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at offset "
-                              f"{e.start})") from None
+        raise DataFormatError(
+            f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
     except OSError as e:
         raise LandmarksError(f"{path}: cannot read: {e.strerror or e}") from None
 
@@ -124,7 +140,9 @@ def load_gldv2_csv(csv_path: str | Path, image_dir: str | Path | None = None) ->
     return records
 
 
-def _read_gldv2_rows(csv_path: Path, reader: Any, root: Path, records: list[ImageRecord], seen: set[str]) -> None:
+def _read_gldv2_rows(
+    csv_path: Path, reader: Any, root: Path, records: list[ImageRecord], seen: set[str]
+) -> None:
     header = next(reader, None)
     if header is None:
         raise DataFormatError(f"{csv_path}: empty file (no header)")
@@ -158,12 +176,17 @@ def _read_gldv2_rows(csv_path: Path, reader: Any, root: Path, records: list[Imag
             label = _check_token(row[lj], "landmark id", f"{csv_path}:{n}") if lj is not None else None
             add(row[idi], label, n)
     else:
-        raise DataFormatError(f"{csv_path}: header {cols} has neither an 'id' column nor 'landmark_id,images'")
+        raise DataFormatError(
+            f"{csv_path}: header {cols} has neither an 'id' column nor 'landmark_id,images'"
+        )
 
 
 def _walk_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if is_image_file(p) and not any(
-        part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _ids_for(paths: Sequence[Path], root: Path, *, stem_only: bool = False) -> list[str]:
@@ -191,7 +214,9 @@ def load_folder_collection(root: str | Path) -> list[ImageRecord]:
         raise LandmarksError(f"{root}: no such folder")
     paths = [p for p in _walk_images(root) if len(p.relative_to(root).parts) >= 2]
     if not paths:
-        raise LandmarksError(f"{root}: no images found in landmark sub-folders (expected <root>/<landmark>/<image>)")
+        raise LandmarksError(
+            f"{root}: no images found in landmark sub-folders (expected <root>/<landmark>/<image>)"
+        )
     ids = _ids_for(paths, root)
     return [ImageRecord(i, p, encode_id(p.relative_to(root).parts[0])) for i, p in zip(ids, paths)]
 
@@ -216,7 +241,11 @@ def load_list_file(list_path: str | Path) -> list[ImageRecord]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.rsplit(None, 1) if "\t" in line or (" " in line and not Path(base / line).exists()) else [line]
+        parts = (
+            line.rsplit(None, 1)
+            if "\t" in line or (" " in line and not Path(base / line).exists())
+            else [line]
+        )
         p = Path(parts[0])
         p = p if p.is_absolute() else base / p
         lm = _check_token(parts[1], "landmark id", f"{list_path}:{n}") if len(parts) > 1 else None
@@ -269,6 +298,7 @@ def load_images(sources: Iterable[str | Path], image_dir: str | Path | None = No
 
 # --- subset selection -------------------------------------------------------------------------------
 
+
 def landmark_counts(records: Iterable[ImageRecord]) -> Counter[str]:
     """Images per landmark."""
     return Counter(r.landmark for r in records if r.landmark is not None)
@@ -297,8 +327,9 @@ def select_fraction(records: Sequence[ImageRecord], fraction: float, seed: int =
     return [r for i, r in enumerate(records) if i in keep]
 
 
-def stratified_split(records: Sequence[ImageRecord], val_fraction: float, seed: int = 0,
-                     min_train: int = 1) -> tuple[list[ImageRecord], list[ImageRecord]]:
+def stratified_split(
+    records: Sequence[ImageRecord], val_fraction: float, seed: int = 0, min_train: int = 1
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Split by landmark: about ``val_fraction`` of each landmark's images go to validation.
 
     Each landmark keeps at least ``min_train`` training images, so a landmark with one image is never

@@ -78,7 +78,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
         """Select the epoch and the global batch range ``[start_batch, stop_batch)`` to yield."""
         self.epoch = epoch
         self.start_batch = start_batch
-        self.stop_batch = self.batches_per_epoch if stop_batch is None else min(stop_batch, self.batches_per_epoch)
+        self.stop_batch = (
+            self.batches_per_epoch if stop_batch is None else min(stop_batch, self.batches_per_epoch)
+        )
 
     def order(self) -> np.ndarray:
         """``(n,)`` int64: the permutation of this epoch."""
@@ -109,8 +111,13 @@ class TrainDataset(Dataset[dict[str, Any]]):
         decode_min_side_px: lets JPEG decoding use DCT scaling down to this shorter side.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], labels: Sequence[int], transform: TrainTransform,
-                 decode_min_side_px: int | None = None):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        labels: Sequence[int],
+        transform: TrainTransform,
+        decode_min_side_px: int | None = None,
+    ):
         if len(records) != len(labels):
             raise ValueError("records and labels differ in length")
         self.records = list(records)
@@ -141,14 +148,20 @@ class TrainDataset(Dataset[dict[str, Any]]):
                 try:
                     img = self.load(candidate)
                     out = self.transform(img, rng)
-                    return {"image": out, "label": int(self.labels[candidate]), "index": candidate,
-                            "skipped": skipped}
+                    return {
+                        "image": out,
+                        "label": int(self.labels[candidate]),
+                        "index": candidate,
+                        "skipped": skipped,
+                    }
                 except ImageDecodeError as e:
                     self._bad.add(candidate)
                     skipped.append((str(self.records[candidate].path), e.reason))
             candidate = self._substitute(index, rng)
-        raise LandmarksError(f"{self.records[index].path}: unreadable, and {MAX_SUBSTITUTES} substitutes "
-                             f"failed too (last: {skipped[-1][1] if skipped else '?'})")
+        raise LandmarksError(
+            f"{self.records[index].path}: unreadable, and {MAX_SUBSTITUTES} substitutes "
+            f"failed too (last: {skipped[-1][1] if skipped else '?'})"
+        )
 
     def _substitute(self, index: int, rng: np.random.Generator) -> int:
         same = self._by_label[int(self.labels[index])]
@@ -178,8 +191,12 @@ class EvalDataset(Dataset[dict[str, Any]]):
             img = decode_image(r.path, name=str(r.path), min_side_px=self.size)
             return {"image": resize_square(img, self.size), "index": i, "ok": True, "skipped": []}
         except ImageDecodeError as e:
-            return {"image": np.zeros((self.size, self.size, 3), np.uint8), "index": i, "ok": False,
-                    "skipped": [(str(r.path), e.reason)]}
+            return {
+                "image": np.zeros((self.size, self.size, 3), np.uint8),
+                "index": i,
+                "ok": False,
+                "skipped": [(str(r.path), e.reason)],
+            }
 
 
 def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

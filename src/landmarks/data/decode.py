@@ -69,7 +69,7 @@ def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
             scans += 1
             if stop_after is not None and scans > stop_after:
                 break
-        pos += int.from_bytes(data[pos:pos + 2], "big")
+        pos += int.from_bytes(data[pos : pos + 2], "big")
     return scans
 
 
@@ -110,12 +110,16 @@ def _check_scans(img: Image.Image, source: ImageSource, name: str, max_scans: in
     scans = count_jpeg_scans(data, max_scans)
     if scans > max_scans:
         img.close()
-        raise ImageTooLargeError(name, f"refused: a JPEG with more than {max_scans} scans (a progressive "
-                                       "decoding bomb; re-encode the image)")
+        raise ImageTooLargeError(
+            name,
+            f"refused: a JPEG with more than {max_scans} scans (a progressive "
+            "decoding bomb; re-encode the image)",
+        )
 
 
-def _open(source: ImageSource, name: str, max_pixels: int | None,
-          max_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
+def _open(
+    source: ImageSource, name: str, max_pixels: int | None, max_scans: int | None = DEFAULT_MAX_JPEG_SCANS
+) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
@@ -141,9 +145,20 @@ def _open(source: ImageSource, name: str, max_pixels: int | None,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(name, f"refused: too many pixels ({e})") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(name, "not a recognised image (supported: JPEG, PNG, WebP, AVIF, GIF, BMP, TIFF)") from None
-    except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, TypeError, KeyError,
-            ZeroDivisionError) as e:
+        raise ImageDecodeError(
+            name, "not a recognised image (supported: JPEG, PNG, WebP, AVIF, GIF, BMP, TIFF)"
+        ) from None
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        struct.error,
+        EOFError,
+        IndexError,
+        TypeError,
+        KeyError,
+        ZeroDivisionError,
+    ) as e:
         raise ImageDecodeError(name, f"corrupt image header: {e or type(e).__name__}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
@@ -155,8 +170,13 @@ def _open(source: ImageSource, name: str, max_pixels: int | None,
     return img
 
 
-def image_info(source: ImageSource, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               max_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> ImageInfo:
+def image_info(
+    source: ImageSource,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_scans: int | None = DEFAULT_MAX_JPEG_SCANS,
+) -> ImageInfo:
     """Read the format and size from the header only (JPEG scans are counted). Raises :class:`ImageDecodeError`."""
     label = _name(source, name)
     img = _open(source, label, max_pixels, max_scans)
@@ -193,8 +213,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 
-def open_image(source: ImageSource, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               min_side_px: int | None = None, max_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> Image.Image:
+def open_image(
+    source: ImageSource,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_side_px: int | None = None,
+    max_scans: int | None = DEFAULT_MAX_JPEG_SCANS,
+) -> Image.Image:
     """Decode to an RGB ``PIL.Image`` (EXIF orientation applied).
 
     ``min_side_px``: when set, JPEG decoding may use DCT scaling (``draft``) to any size whose shorter
@@ -220,8 +246,17 @@ def open_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(label, f"refused: too many pixels ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, ZeroDivisionError, KeyError,
-            struct.error) as e:  # struct.error: a corrupt EXIF block
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        IndexError,
+        TypeError,
+        ZeroDivisionError,
+        KeyError,
+        struct.error,
+    ) as e:  # struct.error: a corrupt EXIF block
         msg = str(e) or type(e).__name__
         if "truncated" in msg.lower():
             raise ImageDecodeError(label, f"truncated image ({msg})") from None
@@ -230,8 +265,14 @@ def open_image(source: ImageSource, *, name: str | None = None, max_pixels: int 
         raise ImageTooLargeError(label, "refused: out of memory while decoding") from None
 
 
-def decode_image(source: ImageSource, *, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 min_side_px: int | None = None, max_scans: int | None = DEFAULT_MAX_JPEG_SCANS) -> np.ndarray:
+def decode_image(
+    source: ImageSource,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_side_px: int | None = None,
+    max_scans: int | None = DEFAULT_MAX_JPEG_SCANS,
+) -> np.ndarray:
     """Decode an image file or bytes to an ``(H, W, 3)`` uint8 RGB array.
 
     Args:

@@ -55,7 +55,9 @@ def _child(conn: Connection, max_pixels: int | None, min_side_px: int | None, ma
         except (EOFError, OSError):
             return
         try:
-            arr = decode_image(data, name=name, max_pixels=max_pixels, min_side_px=min_side_px, max_scans=max_scans)
+            arr = decode_image(
+                data, name=name, max_pixels=max_pixels, min_side_px=min_side_px, max_scans=max_scans
+            )
         except ImageTooLargeError as e:
             conn.send(("too_large", e.source, e.reason))
         except ImageDecodeError as e:
@@ -102,8 +104,14 @@ class DecoderPool:
         max_pixels, min_side_px, max_scans: as :func:`~landmarks.data.decode.decode_image`.
     """
 
-    def __init__(self, processes: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side_px: int | None = None,
-                 max_scans: int | None = DEFAULT_MAX_JPEG_SCANS):
+    def __init__(
+        self,
+        processes: int,
+        *,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        min_side_px: int | None = None,
+        max_scans: int | None = DEFAULT_MAX_JPEG_SCANS,
+    ):
         if processes < 1:
             raise LandmarksError(f"decoding processes must be >= 1, got {processes}")
         self.processes = processes

@@ -43,7 +43,10 @@ GND_LISTS = ("easy", "hard", "junk")
 
 def _latin1_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """``_codecs.encode`` restricted to the text codecs numpy's protocol-2 pickles use."""
-    if not isinstance(obj, str) or encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "utf8"):
+    if not isinstance(obj, str) or encoding.lower().replace("-", "").replace("_", "") not in (
+        "latin1",
+        "utf8",
+    ):
         raise RefusedGlobal(f"_codecs.encode({type(obj).__name__}, {encoding!r}) is not allowed")
     return _codecs.encode(obj, encoding, errors)  # type: ignore[no-any-return]
 
@@ -97,8 +100,10 @@ def restricted_loads(data: bytes, source: str = "pickle") -> Any:
     try:
         return RestrictedUnpickler(io.BytesIO(data)).load()
     except RefusedGlobal as e:
-        raise DataFormatError(f"{source}: refused: {e} (only dicts, lists, tuples, strings, numbers and numpy "
-                              "arrays may be in a ground-truth pickle; or give the same content as JSON)") from None
+        raise DataFormatError(
+            f"{source}: refused: {e} (only dicts, lists, tuples, strings, numbers and numpy "
+            "arrays may be in a ground-truth pickle; or give the same content as JSON)"
+        ) from None
     except Exception as e:  # truncated or corrupt data: EOFError, ValueError, TypeError, ...
         raise DataFormatError(f"{source}: not a readable pickle ({type(e).__name__}: {e})") from None
 
@@ -149,8 +154,10 @@ def _indices(obj: Any, where: str, n_db: int) -> np.ndarray:
         raise DataFormatError(f"{where} must hold integers")
     idx = arr.astype(np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= n_db):
-        raise DataFormatError(f"{where}: index {int(idx.min() if idx.min() < 0 else idx.max())} is outside "
-                              f"the {n_db} database images")
+        raise DataFormatError(
+            f"{where}: index {int(idx.min() if idx.min() < 0 else idx.max())} is outside "
+            f"the {n_db} database images"
+        )
     return idx
 
 
@@ -160,7 +167,9 @@ def parse_gnd(obj: Any, source: str = "ground truth") -> RevisitedGroundTruth:
     Raises :class:`DataFormatError` naming ``source`` and the offending key or query.
     """
     if not isinstance(obj, dict):
-        raise DataFormatError(f"{source}: expected a dictionary with imlist, qimlist and gnd, got {type(obj).__name__}")
+        raise DataFormatError(
+            f"{source}: expected a dictionary with imlist, qimlist and gnd, got {type(obj).__name__}"
+        )
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in obj]
     if missing:
         raise DataFormatError(f"{source}: missing key(s) {', '.join(missing)}")

@@ -44,12 +44,25 @@ from landmarks.utils.progress import Progress
 logger = logging.getLogger("landmarks")
 
 #: Bins of the images-per-landmark histogram: (low, high) inclusive, None = no upper bound.
-LONG_TAIL_BINS: tuple[tuple[int, int | None], ...] = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 50), (51, 100),
-                                                      (101, None))
+LONG_TAIL_BINS: tuple[tuple[int, int | None], ...] = (
+    (1, 1),
+    (2, 5),
+    (6, 10),
+    (11, 20),
+    (21, 50),
+    (51, 100),
+    (101, None),
+)
 #: Extensions expected for each detected format (for the "extension says otherwise" count).
 _FORMAT_EXTENSIONS = {
-    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"}, "MPO": {".jpg", ".jpeg", ".mpo"}, "PNG": {".png"},
-    "WEBP": {".webp"}, "AVIF": {".avif"}, "GIF": {".gif"}, "BMP": {".bmp"}, "TIFF": {".tif", ".tiff"},
+    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"},
+    "MPO": {".jpg", ".jpeg", ".mpo"},
+    "PNG": {".png"},
+    "WEBP": {".webp"},
+    "AVIF": {".avif"},
+    "GIF": {".gif"},
+    "BMP": {".bmp"},
+    "TIFF": {".tif", ".tiff"},
 }
 #: Below this many images the scan runs in this process (a pool costs more than it saves).
 _INLINE_BELOW = 48
@@ -100,7 +113,9 @@ def check_file(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     except ImageDecodeError as e:
         return FileResult(False, e.reason, sha256=digest, n_bytes=len(data))
     except Exception as e:  # a scan must survive any decoder failure
-        return FileResult(False, f"decoder failure: {type(e).__name__}: {e}", sha256=digest, n_bytes=len(data))
+        return FileResult(
+            False, f"decoder failure: {type(e).__name__}: {e}", sha256=digest, n_bytes=len(data)
+        )
     h, w = arr.shape[:2]
     return FileResult(True, "", info.format, info.mode, int(w), int(h), digest, len(data))
 
@@ -109,7 +124,9 @@ def _check(args: tuple[str, int | None]) -> FileResult:
     return check_file(args[0], args[1])
 
 
-def resolve_source(src: str | Path, image_dir: str | Path | None = None) -> tuple[str, list[ImageRecord], int]:
+def resolve_source(
+    src: str | Path, image_dir: str | Path | None = None
+) -> tuple[str, list[ImageRecord], int]:
     """What ``src`` is and its records: ``(kind, records, loose_files)``.
 
     ``kind``: ``gldv2_csv``, ``folder`` (folder per landmark), ``unlabelled`` (a folder of images) or
@@ -132,16 +149,24 @@ def resolve_source(src: str | Path, image_dir: str | Path | None = None) -> tupl
             return "gldv2_csv", load_gldv2_csv(src / name, image_dir), 0
     has_subfolder_images = any(
         d.is_dir() and not d.name.startswith(".") and any(is_image_file(p) for p in d.rglob("*"))
-        for d in src.iterdir())
+        for d in src.iterdir()
+    )
     if has_subfolder_images:
         loose = sum(1 for p in src.iterdir() if is_image_file(p))
         return "folder", load_folder_collection(src), loose
     return "unlabelled", load_image_folder(src), 0
 
 
-def scan(src: str | Path, *, workers: int | None = None, skipped: str | Path | None = None,
-         image_dir: str | Path | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-         max_groups: int = 100, progress: bool = True) -> dict[str, Any]:
+def scan(
+    src: str | Path,
+    *,
+    workers: int | None = None,
+    skipped: str | Path | None = None,
+    image_dir: str | Path | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_groups: int = 100,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Scan a collection; returns the report (a JSON-ready dict, see the module docstring).
 
     ``workers``: decoding processes (default: all CPUs; small collections are done in-process).
@@ -173,14 +198,27 @@ def _summary(values: list[int]) -> dict[str, float | int | None]:
     return {"min": int(min(values)), "median": float(np.median(values)), "max": int(max(values))}
 
 
-def build_report(source: str, kind: str, records: Sequence[ImageRecord], results: Sequence[FileResult], *,
-                 loose: int = 0, skipped: str | Path | None = None, max_groups: int = 100) -> dict[str, Any]:
+def build_report(
+    source: str,
+    kind: str,
+    records: Sequence[ImageRecord],
+    results: Sequence[FileResult],
+    *,
+    loose: int = 0,
+    skipped: str | Path | None = None,
+    max_groups: int = 100,
+) -> dict[str, Any]:
     """Assemble the report from per-file results (``results[i]`` belongs to ``records[i]``)."""
     ok = [(r, res) for r, res in zip(records, results) if res.ok]
     bad = [(r, res) for r, res in zip(records, results) if not res.ok]
     labelled = any(r.landmark is not None for r in records)
-    report: dict[str, Any] = {"source": source, "kind": kind, "images": len(records), "readable": len(ok),
-                              "unreadable": len(bad)}
+    report: dict[str, Any] = {
+        "source": source,
+        "kind": kind,
+        "images": len(records),
+        "readable": len(ok),
+        "unreadable": len(bad),
+    }
     if labelled:
         counts = Counter(r.landmark for r, _ in ok if r.landmark is not None)
         listed = Counter(r.landmark for r in records if r.landmark is not None)
@@ -188,7 +226,10 @@ def build_report(source: str, kind: str, records: Sequence[ImageRecord], results
         report["landmarks"] = {
             "count": len(counts),
             "without_readable_images": sorted(set(listed) - set(counts)),
-            "images_per_landmark": {**_summary(values), "mean": round(float(np.mean(values)), 3) if values else None},
+            "images_per_landmark": {
+                **_summary(values),
+                "mean": round(float(np.mean(values)), 3) if values else None,
+            },
             "long_tail": long_tail_histogram(values),
             "share_le_5": round(float(np.mean(np.array(values) <= 5)), 4) if values else None,
             "share_le_10": round(float(np.mean(np.array(values) <= 10)), 4) if values else None,
@@ -198,12 +239,17 @@ def build_report(source: str, kind: str, records: Sequence[ImageRecord], results
         report["landmarks"] = None
     if loose:
         report["ignored_loose_files"] = loose
-    report["sizes"] = {"width": _summary([res.width for _, res in ok]),
-                       "height": _summary([res.height for _, res in ok])}
+    report["sizes"] = {
+        "width": _summary([res.width for _, res in ok]),
+        "height": _summary([res.height for _, res in ok]),
+    }
     report["formats"] = dict(sorted(Counter(res.format for _, res in ok).items()))
     report["modes"] = dict(sorted(Counter(res.mode for _, res in ok).items()))
-    mismatched = [r.id for r, res in ok
-                  if r.path.suffix.lower() not in _FORMAT_EXTENSIONS.get(res.format, set()) and r.path.suffix]
+    mismatched = [
+        r.id
+        for r, res in ok
+        if r.path.suffix.lower() not in _FORMAT_EXTENSIONS.get(res.format, set()) and r.path.suffix
+    ]
     report["extension_mismatch"] = {"count": len(mismatched), "examples": mismatched[:10]}
     report["bytes"] = int(sum(res.n_bytes for _, res in ok))
     by_hash: dict[str, list[str]] = {}
@@ -211,8 +257,12 @@ def build_report(source: str, kind: str, records: Sequence[ImageRecord], results
         if res.sha256 and res.ok:
             by_hash.setdefault(res.sha256, []).append(r.id)
     groups = sorted((sorted(g) for g in by_hash.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
-    report["duplicates"] = {"groups": len(groups), "images": sum(len(g) for g in groups),
-                            "redundant": sum(len(g) - 1 for g in groups), "listed": groups[:max_groups]}
+    report["duplicates"] = {
+        "groups": len(groups),
+        "images": sum(len(g) for g in groups),
+        "redundant": sum(len(g) - 1 for g in groups),
+        "listed": groups[:max_groups],
+    }
     report["unreadable_files"] = [{"id": r.id, "path": str(r.path), "reason": res.reason} for r, res in bad]
     if skipped is not None and bad:
         log = SkippedLog(skipped)
@@ -223,15 +273,21 @@ def build_report(source: str, kind: str, records: Sequence[ImageRecord], results
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as readable text."""
-    lines = [f"{report['source']} ({report['kind']}): {report['images']} images, {report['readable']} readable, "
-             f"{report['unreadable']} unreadable"]
+    lines = [
+        f"{report['source']} ({report['kind']}): {report['images']} images, {report['readable']} readable, "
+        f"{report['unreadable']} unreadable"
+    ]
     lm = report.get("landmarks")
     if lm:
         ipl = lm["images_per_landmark"]
-        lines.append(f"landmarks: {lm['count']}; images per landmark min {ipl['min']}, median {ipl['median']:g}, "
-                     f"mean {ipl['mean']:g}, max {ipl['max']}")
+        lines.append(
+            f"landmarks: {lm['count']}; images per landmark min {ipl['min']}, median {ipl['median']:g}, "
+            f"mean {ipl['mean']:g}, max {ipl['max']}"
+        )
         if lm["share_le_5"] is not None:
-            lines.append(f"  {lm['share_le_5']:.0%} of landmarks with <= 5 images, {lm['share_le_10']:.0%} with <= 10")
+            lines.append(
+                f"  {lm['share_le_5']:.0%} of landmarks with <= 5 images, {lm['share_le_10']:.0%} with <= 10"
+            )
         lines.append("  long tail (images per landmark: landmarks)")
         width = max([lm["long_tail"][k] for k in lm["long_tail"]] + [1])
         for k, v in lm["long_tail"].items():
@@ -239,21 +295,33 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"    {k:>7}: {v:6d} {bar}")
         lines.append("  largest: " + ", ".join(f"{a} ({b})" for a, b in lm["largest"]))
         if lm["without_readable_images"]:
-            lines.append(f"  landmarks with no readable image: {', '.join(lm['without_readable_images'][:20])}")
+            lines.append(
+                f"  landmarks with no readable image: {', '.join(lm['without_readable_images'][:20])}"
+            )
     elif report["kind"] == "unlabelled":
         lines.append("landmarks: none (unlabelled images)")
     if report.get("ignored_loose_files"):
-        lines.append(f"images directly in the root folder (no landmark, ignored): {report['ignored_loose_files']}")
+        lines.append(
+            f"images directly in the root folder (no landmark, ignored): {report['ignored_loose_files']}"
+        )
     w, h = report["sizes"]["width"], report["sizes"]["height"]
     if w["min"] is not None:
-        lines.append(f"sizes: width min {w['min']} / median {w['median']:g} / max {w['max']}, "
-                     f"height min {h['min']} / median {h['median']:g} / max {h['max']}")
+        lines.append(
+            f"sizes: width min {w['min']} / median {w['median']:g} / max {w['max']}, "
+            f"height min {h['min']} / median {h['median']:g} / max {h['max']}"
+        )
     if report["formats"]:
-        lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()) +
-                     "; modes: " + ", ".join(f"{k} {v}" for k, v in report["modes"].items()))
+        lines.append(
+            "formats: "
+            + ", ".join(f"{k} {v}" for k, v in report["formats"].items())
+            + "; modes: "
+            + ", ".join(f"{k} {v}" for k, v in report["modes"].items())
+        )
     if report["extension_mismatch"]["count"]:
-        lines.append(f"extension says another format: {report['extension_mismatch']['count']} "
-                     f"(e.g. {', '.join(report['extension_mismatch']['examples'][:3])})")
+        lines.append(
+            f"extension says another format: {report['extension_mismatch']['count']} "
+            f"(e.g. {', '.join(report['extension_mismatch']['examples'][:3])})"
+        )
     d = report["duplicates"]
     lines.append(f"duplicates: {d['groups']} groups of identical files, {d['redundant']} redundant copies")
     for g in d["listed"][:10]:

@@ -62,11 +62,30 @@ logger = logging.getLogger("landmarks")
 GENERATOR_VERSION = 1
 #: Quantile function of training images per landmark: (cumulative share of landmarks, count), interpolated
 #: log-linearly. 38% <= 5, 57% <= 10, 74% <= 20, 89% <= 50, 96.5% <= 100, the rest up to ~300.
-TAIL_QUANTILES = ((0.0, 2.0), (0.38, 5.99), (0.57, 10.99), (0.74, 20.99), (0.89, 50.99), (0.965, 100.99),
-                  (1.0, 300.0))
+TAIL_QUANTILES = (
+    (0.0, 2.0),
+    (0.38, 5.99),
+    (0.57, 10.99),
+    (0.74, 20.99),
+    (0.89, 50.99),
+    (0.965, 100.99),
+    (1.0, 300.0),
+)
 _PARAMS_FILE = ".synth-params.json"
-_OUTPUTS = ("train", "index", "test", "nonlandmarks", "train.csv", "train_clean.csv", "index.csv", "test.csv",
-            "recognition_solution.csv", "retrieval_solution.csv", "synth.json", _PARAMS_FILE)
+_OUTPUTS = (
+    "train",
+    "index",
+    "test",
+    "nonlandmarks",
+    "train.csv",
+    "train_clean.csv",
+    "index.csv",
+    "test.csv",
+    "recognition_solution.csv",
+    "retrieval_solution.csv",
+    "synth.json",
+    _PARAMS_FILE,
+)
 # random streams (second element of each seed sequence)
 _S_LANDMARK_IDS, _S_TRAIN_COUNTS, _S_INDEX_PLAN, _S_TEST_PLAN, _S_NONLM_PLAN, _S_USAGE = range(6)
 _S_SCENE, _S_IMAGE = 100, 200
@@ -86,7 +105,9 @@ class SynthConfig:
     index_per_landmark: float = 3.0  # mean index (retrieval database) images per landmark, at least 1 each
     index_distractors: float = 0.5  # out-of-domain index images, as a fraction of the landmark index images
     public_fraction: float = 0.34  # share of test queries with Usage=Public (the rest Private)
-    max_train_per_landmark: int = 0  # cap on training images per landmark (0: none; tests use it for tiny sets)
+    max_train_per_landmark: int = (
+        0  # cap on training images per landmark (0: none; tests use it for tiny sets)
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on values out of range."""
@@ -110,8 +131,10 @@ class SynthConfig:
 # The plan: which images exist, with which labels (cheap, in the main process)
 # --------------------------------------------------------------------------------------------------
 
-def sample_class_counts(n_landmarks: int, rng: np.random.Generator,
-                        quantiles: tuple[tuple[float, float], ...] = TAIL_QUANTILES) -> np.ndarray:
+
+def sample_class_counts(
+    n_landmarks: int, rng: np.random.Generator, quantiles: tuple[tuple[float, float], ...] = TAIL_QUANTILES
+) -> np.ndarray:
     """Training images per landmark, (n_landmarks,) int64, following GLDv2's long tail.
 
     Stratified inverse-CDF sampling: landmark ``i`` gets quantile ``(perm[i] + U) / n``, so the share
@@ -168,8 +191,9 @@ def make_plan(out: Path, conf: SynthConfig) -> Plan:
         train_counts = np.minimum(train_counts, conf.max_train_per_landmark)
     rng = stream(_S_INDEX_PLAN)
     rel = (train_counts / np.median(train_counts)) ** 0.25
-    index_counts = np.clip(np.round(conf.index_per_landmark * rel * np.exp(rng.normal(0, 0.25, n))), 1, 50).astype(
-        np.int64)
+    index_counts = np.clip(
+        np.round(conf.index_per_landmark * rel * np.exp(rng.normal(0, 0.25, n))), 1, 50
+    ).astype(np.int64)
     n_distract = round(conf.index_distractors * int(index_counts.sum()))
     index_ood_kinds = _ood_kinds(rng, n_distract)
     rng = stream(_S_TEST_PLAN)
@@ -187,22 +211,30 @@ def make_plan(out: Path, conf: SynthConfig) -> Plan:
 
     counters = {s: 0 for s in _SPLIT_CODE}
     for split, kind, lm in (
-            [("train", "landmark", i) for i in range(n) for _ in range(int(train_counts[i]))]
-            + [("index", "landmark", i) for i in range(n) for _ in range(int(index_counts[i]))]
-            + [("index", kind, -1) for kind in index_ood_kinds]
-            + [("test", kind, lm) for kind, lm in test_kinds]
-            + [("nonlandmarks", kind, -1) for kind in nonlm_kinds]):
+        [("train", "landmark", i) for i in range(n) for _ in range(int(train_counts[i]))]
+        + [("index", "landmark", i) for i in range(n) for _ in range(int(index_counts[i]))]
+        + [("index", kind, -1) for kind in index_ood_kinds]
+        + [("test", kind, lm) for kind, lm in test_kinds]
+        + [("nonlandmarks", kind, -1) for kind in nonlm_kinds]
+    ):
         k = counters[split]
         counters[split] += 1
         iid = image_id(seed, split, k)
         ids[(split, k)] = iid
-        path = out / "nonlandmarks" / f"{iid}.jpg" if split == "nonlandmarks" else gldv2_image_path(out, split, iid)
+        path = (
+            out / "nonlandmarks" / f"{iid}.jpg"
+            if split == "nonlandmarks"
+            else gldv2_image_path(out, split, iid)
+        )
         jobs.append(Job(str(path), split, k, kind, lm))
     all_ids = list(ids.values())
     if len(set(all_ids)) != len(all_ids):  # pragma: no cover (2^-64 per pair)
         raise LandmarksError("image id collision; choose another seed")
-    test_landmark = {ids[("test", j.k)]: (landmark_ids[j.landmark] if j.landmark >= 0 else None)
-                     for j in jobs if j.split == "test"}
+    test_landmark = {
+        ids[("test", j.k)]: (landmark_ids[j.landmark] if j.landmark >= 0 else None)
+        for j in jobs
+        if j.split == "test"
+    }
     urng = stream(_S_USAGE)
     usage = {tid: ("Public" if urng.random() < conf.public_fraction else "Private") for tid in test_landmark}
     templates = [_template_of(seed, i) for i in range(n)]
@@ -226,6 +258,7 @@ def _template_of(seed: int, landmark: int) -> str:
 # --------------------------------------------------------------------------------------------------
 # Rendering (in worker processes)
 # --------------------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=8)
 def _scene(seed: int, landmark: int) -> render.Scene:
@@ -275,6 +308,7 @@ def default_workers() -> int:
 # The dataset on disk
 # --------------------------------------------------------------------------------------------------
 
+
 def _prepare_out(out: Path, conf: SynthConfig, overwrite: bool) -> None:
     params = {"generator_version": GENERATOR_VERSION, "config": to_dict(conf)}
     marker = out / _PARAMS_FILE
@@ -283,7 +317,9 @@ def _prepare_out(out: Path, conf: SynthConfig, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         is_synth = marker.exists() or (out / "synth.json").exists()
         if not is_synth:
-            raise LandmarksError(f"{out}: folder is not empty and is not a synthetic dataset; choose another folder")
+            raise LandmarksError(
+                f"{out}: folder is not empty and is not a synthetic dataset; choose another folder"
+            )
         old = None
         try:
             old = json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else None
@@ -291,8 +327,10 @@ def _prepare_out(out: Path, conf: SynthConfig, overwrite: bool) -> None:
             old = None
         if old != params:
             if not overwrite:
-                raise LandmarksError(f"{out}: holds a synthetic dataset made with other parameters; "
-                                     "use --overwrite or another folder")
+                raise LandmarksError(
+                    f"{out}: holds a synthetic dataset made with other parameters; "
+                    "use --overwrite or another folder"
+                )
         if overwrite or old != params:
             remove_entries(out, _OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,27 +346,44 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 def _write_csvs(out: Path, conf: SynthConfig, plan: Plan) -> None:
     ids = plan.ids
-    train = sorted((ids[("train", j.k)], plan.landmark_ids[j.landmark]) for j in plan.jobs if j.split == "train")
-    _write_csv(out / "train.csv", ["id", "url", "landmark_id"],
-               [[i, f"https://synth.landmarks.invalid/{conf.seed}/train/{i}.jpg", lm] for i, lm in train])
+    train = sorted(
+        (ids[("train", j.k)], plan.landmark_ids[j.landmark]) for j in plan.jobs if j.split == "train"
+    )
+    _write_csv(
+        out / "train.csv",
+        ["id", "url", "landmark_id"],
+        [[i, f"https://synth.landmarks.invalid/{conf.seed}/train/{i}.jpg", lm] for i, lm in train],
+    )
     by_lm: dict[str, list[str]] = {}
     for i, lm in train:
         by_lm.setdefault(lm, []).append(i)
-    _write_csv(out / "train_clean.csv", ["landmark_id", "images"],
-               [[lm, " ".join(sorted(by_lm[lm]))] for lm in sorted(by_lm, key=int)])
+    _write_csv(
+        out / "train_clean.csv",
+        ["landmark_id", "images"],
+        [[lm, " ".join(sorted(by_lm[lm]))] for lm in sorted(by_lm, key=int)],
+    )
     index_jobs = [j for j in plan.jobs if j.split == "index"]
     _write_csv(out / "index.csv", ["id"], [[i] for i in sorted(ids[("index", j.k)] for j in index_jobs)])
     test_ids = sorted(plan.test_landmark)
     _write_csv(out / "test.csv", ["id"], [[i] for i in test_ids])
-    _write_csv(out / "recognition_solution.csv", ["id", "landmarks", "Usage"],
-               [[i, plan.test_landmark[i] or "", plan.usage[i]] for i in test_ids])
+    _write_csv(
+        out / "recognition_solution.csv",
+        ["id", "landmarks", "Usage"],
+        [[i, plan.test_landmark[i] or "", plan.usage[i]] for i in test_ids],
+    )
     index_of: dict[str, list[str]] = {}
     for j in index_jobs:
         if j.landmark >= 0:
             index_of.setdefault(plan.landmark_ids[j.landmark], []).append(ids[("index", j.k)])
-    _write_csv(out / "retrieval_solution.csv", ["id", "images", "Usage"],
-               [[i, " ".join(sorted(index_of[tl])), plan.usage[i]] for i in test_ids
-                if (tl := plan.test_landmark[i]) is not None])
+    _write_csv(
+        out / "retrieval_solution.csv",
+        ["id", "images", "Usage"],
+        [
+            [i, " ".join(sorted(index_of[tl])), plan.usage[i]]
+            for i in test_ids
+            if (tl := plan.test_landmark[i]) is not None
+        ],
+    )
 
 
 def statistics(conf: SynthConfig, plan: Plan) -> dict[str, Any]:
@@ -350,23 +405,39 @@ def statistics(conf: SynthConfig, plan: Plan) -> dict[str, Any]:
         "images": {**by_split, "total": len(plan.jobs)},
         "kinds": kinds,
         "train_images_per_landmark": {
-            "min": int(counts.min()), "median": float(np.median(counts)), "mean": round(float(counts.mean()), 3),
+            "min": int(counts.min()),
+            "median": float(np.median(counts)),
+            "mean": round(float(counts.mean()), 3),
             "max": int(counts.max()),
-            "share_le_5": round(float((counts <= 5).mean()), 4), "share_le_10": round(float((counts <= 10).mean()), 4),
+            "share_le_5": round(float((counts <= 5).mean()), 4),
+            "share_le_10": round(float((counts <= 10).mean()), 4),
             "landmarks_ge_100": int((counts >= 100).sum()),
         },
         "long_tail_histogram": long_tail_histogram(counts),
-        "index_images_per_landmark": {"min": int(plan.index_counts.min()), "mean": round(
-            float(plan.index_counts.mean()), 3), "max": int(plan.index_counts.max())},
-        "test": {"queries": n_test, "landmark_queries": n_test - n_ood, "out_of_domain": n_ood,
-                 "out_of_domain_share": round(n_ood / n_test, 4) if n_test else 0.0,
-                 "public": sum(1 for v in plan.usage.values() if v == "Public")},
+        "index_images_per_landmark": {
+            "min": int(plan.index_counts.min()),
+            "mean": round(float(plan.index_counts.mean()), 3),
+            "max": int(plan.index_counts.max()),
+        },
+        "test": {
+            "queries": n_test,
+            "landmark_queries": n_test - n_ood,
+            "out_of_domain": n_ood,
+            "out_of_domain_share": round(n_ood / n_test, 4) if n_test else 0.0,
+            "public": sum(1 for v in plan.usage.values() if v == "Public"),
+        },
         "templates": dict(sorted(templates.items())),
     }
 
 
-def generate(out: str | Path, conf: SynthConfig | None = None, *, workers: int | None = None,
-             overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def generate(
+    out: str | Path,
+    conf: SynthConfig | None = None,
+    *,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write the synthetic dataset for ``conf`` under ``out``; returns the ``synth.json`` content.
 
     ``workers``: processes (default: all CPUs; 1 renders in this process). Images already present
@@ -388,8 +459,14 @@ def generate(out: str | Path, conf: SynthConfig | None = None, *, workers: int |
     todo = [j for j in todo if not Path(j.path).exists()]
     n_workers = max(1, workers if workers is not None else default_workers())
     stats = statistics(conf, plan)
-    logger.info("synth: %d landmarks, %d images (%d to render) in %s with %d worker(s)", conf.n_landmarks,
-                len(plan.jobs), len(todo), out, n_workers)
+    logger.info(
+        "synth: %d landmarks, %d images (%d to render) in %s with %d worker(s)",
+        conf.n_landmarks,
+        len(plan.jobs),
+        len(todo),
+        out,
+        n_workers,
+    )
     bar = Progress(len(plan.jobs), "synth", "img", disable=not progress)
     bar.update(len(plan.jobs) - len(todo))
     args = [(conf.seed, conf.size, j) for j in todo]
@@ -411,8 +488,13 @@ def generate(out: str | Path, conf: SynthConfig | None = None, *, workers: int |
                 bar.update(1)
     bar.close()
     _write_csvs(out, conf, plan)
-    info = {"generator": "landmarks.data.synth", "generator_version": GENERATOR_VERSION,
-            "landmarks_version": __version__, "config": to_dict(conf), "statistics": stats}
+    info = {
+        "generator": "landmarks.data.synth",
+        "generator_version": GENERATOR_VERSION,
+        "landmarks_version": __version__,
+        "config": to_dict(conf),
+        "statistics": stats,
+    }
     write_json(out / "synth.json", info)
     logger.info("synth: done in %.1f s (%s)", time.perf_counter() - t0, out)
     return info
@@ -425,5 +507,17 @@ def load_config(data: dict[str, Any]) -> SynthConfig:
     return conf
 
 
-__all__ = ["TAIL_QUANTILES", "Job", "Plan", "SynthConfig", "generate", "image_id", "load_config",
-           "long_tail_histogram", "make_plan", "render_job", "sample_class_counts", "statistics"]
+__all__ = [
+    "TAIL_QUANTILES",
+    "Job",
+    "Plan",
+    "SynthConfig",
+    "generate",
+    "image_id",
+    "load_config",
+    "long_tail_histogram",
+    "make_plan",
+    "render_job",
+    "sample_class_counts",
+    "statistics",
+]

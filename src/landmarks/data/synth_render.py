@@ -35,23 +35,65 @@ MAX_TEX_PX = 320
 _UP = np.array([0.0, 1.0, 0.0])
 
 # Colour pools shared by every landmark (RGB): landmarks differ by structure and detail, not palette.
-WALLS = np.array([
-    (222, 208, 180), (200, 190, 175), (170, 92, 72), (236, 232, 224), (150, 150, 148), (206, 172, 122),
-    (190, 140, 110), (122, 112, 102), (226, 214, 160), (180, 190, 196), (160, 174, 150), (214, 196, 196),
-], np.float32)
-TRIMS = np.array([
-    (240, 238, 230), (200, 196, 186), (120, 110, 100), (230, 220, 190), (90, 80, 75), (180, 170, 150),
-], np.float32)
-ROOFS = np.array([
-    (92, 62, 52), (160, 72, 52), (72, 80, 92), (92, 142, 122), (206, 172, 82), (62, 62, 66), (142, 142, 152),
-    (120, 40, 36),
-], np.float32)
-GLASS = np.array([(60, 80, 100), (40, 50, 62), (82, 112, 132), (30, 40, 50), (102, 132, 142), (70, 64, 58)],
-                 np.float32)
-ACCENTS = np.array([
-    (180, 30, 30), (30, 60, 150), (220, 180, 40), (30, 120, 60), (120, 40, 120), (230, 120, 30), (20, 20, 20),
-    (240, 240, 240), (60, 160, 200), (200, 60, 100),
-], np.float32)
+WALLS = np.array(
+    [
+        (222, 208, 180),
+        (200, 190, 175),
+        (170, 92, 72),
+        (236, 232, 224),
+        (150, 150, 148),
+        (206, 172, 122),
+        (190, 140, 110),
+        (122, 112, 102),
+        (226, 214, 160),
+        (180, 190, 196),
+        (160, 174, 150),
+        (214, 196, 196),
+    ],
+    np.float32,
+)
+TRIMS = np.array(
+    [
+        (240, 238, 230),
+        (200, 196, 186),
+        (120, 110, 100),
+        (230, 220, 190),
+        (90, 80, 75),
+        (180, 170, 150),
+    ],
+    np.float32,
+)
+ROOFS = np.array(
+    [
+        (92, 62, 52),
+        (160, 72, 52),
+        (72, 80, 92),
+        (92, 142, 122),
+        (206, 172, 82),
+        (62, 62, 66),
+        (142, 142, 152),
+        (120, 40, 36),
+    ],
+    np.float32,
+)
+GLASS = np.array(
+    [(60, 80, 100), (40, 50, 62), (82, 112, 132), (30, 40, 50), (102, 132, 142), (70, 64, 58)], np.float32
+)
+ACCENTS = np.array(
+    [
+        (180, 30, 30),
+        (30, 60, 150),
+        (220, 180, 40),
+        (30, 120, 60),
+        (120, 40, 120),
+        (230, 120, 30),
+        (20, 20, 20),
+        (240, 240, 240),
+        (60, 160, 200),
+        (200, 60, 100),
+    ],
+    np.float32,
+)
 SKIN = np.array([(250, 214, 180), (226, 178, 140), (190, 136, 100), (140, 96, 66), (96, 64, 44)], np.float32)
 
 
@@ -74,6 +116,7 @@ def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Scene description
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TexFace:
@@ -141,6 +184,7 @@ class Scene:
 # Camera and rasterisation
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Camera:
     """A pinhole camera: world->camera rotation ``R`` (3, 3) (rows x right, y down, z forward), centre ``C``, ``K``."""
@@ -167,8 +211,15 @@ class Camera:
         return p[:, :2] / p[:, 2:3]
 
 
-def look_at(C: np.ndarray, target: np.ndarray, width: int, height: int, hfov_deg: float, roll_deg: float = 0.0,
-            offset_px: tuple[float, float] = (0.0, 0.0)) -> Camera:
+def look_at(
+    C: np.ndarray,
+    target: np.ndarray,
+    width: int,
+    height: int,
+    hfov_deg: float,
+    roll_deg: float = 0.0,
+    offset_px: tuple[float, float] = (0.0, 0.0),
+) -> Camera:
     """A camera at ``C`` looking at ``target``; ``hfov_deg`` spans the longer image side."""
     f = _unit(np.asarray(target, float) - np.asarray(C, float))
     x = _cross(f, _UP)
@@ -181,7 +232,9 @@ def look_at(C: np.ndarray, target: np.ndarray, width: int, height: int, hfov_deg
     Rz = np.array([[math.cos(r), -math.sin(r), 0.0], [math.sin(r), math.cos(r), 0.0], [0.0, 0.0, 1.0]])
     R = Rz @ R
     focal = 0.5 * max(width, height) / math.tan(math.radians(hfov_deg) / 2)
-    K = np.array([[focal, 0.0, width / 2 + offset_px[0]], [0.0, focal, height / 2 + offset_px[1]], [0.0, 0.0, 1.0]])
+    K = np.array(
+        [[focal, 0.0, width / 2 + offset_px[0]], [0.0, focal, height / 2 + offset_px[1]], [0.0, 0.0, 1.0]]
+    )
     return Camera(R=R, C=np.asarray(C, float), K=K, width=width, height=height)
 
 
@@ -209,8 +262,12 @@ def _clip_frustum(cam: Camera, pc: np.ndarray, margin_px: float = 8.0) -> np.nda
     m = margin_px
     if (pc[:, 2] >= cam.near).all():
         px = cam.project_cam(pc)
-        if (px[:, 0] >= -m).all() and (px[:, 0] <= cam.width + m).all() and (px[:, 1] >= -m).all() and (
-                px[:, 1] <= cam.height + m).all():
+        if (
+            (px[:, 0] >= -m).all()
+            and (px[:, 0] <= cam.width + m).all()
+            and (px[:, 1] >= -m).all()
+            and (px[:, 1] <= cam.height + m).all()
+        ):
             return pc
     planes = (
         np.array([0.0, 0.0, 1.0, -cam.near]),
@@ -244,7 +301,9 @@ def _poly_mask(poly: np.ndarray, x0: int, y0: int, bw: int, bh: int) -> np.ndarr
     return mask
 
 
-def _composite(canvas: np.ndarray, box: tuple[int, int, int, int], rgb: np.ndarray, alpha_u8: np.ndarray) -> None:
+def _composite(
+    canvas: np.ndarray, box: tuple[int, int, int, int], rgb: np.ndarray, alpha_u8: np.ndarray
+) -> None:
     """``canvas[box] = canvas[box] * (1 - a) + rgb * a`` with ``a = alpha_u8 / 255``; ``rgb`` may be a colour (3,)."""
     x0, y0, x1, y1 = box
     a = alpha_u8.astype(np.float32)
@@ -273,7 +332,9 @@ class Lighting:
 def draw_tex_face(canvas: np.ndarray, cam: Camera, face: TexFace, tex: np.ndarray, shade: np.ndarray) -> None:
     """Project a textured quad into ``canvas`` ((H, W, 3) float32) with its plane homography."""
     th, tw = tex.shape[:2]
-    corners = np.stack([face.origin, face.origin + face.u, face.origin + face.u + face.v, face.origin + face.v])
+    corners = np.stack(
+        [face.origin, face.origin + face.u, face.origin + face.u + face.v, face.origin + face.v]
+    )
     pc = cam.to_cam(corners)
     if (pc[:, 2] < cam.near).all():
         return
@@ -297,7 +358,9 @@ def draw_tex_face(canvas: np.ndarray, cam: Camera, face: TexFace, tex: np.ndarra
     bw, bh = x1 - x0, y1 - y0
     border = cv2.BORDER_WRAP if face.tile_m is not None else cv2.BORDER_CONSTANT
     try:
-        warped = cv2.warpPerspective(tex, H, (bw, bh), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0)
+        warped = cv2.warpPerspective(
+            tex, H, (bw, bh), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0
+        )
     except cv2.error:  # pragma: no cover (degenerate homography)
         return
     alpha = warped[..., 3]
@@ -326,8 +389,13 @@ def draw_flat_face(canvas: np.ndarray, cam: Camera, face: FlatFace, color: np.nd
     _composite(canvas, box, color.astype(np.float32), mask)
 
 
-def render_faces(canvas: np.ndarray, cam: Camera, faces: list[TexFace | FlatFace], textures: list[np.ndarray],
-                 light: Lighting) -> None:
+def render_faces(
+    canvas: np.ndarray,
+    cam: Camera,
+    faces: list[TexFace | FlatFace],
+    textures: list[np.ndarray],
+    light: Lighting,
+) -> None:
     """Draw ``faces`` far to near (painter's order), culling faces seen from behind."""
     todo: list[tuple[float, int, TexFace | FlatFace, np.ndarray]] = []
     for face in faces:
@@ -352,6 +420,7 @@ def render_faces(canvas: np.ndarray, cam: Camera, faces: list[TexFace | FlatFace
 # --------------------------------------------------------------------------------------------------
 # Textures
 # --------------------------------------------------------------------------------------------------
+
 
 def lowfreq(rng: Rng, h: int, w: int, cells: int = 6) -> np.ndarray:
     """Smooth noise (h, w) float32 of about unit variance with ``cells`` features across the longer side."""
@@ -378,8 +447,17 @@ def _rgba(img: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     return np.dstack([img, a])
 
 
-def _glyphs(img: np.ndarray, rng: Rng, x: float, y: float, w: float, h: float, color: np.ndarray,
-            n: int | None = None, thickness: int = 1) -> None:
+def _glyphs(
+    img: np.ndarray,
+    rng: Rng,
+    x: float,
+    y: float,
+    w: float,
+    h: float,
+    color: np.ndarray,
+    n: int | None = None,
+    thickness: int = 1,
+) -> None:
     """Write a row of random glyph-like strokes in the box (x, y, w, h)."""
     n = n if n is not None else max(1, int(w / max(2.0, h * 0.7)))
     cw = w / n
@@ -422,7 +500,9 @@ def _emblem(img: np.ndarray, rng: Rng, cx: float, cy: float, r: float, style: Fa
         for k in range(spokes):
             a = 2 * math.pi * (k + 0.5) / spokes
             p = (round(c[0] + R * 0.6 * math.cos(a)), round(c[1] + R * 0.6 * math.sin(a)))
-            cv2.circle(img, p, max(1, round(R * 0.12)), tuple(float(v) for v in style.accent), -1, cv2.LINE_AA, 2)
+            cv2.circle(
+                img, p, max(1, round(R * 0.12)), tuple(float(v) for v in style.accent), -1, cv2.LINE_AA, 2
+            )
         cv2.circle(img, c, round(R * 0.25), tuple(float(v) for v in style.accent), -1, cv2.LINE_AA, 2)
     elif kind == "clock":
         cv2.circle(img, c, R, tuple(float(v) for v in style.accent * 0.7), -1, cv2.LINE_AA, 2)
@@ -437,14 +517,36 @@ def _emblem(img: np.ndarray, rng: Rng, cx: float, cy: float, r: float, style: Fa
             cv2.line(img, c, p, (15.0, 15.0, 15.0), max(1, round(r / 10)), cv2.LINE_AA, 2)
     elif kind == "arms":
         w = R
-        pts = np.array([[c[0] - w, c[1] - w], [c[0] + w, c[1] - w], [c[0] + w, c[1] + w // 3], [c[0], c[1] + w],
-                        [c[0] - w, c[1] + w // 3]], np.int32)
+        pts = np.array(
+            [
+                [c[0] - w, c[1] - w],
+                [c[0] + w, c[1] - w],
+                [c[0] + w, c[1] + w // 3],
+                [c[0], c[1] + w],
+                [c[0] - w, c[1] + w // 3],
+            ],
+            np.int32,
+        )
         cv2.fillConvexPoly(img, pts, tuple(float(v) for v in style.accent), cv2.LINE_AA, 2)
         cv2.polylines(img, [pts], True, trim, max(1, round(r / 6)), cv2.LINE_AA, 2)
-        cv2.line(img, (c[0], c[1] - w), (c[0], c[1] + w), tuple(float(v) for v in style.accent2), max(1, R // 5),
-                 cv2.LINE_AA, 2)
-        cv2.line(img, (c[0] - w, c[1] - w // 3), (c[0] + w, c[1] - w // 3), tuple(float(v) for v in style.accent2),
-                 max(1, R // 5), cv2.LINE_AA, 2)
+        cv2.line(
+            img,
+            (c[0], c[1] - w),
+            (c[0], c[1] + w),
+            tuple(float(v) for v in style.accent2),
+            max(1, R // 5),
+            cv2.LINE_AA,
+            2,
+        )
+        cv2.line(
+            img,
+            (c[0] - w, c[1] - w // 3),
+            (c[0] + w, c[1] - w // 3),
+            tuple(float(v) for v in style.accent2),
+            max(1, R // 5),
+            cv2.LINE_AA,
+            2,
+        )
     else:  # mosaic
         n = 5
         s = 2 * r / n
@@ -493,22 +595,36 @@ class FacadeStyle:
 def make_style(rng: Rng, modern: bool | None = None) -> FacadeStyle:
     """A random building style; ``modern`` forces glass/panel facades on or off."""
     modern = bool(rng.random() < 0.2) if modern is None else modern
-    material = (str(rng.choice(["glass", "panels"])) if modern
-                else str(rng.choice(["plain", "blocks", "bricks", "stripes", "plain", "blocks"])))
+    material = (
+        str(rng.choice(["glass", "panels"]))
+        if modern
+        else str(rng.choice(["plain", "blocks", "bricks", "stripes", "plain", "blocks"]))
+    )
     floor_h = float(rng.uniform(3.6, 4.2)) if modern else float(rng.uniform(3.2, 5.5))
     col_w = float(rng.uniform(2.4, 5.0))
     return FacadeStyle(
-        wall=_pick(rng, WALLS), wall2=_pick(rng, WALLS), trim=_pick(rng, TRIMS), glass=_pick(rng, GLASS),
-        accent=_pick(rng, ACCENTS, 20), accent2=_pick(rng, ACCENTS, 20), roof=_pick(rng, ROOFS),
-        material=material, floor_h=floor_h, col_w=col_w,
-        win_w=float(rng.uniform(0.3, 0.62)) * col_w, win_h=float(rng.uniform(0.42, 0.75)) * floor_h,
+        wall=_pick(rng, WALLS),
+        wall2=_pick(rng, WALLS),
+        trim=_pick(rng, TRIMS),
+        glass=_pick(rng, GLASS),
+        accent=_pick(rng, ACCENTS, 20),
+        accent2=_pick(rng, ACCENTS, 20),
+        roof=_pick(rng, ROOFS),
+        material=material,
+        floor_h=floor_h,
+        col_w=col_w,
+        win_w=float(rng.uniform(0.3, 0.62)) * col_w,
+        win_h=float(rng.uniform(0.42, 0.75)) * floor_h,
         win_shape=str(rng.choice(["rect", "rect", "arch", "round", "slit", "double"])),
         cornice_every=int(rng.integers(0, 4)),
         shutters=_pick(rng, ACCENTS, 25) * 0.7 if rng.random() < 0.25 else None,
-        lit_prob=float(rng.uniform(0.0, 0.35)), missing_prob=float(rng.uniform(0.0, 0.15)),
-        pilasters=bool(rng.random() < 0.35), plinth_h=float(rng.uniform(0.0, 4.0)) if rng.random() < 0.6 else 0.0,
+        lit_prob=float(rng.uniform(0.0, 0.35)),
+        missing_prob=float(rng.uniform(0.0, 0.15)),
+        pilasters=bool(rng.random() < 0.35),
+        plinth_h=float(rng.uniform(0.0, 4.0)) if rng.random() < 0.6 else 0.0,
         stripe_m=float(rng.uniform(0.6, 2.0)),
-        emblem=str(rng.choice(["rose", "clock", "arms", "mosaic"])), spokes=int(rng.integers(6, 17)),
+        emblem=str(rng.choice(["rose", "clock", "arms", "mosaic"])),
+        spokes=int(rng.integers(6, 17)),
         clock_hands=(float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0, 2 * math.pi))),
         mosaic=np.stack([_pick(rng, ACCENTS, 30) for _ in range(int(rng.integers(3, 7)))]),
         door_arched=bool(rng.random() < 0.6),
@@ -530,7 +646,9 @@ def _wall_base(rng: Rng, style: FacadeStyle, th: int, tw: int, s: float) -> np.n
         cw = (1.4 if style.material == "blocks" else 0.7) * s
         course = np.floor(yy / ch)
         bx = np.floor((xx + (course % 2) * cw / 2) / cw)
-        table = rng.normal(1.0, 0.05 if style.material == "blocks" else 0.09, (int(th / ch) + 2, int(tw / cw) + 3))
+        table = rng.normal(
+            1.0, 0.05 if style.material == "blocks" else 0.09, (int(th / ch) + 2, int(tw / cw) + 3)
+        )
         img *= table[course.astype(int), bx.astype(int) % table.shape[1]].astype(np.float32)[..., None]
         joint = ((yy % ch) < 1.0) | (((xx + (course % 2) * cw / 2) % cw) < 1.0)
         img[joint] *= 0.78
@@ -554,13 +672,17 @@ def _wall_base(rng: Rng, style: FacadeStyle, th: int, tw: int, s: float) -> np.n
     return img
 
 
-def _window(img: np.ndarray, rng: Rng, x: float, y: float, w: float, h: float, style: FacadeStyle,
-            shape: str) -> None:
+def _window(
+    img: np.ndarray, rng: Rng, x: float, y: float, w: float, h: float, style: FacadeStyle, shape: str
+) -> None:
     """One window with frame (all coordinates in texture pixels, drawn with 2 fractional bits)."""
     glass = style.glass * rng.uniform(0.75, 1.2)
     if rng.random() < style.lit_prob:
-        glass = np.clip(np.array([235.0, 215.0, 160.0]) * rng.uniform(0.75, 1.0), 0, 255) if rng.random() < 0.5 \
+        glass = (
+            np.clip(np.array([235.0, 215.0, 160.0]) * rng.uniform(0.75, 1.0), 0, 255)
+            if rng.random() < 0.5
             else style.trim * 0.9
+        )
     g = tuple(float(v) for v in glass)
     t = tuple(float(v) for v in style.trim)
     lw = max(1, round(min(w, h) * 0.08 * 4))
@@ -589,8 +711,15 @@ def _window(img: np.ndarray, rng: Rng, x: float, y: float, w: float, h: float, s
     cv2.rectangle(img, (q(x), q(top)), (q(x + w), q(y + h)), t, lw, cv2.LINE_AA, 2)
     if w > 5 and h > 8:  # glazing bars
         cv2.line(img, (q(x + w / 2), q(top)), (q(x + w / 2), q(y + h)), t, max(1, lw // 2), cv2.LINE_AA, 2)
-        cv2.line(img, (q(x), q(top + (y + h - top) * 0.4)), (q(x + w), q(top + (y + h - top) * 0.4)), t,
-                 max(1, lw // 2), cv2.LINE_AA, 2)
+        cv2.line(
+            img,
+            (q(x), q(top + (y + h - top) * 0.4)),
+            (q(x + w), q(top + (y + h - top) * 0.4)),
+            t,
+            max(1, lw // 2),
+            cv2.LINE_AA,
+            2,
+        )
     cv2.rectangle(img, (q(x - 0.1 * w), q(y + h)), (q(x + 1.1 * w), q(y + h + max(1.0, 0.05 * h))), t, -1)
     if style.shutters is not None:
         sc = tuple(float(v) for v in style.shutters)
@@ -606,7 +735,7 @@ def _frieze(img: np.ndarray, style: FacadeStyle, y: float, h: float) -> None:
         return
     band = np.empty((y1 - y0, tw, 3), np.float32)
     band[:] = style.accent
-    yy, xx = np.mgrid[0:y1 - y0, 0:tw].astype(np.float32)
+    yy, xx = np.mgrid[0 : y1 - y0, 0:tw].astype(np.float32)
     p = float(y1 - y0)
     if style.frieze == "zigzag":
         m = np.abs(((xx / p) % 2.0) - 1.0) * p > yy
@@ -620,8 +749,14 @@ def _frieze(img: np.ndarray, style: FacadeStyle, y: float, h: float) -> None:
     img[y0:y1] = band
 
 
-def facade_texture(rng: Rng, style: FacadeStyle, w_m: float, h_m: float, kind: str = "side",
-                   arch: tuple[float, float] | None = None) -> np.ndarray:
+def facade_texture(
+    rng: Rng,
+    style: FacadeStyle,
+    w_m: float,
+    h_m: float,
+    kind: str = "side",
+    arch: tuple[float, float] | None = None,
+) -> np.ndarray:
     """A facade (RGBA uint8) for a wall ``w_m`` x ``h_m`` metres.
 
     ``kind``: ``front`` (door, emblem, signs), ``side``, ``tower`` (slit windows, clock at the top),
@@ -635,7 +770,7 @@ def facade_texture(rng: Rng, style: FacadeStyle, w_m: float, h_m: float, kind: s
     trim = tuple(float(v) for v in style.trim)
     if style.plinth_h > 0 and style.material not in ("glass",):
         ph = min(style.plinth_h, h_m * 0.3) * s
-        img[th - round(ph):] = img[th - round(ph):] * 0.82 + style.trim * 0.1
+        img[th - round(ph) :] = img[th - round(ph) :] * 0.82 + style.trim * 0.1
     if style.material not in ("glass", "panels") and kind != "plain":
         n_cols = max(1, int(w_m / style.col_w))
         colw = tw / n_cols
@@ -658,7 +793,7 @@ def facade_texture(rng: Rng, style: FacadeStyle, w_m: float, h_m: float, kind: s
             if style.cornice_every and f % style.cornice_every == 0 and f > 0:
                 yb = round(th - f * fh)
                 cv2.rectangle(img, (0, yb - max(1, round(0.25 * s))), (tw, yb), trim, -1)
-                img[yb:yb + max(1, round(0.15 * s))] *= 0.7
+                img[yb : yb + max(1, round(0.15 * s))] *= 0.7
         if style.pilasters:
             pw = max(1, round(0.35 * s))
             for j in range(n_cols + 1):
@@ -674,16 +809,24 @@ def facade_texture(rng: Rng, style: FacadeStyle, w_m: float, h_m: float, kind: s
             x0 = j * tw / n_aw + 0.1 * tw / n_aw
             x1 = (j + 0.9) * tw / n_aw
             pts = np.array([[x0, y], [x1, y], [x1 + 0.2 * s, y + ah], [x0 - 0.2 * s, y + ah]]) * 4
-            cv2.fillConvexPoly(img, np.round(pts).astype(np.int32), tuple(float(v) for v in style.awning),
-                               cv2.LINE_AA, 2)
+            cv2.fillConvexPoly(
+                img, np.round(pts).astype(np.int32), tuple(float(v) for v in style.awning), cv2.LINE_AA, 2
+            )
             for k in range(0, max(1, round((x1 - x0) / (0.5 * s))), 2):
                 xs = x0 + k * 0.5 * s
-                cv2.rectangle(img, (round(xs * 4), round(y * 4)), (round((xs + 0.5 * s) * 4), round((y + ah) * 4)),
-                              (240.0, 240.0, 235.0), -1, cv2.LINE_AA, 2)
+                cv2.rectangle(
+                    img,
+                    (round(xs * 4), round(y * 4)),
+                    (round((xs + 0.5 * s) * 4), round((y + ah) * 4)),
+                    (240.0, 240.0, 235.0),
+                    -1,
+                    cv2.LINE_AA,
+                    2,
+                )
     # top cornice
     if style.material not in ("glass",):
         cv2.rectangle(img, (0, 0), (tw, max(1, round(0.5 * s))), trim, -1)
-        img[max(1, round(0.5 * s)):max(2, round(0.7 * s))] *= 0.72
+        img[max(1, round(0.5 * s)) : max(2, round(0.7 * s))] *= 0.72
     if kind == "front":
         dw = min(tw * 0.35, rng.uniform(2.0, 4.5) * s)
         dh = min(th * 0.45, rng.uniform(3.0, 6.0) * s)
@@ -708,20 +851,54 @@ def facade_texture(rng: Rng, style: FacadeStyle, w_m: float, h_m: float, kind: s
             _emblem(img, rng, tw / 2, r * 1.8, r, style)
     elif kind == "side" and rng.random() < 0.3:
         sw = rng.uniform(1.5, 4.0) * s
-        _sign(img, rng, rng.uniform(0, max(1.0, tw - sw)), th - rng.uniform(2.5, 4.0) * s, sw,
-              rng.uniform(0.5, 1.0) * s, style)
+        _sign(
+            img,
+            rng,
+            rng.uniform(0, max(1.0, tw - sw)),
+            th - rng.uniform(2.5, 4.0) * s,
+            sw,
+            rng.uniform(0.5, 1.0) * s,
+            style,
+        )
     alpha = None
     if arch is not None:
         aw, ah = arch[0] * s, arch[1] * s
         alpha = np.full((th, tw), 255, np.uint8)
         r = aw / 2
         cx = tw / 2
-        cv2.rectangle(alpha, (round((cx - r) * 4), round((th - ah + r) * 4)), (round((cx + r) * 4), th * 4), 0, -1,
-                      cv2.LINE_AA, 2)
-        cv2.ellipse(alpha, (round(cx * 4), round((th - ah + r) * 4)), (round(r * 4), round(r * 4)), 0, 180, 360, 0,
-                    -1, cv2.LINE_AA, 2)
-        cv2.ellipse(img, (round(cx * 4), round((th - ah + r) * 4)), (round(r * 4 + 6), round(r * 4 + 6)), 0, 180,
-                    360, trim, 3, cv2.LINE_AA, 2)
+        cv2.rectangle(
+            alpha,
+            (round((cx - r) * 4), round((th - ah + r) * 4)),
+            (round((cx + r) * 4), th * 4),
+            0,
+            -1,
+            cv2.LINE_AA,
+            2,
+        )
+        cv2.ellipse(
+            alpha,
+            (round(cx * 4), round((th - ah + r) * 4)),
+            (round(r * 4), round(r * 4)),
+            0,
+            180,
+            360,
+            0,
+            -1,
+            cv2.LINE_AA,
+            2,
+        )
+        cv2.ellipse(
+            img,
+            (round(cx * 4), round((th - ah + r) * 4)),
+            (round(r * 4 + 6), round(r * 4 + 6)),
+            0,
+            180,
+            360,
+            trim,
+            3,
+            cv2.LINE_AA,
+            2,
+        )
     return _rgba(img, alpha)
 
 
@@ -751,8 +928,11 @@ def ground_texture(rng: Rng, kind: str | None = None) -> tuple[np.ndarray, float
         img = base * (1 + 0.06 * noise + 0.16 * grain)[..., None]
         tile = 3.0
     else:
-        base = _pick(rng, np.array([(190, 180, 165), (160, 150, 140), (200, 190, 170), (140, 120, 110)],
-                                   np.float32), 10)
+        base = _pick(
+            rng,
+            np.array([(190, 180, 165), (160, 150, 140), (200, 190, 170), (140, 120, 110)], np.float32),
+            10,
+        )
         img = base * (1 + 0.05 * noise + 0.06 * grain)[..., None]
         step = 8 if kind == "paving" else 4
         joint = ((xx % (n / step)) < 1) | ((yy % (n / step)) < 1)
@@ -782,7 +962,9 @@ def sprite(rng: Rng, kind: str) -> tuple[np.ndarray, float, float]:
             if conifer:
                 cy = rng.uniform(0.1, 0.75) * H
                 half = (cy / H) * W * 0.5
-                pts = np.array([[W / 2, cy - H * 0.2], [W / 2 + half, cy + H * 0.1], [W / 2 - half, cy + H * 0.1]])
+                pts = np.array(
+                    [[W / 2, cy - H * 0.2], [W / 2 + half, cy + H * 0.1], [W / 2 - half, cy + H * 0.1]]
+                )
                 pts_i = np.round(pts).astype(np.int32)
                 col = green * rng.uniform(0.7, 1.2)
                 cv2.fillConvexPoly(img, pts_i, tuple(float(v) for v in col), cv2.LINE_AA)
@@ -792,7 +974,9 @@ def sprite(rng: Rng, kind: str) -> tuple[np.ndarray, float, float]:
                 cy = rng.uniform(0.15, 0.55) * H
                 r = rng.uniform(0.18, 0.32) * W
                 col = green * rng.uniform(0.7, 1.25)
-                cv2.circle(img, (round(cx), round(cy)), round(r), tuple(float(v) for v in col), -1, cv2.LINE_AA)
+                cv2.circle(
+                    img, (round(cx), round(cy)), round(r), tuple(float(v) for v in col), -1, cv2.LINE_AA
+                )
                 cv2.circle(a, (round(cx), round(cy)), round(r), 255, -1, cv2.LINE_AA)
         img *= (1 + 0.15 * rng.normal(0, 1, (H, W)))[..., None].astype(np.float32)
         return np.dstack([np.clip(img, 0, 255).astype(np.uint8), a]), w_m, h_m
@@ -808,8 +992,9 @@ def sprite(rng: Rng, kind: str) -> tuple[np.ndarray, float, float]:
         H, W = 64, 12
         img = np.zeros((H, W, 3), np.uint8)
         a = np.zeros((H, W), np.uint8)
-        pole_col = tuple(float(v) for v in _pick(rng, np.array([(40, 40, 40), (60, 70, 60), (30, 40, 60)],
-                                                                np.float32)))
+        pole_col = tuple(
+            float(v) for v in _pick(rng, np.array([(40, 40, 40), (60, 70, 60), (30, 40, 60)], np.float32))
+        )
         cv2.rectangle(img, (W // 2 - 1, 4), (W // 2, H), pole_col, -1)
         cv2.rectangle(a, (W // 2 - 1, 4), (W // 2, H), 255, -1)
         cv2.rectangle(img, (1, 0), (W - 2, 6), pole_col, -1)
@@ -831,8 +1016,11 @@ def sprite(rng: Rng, kind: str) -> tuple[np.ndarray, float, float]:
         roof = np.array([[W * 0.22, H // 3], [W * 0.32, 2], [W * 0.72, 2], [W * 0.85, H // 3]], np.int32)
         cv2.fillConvexPoly(img, roof, body)
         cv2.fillConvexPoly(a, roof, 255)
-        cv2.fillConvexPoly(img, np.array([[W * 0.28, H // 3 - 1], [W * 0.35, 5], [W * 0.7, 5],
-                                          [W * 0.8, H // 3 - 1]], np.int32), (50.0, 60.0, 70.0))
+        cv2.fillConvexPoly(
+            img,
+            np.array([[W * 0.28, H // 3 - 1], [W * 0.35, 5], [W * 0.7, 5], [W * 0.8, H // 3 - 1]], np.int32),
+            (50.0, 60.0, 70.0),
+        )
         for cx in (W * 0.2, W * 0.8):
             cv2.circle(img, (round(cx), H - 7), 6, (20.0, 20.0, 20.0), -1, cv2.LINE_AA)
             cv2.circle(a, (round(cx), H - 7), 6, 255, -1, cv2.LINE_AA)
@@ -846,8 +1034,14 @@ def sprite(rng: Rng, kind: str) -> tuple[np.ndarray, float, float]:
     green = np.array([55, 95, 45], np.float32) * rng.uniform(0.7, 1.3, 3)
     for _ in range(8):
         cx, cy, r = rng.uniform(0.15, 0.85) * W, rng.uniform(0.45, 0.8) * H, rng.uniform(0.25, 0.45) * H
-        cv2.circle(img, (round(cx), round(cy)), round(r), tuple(float(v) for v in green * rng.uniform(0.7, 1.2)),
-                   -1, cv2.LINE_AA)
+        cv2.circle(
+            img,
+            (round(cx), round(cy)),
+            round(r),
+            tuple(float(v) for v in green * rng.uniform(0.7, 1.2)),
+            -1,
+            cv2.LINE_AA,
+        )
         cv2.circle(a, (round(cx), round(cy)), round(r), 255, -1, cv2.LINE_AA)
     return np.dstack([np.clip(img, 0, 255).astype(np.uint8), a]), w_m, h_m
 
@@ -859,8 +1053,12 @@ def _person(rng: Rng, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
     skin = tuple(float(v) for v in _pick(rng, SKIN, 8))
     shirt = tuple(float(v) for v in _pick(rng, np.concatenate([ACCENTS, TRIMS, GLASS]), 20))
     pants = tuple(float(v) for v in _pick(rng, np.concatenate([GLASS, TRIMS[2:]]), 15))
-    hair = tuple(float(v) for v in _pick(rng, np.array([(30, 20, 15), (90, 60, 30), (200, 170, 110), (120, 120, 120)],
-                                                     np.float32), 10))
+    hair = tuple(
+        float(v)
+        for v in _pick(
+            rng, np.array([(30, 20, 15), (90, 60, 30), (200, 170, 110), (120, 120, 120)], np.float32), 10
+        )
+    )
     cx = W / 2
     head_r = H * 0.075
     sc = 4
@@ -869,10 +1067,17 @@ def _person(rng: Rng, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
         return round(x * sc), round(y * sc)
 
     sway = rng.uniform(-0.12, 0.12) * W
-    for im, col_head, col_hair, col_shirt, col_pants in ((img, skin, hair, shirt, pants), (a, 255, 255, 255, 255)):
+    for im, col_head, col_hair, col_shirt, col_pants in (
+        (img, skin, hair, shirt, pants),
+        (a, 255, 255, 255, 255),
+    ):
         legs_w = max(1, round(W * 0.13 * sc))
-        cv2.line(im, P(cx - W * 0.1, H * 0.55), P(cx - W * 0.12 + sway, H - 2), col_pants, legs_w, cv2.LINE_AA, 2)
-        cv2.line(im, P(cx + W * 0.1, H * 0.55), P(cx + W * 0.12 - sway, H - 2), col_pants, legs_w, cv2.LINE_AA, 2)
+        cv2.line(
+            im, P(cx - W * 0.1, H * 0.55), P(cx - W * 0.12 + sway, H - 2), col_pants, legs_w, cv2.LINE_AA, 2
+        )
+        cv2.line(
+            im, P(cx + W * 0.1, H * 0.55), P(cx + W * 0.12 - sway, H - 2), col_pants, legs_w, cv2.LINE_AA, 2
+        )
         cv2.ellipse(im, P(cx, H * 0.38), P(W * 0.26, H * 0.2), 0, 0, 360, col_shirt, -1, cv2.LINE_AA, 2)
         arm_w = max(1, round(W * 0.1 * sc))
         cv2.line(im, P(cx - W * 0.24, H * 0.26), P(cx - W * 0.38, H * 0.55), col_shirt, arm_w, cv2.LINE_AA, 2)
@@ -886,7 +1091,10 @@ def _person(rng: Rng, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
 # Building blocks of scenes
 # --------------------------------------------------------------------------------------------------
 
-def _side_faces(base: np.ndarray, y0: float, y1: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+
+def _side_faces(
+    base: np.ndarray, y0: float, y1: float
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
     """For a convex base polygon (N, 2) in (x, z), counter-clockwise seen from above: per side
     (origin top-left, u, v, width) oriented so the texture reads left-to-right from outside."""
     out = []
@@ -906,9 +1114,19 @@ def _side_faces(base: np.ndarray, y0: float, y1: float) -> list[tuple[np.ndarray
     return out
 
 
-def add_prism(scene: Scene, rng: Rng, style: FacadeStyle, base: np.ndarray, y0: float, y1: float,
-              front_side: int | None = None, kind: str = "side", roof: str = "flat", roof_h: float = 0.0,
-              share_textures: bool = False) -> None:
+def add_prism(
+    scene: Scene,
+    rng: Rng,
+    style: FacadeStyle,
+    base: np.ndarray,
+    y0: float,
+    y1: float,
+    front_side: int | None = None,
+    kind: str = "side",
+    roof: str = "flat",
+    roof_h: float = 0.0,
+    share_textures: bool = False,
+) -> None:
     """Walls of a prism with base polygon ``base`` (N, 2) from height ``y0`` to ``y1`` and its roof.
 
     ``roof``: ``flat``, ``gable`` (4-sided bases), ``pyramid``, ``dome``, ``none``.
@@ -930,7 +1148,9 @@ def add_prism(scene: Scene, rng: Rng, style: FacadeStyle, base: np.ndarray, y0: 
     top = np.array([[p[0], y1, p[1]] for p in base])
     centroid = top.mean(axis=0)
     if roof == "flat" or roof_h <= 0:
-        scene.faces.append(FlatFace(top, style.roof * 0.8 if roof == "flat" else style.trim * 0.8, _UP.copy()))
+        scene.faces.append(
+            FlatFace(top, style.roof * 0.8 if roof == "flat" else style.trim * 0.8, _UP.copy())
+        )
     elif roof == "pyramid":
         apex = centroid + np.array([0.0, roof_h, 0.0])
         for i in range(len(top)):
@@ -938,8 +1158,18 @@ def add_prism(scene: Scene, rng: Rng, style: FacadeStyle, base: np.ndarray, y0: 
             scene.faces.append(FlatFace(tri, style.roof, _tri_normal(tri, centroid)))
     elif roof == "dome":
         r = float(np.min(np.linalg.norm(top[:, [0, 2]] - centroid[[0, 2]], axis=1)))
-        add_lathe(scene, centroid, [(r, 0.0), (r * 0.97, roof_h * 0.3), (r * 0.85, roof_h * 0.6),
-                                    (r * 0.55, roof_h * 0.87), (0.0, roof_h)], style.roof)
+        add_lathe(
+            scene,
+            centroid,
+            [
+                (r, 0.0),
+                (r * 0.97, roof_h * 0.3),
+                (r * 0.85, roof_h * 0.6),
+                (r * 0.55, roof_h * 0.87),
+                (0.0, roof_h),
+            ],
+            style.roof,
+        )
     elif roof == "gable" and len(base) == 4:
         xs, zs = top[:, 0], top[:, 2]
         x0, x1, z0, z1 = xs.min(), xs.max(), zs.min(), zs.max()
@@ -952,7 +1182,9 @@ def add_prism(scene: Scene, rng: Rng, style: FacadeStyle, base: np.ndarray, y0: 
                 scene.faces.append(FlatFace(quad, style.roof, _tri_normal(quad[:3], centroid)))
             for xe, ridge in ((x0, r0), (x1, r1)):
                 tri = np.array([[xe, y1, z0], [xe, y1, z1], ridge])
-                scene.faces.append(FlatFace(tri, style.wall * 0.95, np.array([np.sign(xe - centroid[0]), 0, 0.0])))
+                scene.faces.append(
+                    FlatFace(tri, style.wall * 0.95, np.array([np.sign(xe - centroid[0]), 0, 0.0]))
+                )
         else:
             xm = (x0 + x1) / 2
             r0, r1 = np.array([xm, ridge_h, z0]), np.array([xm, ridge_h, z1])
@@ -961,7 +1193,9 @@ def add_prism(scene: Scene, rng: Rng, style: FacadeStyle, base: np.ndarray, y0: 
                 scene.faces.append(FlatFace(quad, style.roof, _tri_normal(quad[:3], centroid)))
             for ze, ridge in ((z0, r0), (z1, r1)):
                 tri = np.array([[x0, y1, ze], [x1, y1, ze], ridge])
-                scene.faces.append(FlatFace(tri, style.wall * 0.95, np.array([0, 0, np.sign(ze - centroid[2])])))
+                scene.faces.append(
+                    FlatFace(tri, style.wall * 0.95, np.array([0, 0, np.sign(ze - centroid[2])]))
+                )
 
 
 def _tri_normal(tri: np.ndarray, inside: np.ndarray) -> np.ndarray:
@@ -971,23 +1205,36 @@ def _tri_normal(tri: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return n
 
 
-def add_lathe(scene: Scene, center: np.ndarray, profile: list[tuple[float, float]], color: np.ndarray,
-              segments: int = 12) -> None:
+def add_lathe(
+    scene: Scene,
+    center: np.ndarray,
+    profile: list[tuple[float, float]],
+    color: np.ndarray,
+    segments: int = 12,
+) -> None:
     """A surface of revolution (dome, onion, cone, drum) from ``profile`` [(radius, height above centre)]."""
     angles = np.linspace(0, 2 * math.pi, segments + 1)
     ca, sa = np.cos(angles), np.sin(angles)
     for (r0, h0), (r1, h1) in zip(profile[:-1], profile[1:]):
         for k in range(segments):
-            p = [center + np.array([r0 * ca[k], h0, r0 * sa[k]]), center + np.array([r0 * ca[k + 1], h0, r0 * sa[k + 1]]),
-                 center + np.array([r1 * ca[k + 1], h1, r1 * sa[k + 1]]), center + np.array([r1 * ca[k], h1, r1 * sa[k]])]
+            p = [
+                center + np.array([r0 * ca[k], h0, r0 * sa[k]]),
+                center + np.array([r0 * ca[k + 1], h0, r0 * sa[k + 1]]),
+                center + np.array([r1 * ca[k + 1], h1, r1 * sa[k + 1]]),
+                center + np.array([r1 * ca[k], h1, r1 * sa[k]]),
+            ]
             verts = np.stack(p if r1 > 1e-6 else p[:3])
             mid_a = 0.5 * (angles[k] + angles[k + 1])
             slope = math.atan2(r0 - r1, h1 - h0)
-            n = np.array([math.cos(mid_a) * math.cos(slope), math.sin(slope), math.sin(mid_a) * math.cos(slope)])
+            n = np.array(
+                [math.cos(mid_a) * math.cos(slope), math.sin(slope), math.sin(mid_a) * math.cos(slope)]
+            )
             scene.faces.append(FlatFace(verts, color * (0.93 + 0.07 * (k % 2)), _unit(n)))
 
 
-def add_gate(scene: Scene, rng: Rng, style: FacadeStyle, cx: float, cz: float, w: float, d: float, h: float) -> None:
+def add_gate(
+    scene: Scene, rng: Rng, style: FacadeStyle, cx: float, cz: float, w: float, d: float, h: float
+) -> None:
     """A triumphal-arch gate: front and back faces with a see-through arch, plain sides, flat top."""
     aw, ah = w * float(rng.uniform(0.3, 0.5)), h * float(rng.uniform(0.45, 0.7))
     front_tex = scene.add_texture(facade_texture(rng, style, w, h, "plain", arch=(aw, ah)))
@@ -998,14 +1245,25 @@ def add_gate(scene: Scene, rng: Rng, style: FacadeStyle, cx: float, cz: float, w
     _sign(rgb, rng, tw * 0.2, th * 0.06, tw * 0.6, th * 0.12, style)
     for side in (-1, 1):  # reliefs either side of the opening
         rx = tw / 2 + side * (aw / w * tw / 2 + tw * 0.12) - tw * 0.06
-        cv2.rectangle(rgb, (round(rx), round(th * 0.3)), (round(rx + tw * 0.12), round(th * 0.55)),
-                      tuple(float(v) for v in style.trim * 0.8), -1)
+        cv2.rectangle(
+            rgb,
+            (round(rx), round(th * 0.3)),
+            (round(rx + tw * 0.12), round(th * 0.55)),
+            tuple(float(v) for v in style.trim * 0.8),
+            -1,
+        )
         _emblem(rgb, rng, rx + tw * 0.06, th * 0.42, tw * 0.05, style)
     tex[..., :3] = rgb
     back_tex = scene.add_texture(facade_texture(rng, style, w, h, "plain", arch=(aw, ah)))
     side_tex = scene.add_texture(facade_texture(rng, style, d, h, "plain"))
-    base = np.array([[cx - w / 2, cz - d / 2], [cx + w / 2, cz - d / 2], [cx + w / 2, cz + d / 2],
-                     [cx - w / 2, cz + d / 2]])
+    base = np.array(
+        [
+            [cx - w / 2, cz - d / 2],
+            [cx + w / 2, cz - d / 2],
+            [cx + w / 2, cz + d / 2],
+            [cx - w / 2, cz + d / 2],
+        ]
+    )
     scene.solids.append((base, 0.0, h))
     for i, (o, u, v, _) in enumerate(_side_faces(base, 0.0, h)):
         t = front_tex if i == 0 else back_tex if i == 2 else side_tex
@@ -1034,11 +1292,13 @@ def add_portico(scene: Scene, rng: Rng, style: FacadeStyle, x0: float, x1: float
         for f in range(3):  # fluting
             xf = round(xc - cw / 2 + (f + 1) * cw / 4)
             img[entab:, xf] *= 0.85
-    img[entab - 2:entab] *= 0.7
+    img[entab - 2 : entab] *= 0.7
     _glyphs(img, rng, tw * 0.2, th * 0.03, tw * 0.6, th * 0.1, style.trim * 0.4)
     tex = scene.add_texture(_rgba(img, alpha))
     origin = np.array([x0, h, z])
-    scene.faces.append(TexFace(origin, np.array([w, 0.0, 0.0]), np.array([0.0, -h, 0.0]), tex, double_sided=True))
+    scene.faces.append(
+        TexFace(origin, np.array([w, 0.0, 0.0]), np.array([0.0, -h, 0.0]), tex, double_sided=True)
+    )
     ped_h = w * float(rng.uniform(0.12, 0.22))
     tri = np.array([[x0, h, z], [x1, h, z], [(x0 + x1) / 2, h + ped_h, z]])
     scene.faces.append(FlatFace(tri, style.trim * 0.95, np.array([0.0, 0.0, -1.0]), double_sided=True))
@@ -1046,8 +1306,14 @@ def add_portico(scene: Scene, rng: Rng, style: FacadeStyle, x0: float, x1: float
 
 
 def _box(cx: float, cz: float, w: float, d: float) -> np.ndarray:
-    return np.array([[cx - w / 2, cz - d / 2], [cx + w / 2, cz - d / 2], [cx + w / 2, cz + d / 2],
-                     [cx - w / 2, cz + d / 2]])
+    return np.array(
+        [
+            [cx - w / 2, cz - d / 2],
+            [cx + w / 2, cz - d / 2],
+            [cx + w / 2, cz + d / 2],
+            [cx - w / 2, cz + d / 2],
+        ]
+    )
 
 
 def _ngon(cx: float, cz: float, r: float, n: int, phase: float = 0.0) -> np.ndarray:
@@ -1055,15 +1321,36 @@ def _ngon(cx: float, cz: float, r: float, n: int, phase: float = 0.0) -> np.ndar
     return np.stack([cx + r * np.cos(a), cz + r * np.sin(a)], axis=1)
 
 
-def add_tower(scene: Scene, rng: Rng, style: FacadeStyle, cx: float, cz: float, r: float, y0: float, h: float,
-              sides: int | None = None, cap: str | None = None) -> float:
+def add_tower(
+    scene: Scene,
+    rng: Rng,
+    style: FacadeStyle,
+    cx: float,
+    cz: float,
+    r: float,
+    y0: float,
+    h: float,
+    sides: int | None = None,
+    cap: str | None = None,
+) -> float:
     """A tower (square or polygonal prism) with a cap; returns the height of its top."""
     sides = sides or int(rng.choice([4, 4, 6, 8]))
     base = _box(cx, cz, 2 * r, 2 * r) if sides == 4 else _ngon(cx, cz, r, sides, math.pi / sides)
     cap = cap or str(rng.choice(["spire", "dome", "flat", "onion", "pyramid"]))
-    add_prism(scene, rng, style, base, y0, y0 + h, kind="tower", roof="none" if cap in ("spire", "onion") else
-              ("dome" if cap == "dome" else "pyramid" if cap == "pyramid" else "flat"),
-              roof_h=r * (1.2 if cap == "dome" else 1.0), share_textures=True)
+    add_prism(
+        scene,
+        rng,
+        style,
+        base,
+        y0,
+        y0 + h,
+        kind="tower",
+        roof="none"
+        if cap in ("spire", "onion")
+        else ("dome" if cap == "dome" else "pyramid" if cap == "pyramid" else "flat"),
+        roof_h=r * (1.2 if cap == "dome" else 1.0),
+        share_textures=True,
+    )
     top = y0 + h
     center = np.array([cx, top, cz])
     if cap == "spire":
@@ -1071,8 +1358,12 @@ def add_tower(scene: Scene, rng: Rng, style: FacadeStyle, cx: float, cz: float, 
         add_lathe(scene, center, [(r * 1.05, 0.0), (0.0, sh)], style.roof, segments=sides if sides > 4 else 8)
         top += sh
     elif cap == "onion":
-        add_lathe(scene, center, [(r * 0.8, 0.0), (r * 1.15, r * 0.6), (r * 0.9, r * 1.2), (r * 0.3, r * 1.7),
-                                  (0.0, r * 2.4)], style.roof)
+        add_lathe(
+            scene,
+            center,
+            [(r * 0.8, 0.0), (r * 1.15, r * 0.6), (r * 0.9, r * 1.2), (r * 0.3, r * 1.7), (0.0, r * 2.4)],
+            style.roof,
+        )
         top += r * 2.4
     elif cap in ("dome", "pyramid"):
         top += r * 1.2
@@ -1084,8 +1375,16 @@ def add_billboard_sprite(scene: Scene, pos: np.ndarray, img: np.ndarray, w_m: fl
     """A sprite standing at ``pos`` (ground point); faced to the camera at render time."""
     tex = scene.add_texture(img)
     # u and v only carry the size here; :func:`orient_billboards` turns the sprite to each camera
-    scene.faces.append(TexFace(np.asarray(pos, float), np.array([w_m, 0.0, 0.0]), np.array([0.0, -h_m, 0.0]), tex,
-                               double_sided=True, billboard=True))
+    scene.faces.append(
+        TexFace(
+            np.asarray(pos, float),
+            np.array([w_m, 0.0, 0.0]),
+            np.array([0.0, -h_m, 0.0]),
+            tex,
+            double_sided=True,
+            billboard=True,
+        )
+    )
 
 
 def orient_billboards(faces: list[TexFace | FlatFace], cam: Camera) -> list[TexFace | FlatFace]:
@@ -1118,21 +1417,49 @@ def _build_palace(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
     """A palace: a long block, maybe wings, a dome and a portico. Returns the height of the structure (m)."""
     w, d = rng.uniform(30, 70), rng.uniform(14, 25)
     h = style.floor_h * int(rng.integers(2, 5))
-    add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0,
-              roof=str(rng.choice(["flat", "gable"])), roof_h=d * 0.25, share_textures=True)
+    add_prism(
+        scene,
+        rng,
+        style,
+        _box(0, 0, w, d),
+        0,
+        h,
+        front_side=0,
+        roof=str(rng.choice(["flat", "gable"])),
+        roof_h=d * 0.25,
+        share_textures=True,
+    )
     height = h
     if rng.random() < 0.6:  # wings
         ww = w * rng.uniform(0.25, 0.45)
         wd = rng.uniform(15, 30)
         wh = h * rng.uniform(0.6, 1.0)
         for side in (-1, 1):
-            add_prism(scene, rng, style, _box(side * (w / 2 - ww / 2), -d / 2 - wd / 2 + 0.01, ww, wd), 0, wh,
-                      roof="flat", share_textures=True)
+            add_prism(
+                scene,
+                rng,
+                style,
+                _box(side * (w / 2 - ww / 2), -d / 2 - wd / 2 + 0.01, ww, wd),
+                0,
+                wh,
+                roof="flat",
+                share_textures=True,
+            )
     if rng.random() < 0.5:
         dr = min(d, w) * rng.uniform(0.2, 0.35)
         drum_h = dr * rng.uniform(0.5, 1.0)
-        add_prism(scene, rng, style, _ngon(0, 0, dr, 12), h, h + drum_h, kind="plain", roof="dome",
-                  roof_h=dr * rng.uniform(0.9, 1.4), share_textures=True)
+        add_prism(
+            scene,
+            rng,
+            style,
+            _ngon(0, 0, dr, 12),
+            h,
+            h + drum_h,
+            kind="plain",
+            roof="dome",
+            roof_h=dr * rng.uniform(0.9, 1.4),
+            share_textures=True,
+        )
         height = h + drum_h + dr
     if rng.random() < 0.4:
         add_portico(scene, rng, style, -w * 0.18, w * 0.18, -d / 2 - 3.0, h * 0.85)
@@ -1143,8 +1470,18 @@ def _build_cathedral(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
     """A cathedral: a gabled nave, zero to two towers, maybe a crossing dome. Returns the height of the structure (m)."""
     w, d = rng.uniform(18, 32), rng.uniform(40, 80)
     h = rng.uniform(15, 28)
-    add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0, roof="gable", roof_h=w * 0.4,
-              share_textures=True)
+    add_prism(
+        scene,
+        rng,
+        style,
+        _box(0, 0, w, d),
+        0,
+        h,
+        front_side=0,
+        roof="gable",
+        roof_h=w * 0.4,
+        share_textures=True,
+    )
     height = h + w * 0.4
     n_towers = int(rng.choice([0, 1, 2, 2]))
     tr = rng.uniform(3.0, 5.5)
@@ -1152,13 +1489,19 @@ def _build_cathedral(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
     cap = str(rng.choice(["spire", "pyramid", "flat", "onion"]))
     if n_towers == 2:
         for side in (-1, 1):
-            height = max(height, add_tower(scene, rng, style, side * (w / 2 - tr * 0.6), -d / 2 + tr, tr, 0, th,
-                                           sides=4, cap=cap))
+            height = max(
+                height,
+                add_tower(
+                    scene, rng, style, side * (w / 2 - tr * 0.6), -d / 2 + tr, tr, 0, th, sides=4, cap=cap
+                ),
+            )
     elif n_towers == 1:
         height = max(height, add_tower(scene, rng, style, 0, -d / 2 - tr * 0.9, tr, 0, th, cap=cap))
     if rng.random() < 0.4:
         r = w * 0.3
-        add_lathe(scene, np.array([0, h + w * 0.3, d * 0.15]), [(r, 0), (r * 0.8, r * 0.6), (0, r)], style.roof)
+        add_lathe(
+            scene, np.array([0, h + w * 0.3, d * 0.15]), [(r, 0), (r * 0.8, r * 0.6), (0, r)], style.roof
+        )
     return height
 
 
@@ -1170,8 +1513,18 @@ def _build_tower(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
     if rng.random() < 0.6:
         bw = r * rng.uniform(3, 6)
         bh = rng.uniform(6, 12)
-        add_prism(scene, rng, style, _box(0, r * 1.2, bw, bw * 0.6), 0, bh, front_side=0,
-                  roof=str(rng.choice(["flat", "gable"])), roof_h=bw * 0.15, share_textures=True)
+        add_prism(
+            scene,
+            rng,
+            style,
+            _box(0, r * 1.2, bw, bw * 0.6),
+            0,
+            bh,
+            front_side=0,
+            roof=str(rng.choice(["flat", "gable"])),
+            roof_h=bw * 0.15,
+            share_textures=True,
+        )
     if rng.random() < 0.3:  # balcony band
         y = th * rng.uniform(0.5, 0.8)
         add_prism(scene, rng, style, _ngon(0, 0, r * 1.25, 8), y, y + 1.5, kind="plain", roof="flat")
@@ -1196,15 +1549,38 @@ def _build_temple(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
     add_prism(scene, rng, style, _box(0, 0, w, w), 0, h, front_side=0, roof="flat", share_textures=True)
     dr = w * rng.uniform(0.28, 0.4)
     drum_h = rng.uniform(2, 8)
-    add_prism(scene, rng, style, _ngon(0, 0, dr, 12), h, h + drum_h, kind="plain", roof="dome",
-              roof_h=dr * rng.uniform(0.8, 1.5), share_textures=True)
+    add_prism(
+        scene,
+        rng,
+        style,
+        _ngon(0, 0, dr, 12),
+        h,
+        h + drum_h,
+        kind="plain",
+        roof="dome",
+        roof_h=dr * rng.uniform(0.8, 1.5),
+        share_textures=True,
+    )
     height = h + drum_h + dr
     n_min = int(rng.choice([0, 2, 4]))
     mh = rng.uniform(1.5, 2.6) * (h + drum_h)
     corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)][:n_min]
     for sx, sz in corners:
-        height = max(height, add_tower(scene, rng, style, sx * (w / 2 + 4), sz * (w / 2 + 4), 1.8, 0, mh,
-                                       sides=8, cap=str(rng.choice(["spire", "onion"]))))
+        height = max(
+            height,
+            add_tower(
+                scene,
+                rng,
+                style,
+                sx * (w / 2 + 4),
+                sz * (w / 2 + 4),
+                1.8,
+                0,
+                mh,
+                sides=8,
+                cap=str(rng.choice(["spire", "onion"])),
+            ),
+        )
     if rng.random() < 0.5:
         add_portico(scene, rng, style, -w * 0.25, w * 0.25, -w / 2 - 3.0, h * 0.9)
     return height
@@ -1221,12 +1597,31 @@ def _build_modern(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
         cz = rng.uniform(-5, 15) * (k % 2)
         sides = int(rng.choice([4, 4, 6, 8]))
         base = _box(cx, cz, bw, bd) if sides == 4 else _ngon(cx, cz, bw / 2, sides, rng.uniform(0, 1))
-        add_prism(scene, rng, style, base, 0, bh, front_side=0 if k == 0 and sides == 4 else None,
-                  roof=str(rng.choice(["flat", "pyramid"])), roof_h=bw * 0.3, share_textures=True)
+        add_prism(
+            scene,
+            rng,
+            style,
+            base,
+            0,
+            bh,
+            front_side=0 if k == 0 and sides == 4 else None,
+            roof=str(rng.choice(["flat", "pyramid"])),
+            roof_h=bw * 0.3,
+            share_textures=True,
+        )
         height = max(height, bh)
     if rng.random() < 0.5:
-        add_prism(scene, rng, make_style(rng, modern=False), _box(0, -20, 20, 6), 0, 5, front_side=0,
-                  roof="flat", share_textures=True)
+        add_prism(
+            scene,
+            rng,
+            make_style(rng, modern=False),
+            _box(0, -20, 20, 6),
+            0,
+            5,
+            front_side=0,
+            roof="flat",
+            share_textures=True,
+        )
     return height
 
 
@@ -1234,8 +1629,12 @@ def _build_monument(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
     """An obelisk-like column on a plinth, maybe flanked by gates. Returns the height of the structure (m)."""
     r = rng.uniform(1.5, 4.0)
     mh = rng.uniform(20, 60)
-    add_prism(scene, rng, style, _box(0, 0, r * 5, r * 5), 0, r * 1.5, kind="plain", front_side=0, roof="flat")
-    height = add_tower(scene, rng, style, 0, 0, r, r * 1.5, mh, sides=4, cap=str(rng.choice(["pyramid", "spire"])))
+    add_prism(
+        scene, rng, style, _box(0, 0, r * 5, r * 5), 0, r * 1.5, kind="plain", front_side=0, roof="flat"
+    )
+    height = add_tower(
+        scene, rng, style, 0, 0, r, r * 1.5, mh, sides=4, cap=str(rng.choice(["pyramid", "spire"]))
+    )
     for side in (-1, 1):
         if rng.random() < 0.7:
             add_gate(scene, rng, style, side * r * 6, 0, r * 3, r * 1.5, r * 3)
@@ -1246,8 +1645,18 @@ def _build_house(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
     """An ordinary but specific building, maybe with a corner tower. Returns the height of the structure (m)."""
     w, d = rng.uniform(10, 25), rng.uniform(8, 16)
     h = style.floor_h * int(rng.integers(2, 6))
-    add_prism(scene, rng, style, _box(0, 0, w, d), 0, h, front_side=0,
-              roof=str(rng.choice(["gable", "flat", "pyramid"])), roof_h=d * 0.35, share_textures=True)
+    add_prism(
+        scene,
+        rng,
+        style,
+        _box(0, 0, w, d),
+        0,
+        h,
+        front_side=0,
+        roof=str(rng.choice(["gable", "flat", "pyramid"])),
+        roof_h=d * 0.35,
+        share_textures=True,
+    )
     height = h + d * 0.35
     if rng.random() < 0.5:
         height = max(height, add_tower(scene, rng, style, w / 2, -d / 2, rng.uniform(2, 3.5), 0, h * 1.5))
@@ -1256,8 +1665,15 @@ def _build_house(scene: Scene, rng: Rng, style: FacadeStyle) -> float:
 
 #: The structure of each template: ``builder(scene, rng, style) -> height`` adds its faces to ``scene``.
 LANDMARK_BUILDERS: dict[str, Callable[[Scene, Rng, FacadeStyle], float]] = {
-    "palace": _build_palace, "cathedral": _build_cathedral, "tower": _build_tower, "gate": _build_gate,
-    "temple": _build_temple, "modern": _build_modern, "monument": _build_monument, "house": _build_house}
+    "palace": _build_palace,
+    "cathedral": _build_cathedral,
+    "tower": _build_tower,
+    "gate": _build_gate,
+    "temple": _build_temple,
+    "modern": _build_modern,
+    "monument": _build_monument,
+    "house": _build_house,
+}
 
 
 def build_landmark(rng: Rng, template: str | None = None) -> Scene:
@@ -1275,10 +1691,14 @@ def build_landmark(rng: Rng, template: str | None = None) -> Scene:
     style = make_style(rng, modern=template == "modern")
     height = builder(scene, rng, style)
     # neighbours and trees: part of the landmark's scene, generic in look
-    xs = [f.verts[:, 0] if isinstance(f, FlatFace) else np.array([f.origin[0], (f.origin + f.u)[0]])
-          for f in scene.faces]
-    zs = [f.verts[:, 2] if isinstance(f, FlatFace) else np.array([f.origin[2], (f.origin + f.u)[2]])
-          for f in scene.faces]
+    xs = [
+        f.verts[:, 0] if isinstance(f, FlatFace) else np.array([f.origin[0], (f.origin + f.u)[0]])
+        for f in scene.faces
+    ]
+    zs = [
+        f.verts[:, 2] if isinstance(f, FlatFace) else np.array([f.origin[2], (f.origin + f.u)[2]])
+        for f in scene.faces
+    ]
     allx, allz = np.concatenate(xs), np.concatenate(zs)
     half_w = float(max(abs(allx.min()), abs(allx.max())))
     half_d = float(max(abs(allz.min()), abs(allz.max())))
@@ -1289,13 +1709,24 @@ def build_landmark(rng: Rng, template: str | None = None) -> Scene:
         nw, nd = rng.uniform(12, 30), rng.uniform(10, 20)
         nx = nside * (half_w + nw / 2 + rng.uniform(6, 25))
         nz = rng.uniform(-half_d, half_d + 30)
-        add_prism(scene, rng, nstyle, _box(nx, nz, nw, nd), 0, nstyle.floor_h * int(rng.integers(2, 7)),
-                  roof=str(rng.choice(["flat", "gable"])), roof_h=nd * 0.3, share_textures=True)
+        add_prism(
+            scene,
+            rng,
+            nstyle,
+            _box(nx, nz, nw, nd),
+            0,
+            nstyle.floor_h * int(rng.integers(2, 7)),
+            roof=str(rng.choice(["flat", "gable"])),
+            roof_h=nd * 0.3,
+            share_textures=True,
+        )
     for _ in range(int(rng.integers(0, 7))):
         img, tw_, th_ = sprite(rng, "tree" if rng.random() < 0.8 else "bush")
         ang = rng.uniform(0, 2 * math.pi)
         dist = max(half_w, half_d) + rng.uniform(4, 20)
-        add_billboard_sprite(scene, np.array([dist * math.cos(ang), 0.0, dist * math.sin(ang)]), img, tw_, th_)
+        add_billboard_sprite(
+            scene, np.array([dist * math.cos(ang), 0.0, dist * math.sin(ang)]), img, tw_, th_
+        )
     scene.radius = float(math.hypot(half_w, half_d))
     scene.height = float(height)
     scene.center = np.array([0.0, height * 0.45, 0.0])
@@ -1308,6 +1739,7 @@ def build_landmark(rng: Rng, template: str | None = None) -> Scene:
 # --------------------------------------------------------------------------------------------------
 # Photographs
 # --------------------------------------------------------------------------------------------------
+
 
 def output_size(rng: Rng, size: int) -> tuple[int, int]:
     """(width, height) with the long side ``size`` and a common photo aspect ratio."""
@@ -1332,11 +1764,15 @@ def make_lighting(rng: Rng, weather: str) -> Lighting:
     elif weather == "hazy":
         amb, direct = np.array([0.95, 0.95, 0.9]) * rng.uniform(0.6, 0.8), white * rng.uniform(0.15, 0.3)
     elif weather == "sunset":
-        amb, direct = np.array([0.7, 0.6, 0.65]) * rng.uniform(0.4, 0.55), np.array([1.1, 0.72, 0.45]) * rng.uniform(
-            0.5, 0.8)
+        amb, direct = (
+            np.array([0.7, 0.6, 0.65]) * rng.uniform(0.4, 0.55),
+            np.array([1.1, 0.72, 0.45]) * rng.uniform(0.5, 0.8),
+        )
     else:  # dusk
-        amb, direct = np.array([0.45, 0.45, 0.6]) * rng.uniform(0.3, 0.45), np.array([0.9, 0.6, 0.5]) * rng.uniform(
-            0.0, 0.2)
+        amb, direct = (
+            np.array([0.45, 0.45, 0.6]) * rng.uniform(0.3, 0.45),
+            np.array([0.9, 0.6, 0.5]) * rng.uniform(0.0, 0.2),
+        )
     return Lighting(sun=sun, ambient=amb.astype(np.float32), direct=direct.astype(np.float32))
 
 
@@ -1368,7 +1804,11 @@ def sky(rng: Rng, cam: Camera, weather: str) -> np.ndarray:
         cl = fractal(rng, h4, w4, 3, 3)
         cover = rng.uniform(-0.2, 0.6)
         a = np.clip((cl - (0.5 - cover)) * 2.0, 0, 1) * rng.uniform(0.5, 0.95)
-        ccol = np.array([250, 250, 250], np.float32) if weather != "sunset" else np.array([250, 200, 170], np.float32)
+        ccol = (
+            np.array([250, 250, 250], np.float32)
+            if weather != "sunset"
+            else np.array([250, 200, 170], np.float32)
+        )
         img = img * (1 - a[..., None]) + ccol * a[..., None]
     elif weather == "overcast":
         img *= (1 + 0.06 * fractal(rng, h4, w4, 3, 2))[..., None]
@@ -1395,8 +1835,13 @@ def skyline(rng: Rng, n: int, radius: tuple[float, float]) -> list[TexFace | Fla
 def ground_face(scene: Scene) -> TexFace:
     """A large tiled ground quad for the scene's ground texture."""
     e = 3000.0
-    return TexFace(np.array([-e, 0.0, e]), np.array([2 * e, 0.0, 0.0]), np.array([0.0, 0.0, -2 * e]),
-                   scene.ground_tex, tile_m=scene.ground_tile_m)
+    return TexFace(
+        np.array([-e, 0.0, e]),
+        np.array([2 * e, 0.0, 0.0]),
+        np.array([0.0, 0.0, -2 * e]),
+        scene.ground_tex,
+        tile_m=scene.ground_tile_m,
+    )
 
 
 def _inside(point: np.ndarray, scene: Scene, margin: float = 1.0) -> bool:
@@ -1431,8 +1876,13 @@ def scene_coverage(cam: Camera, scene: Scene) -> float:
             continue
         if not face.double_sided and float(face.normal @ (cam.C - face.center)) <= 0:
             continue
-        verts = face.verts if isinstance(face, FlatFace) else np.stack(
-            [face.origin, face.origin + face.u, face.origin + face.u + face.v, face.origin + face.v])
+        verts = (
+            face.verts
+            if isinstance(face, FlatFace)
+            else np.stack(
+                [face.origin, face.origin + face.u, face.origin + face.u + face.v, face.origin + face.v]
+            )
+        )
         pc = _clip_frustum(cam, cam.to_cam(verts), margin_px=0.0)
         if len(pc) < 3:
             continue
@@ -1472,8 +1922,13 @@ def _sample_landmark_camera(rng: Rng, scene: Scene, width: int, height: int) -> 
         hfov /= float(rng.uniform(1.5, 3.0))
         dist *= float(rng.uniform(0.5, 1.0))
     else:
-        target = scene.center + np.array([rng.normal(0, scene.radius * 0.12), rng.normal(0, scene.height * 0.12),
-                                          rng.normal(0, scene.radius * 0.1)])
+        target = scene.center + np.array(
+            [
+                rng.normal(0, scene.radius * 0.12),
+                rng.normal(0, scene.height * 0.12),
+                rng.normal(0, scene.radius * 0.1),
+            ]
+        )
     dist = max(dist, scene.radius * 1.15 + 3.0)
     if rng.random() < 0.75:
         cam_h = float(rng.uniform(1.4, 1.9))
@@ -1486,9 +1941,12 @@ def _sample_landmark_camera(rng: Rng, scene: Scene, width: int, height: int) -> 
     return look_at(C, target, width, height, hfov, roll, off)
 
 
-def add_foreground(rng: Rng, cam: Camera, n: int, kinds: tuple[str, ...] = ("person", "person", "tree", "pole",
-                                                                           "car", "bush")
-                   ) -> list[tuple[TexFace, np.ndarray]]:
+def add_foreground(
+    rng: Rng,
+    cam: Camera,
+    n: int,
+    kinds: tuple[str, ...] = ("person", "person", "tree", "pole", "car", "bush"),
+) -> list[tuple[TexFace, np.ndarray]]:
     """Random occluders between the camera and the subject: (billboard facing the camera, its sprite)."""
     faces: list[tuple[TexFace, np.ndarray]] = []
     fwd = cam.forward.copy()
@@ -1504,13 +1962,29 @@ def add_foreground(rng: Rng, cam: Camera, n: int, kinds: tuple[str, ...] = ("per
         pos = cam.C + fwd * d + right * lateral
         pos[1] = 0.0
         u = right * w_m
-        faces.append((TexFace(pos - u / 2 + np.array([0.0, h_m, 0.0]), u, np.array([0.0, -h_m, 0.0]), -1,
-                              double_sided=True), img))
+        faces.append(
+            (
+                TexFace(
+                    pos - u / 2 + np.array([0.0, h_m, 0.0]),
+                    u,
+                    np.array([0.0, -h_m, 0.0]),
+                    -1,
+                    double_sided=True,
+                ),
+                img,
+            )
+        )
     return faces
 
 
-def render_scene(rng: Rng, scene: Scene, cam: Camera, weather: str | None = None, n_occluders: int | None = None,
-                 far_skyline: bool = True) -> np.ndarray:
+def render_scene(
+    rng: Rng,
+    scene: Scene,
+    cam: Camera,
+    weather: str | None = None,
+    n_occluders: int | None = None,
+    far_skyline: bool = True,
+) -> np.ndarray:
     """A photograph of ``scene`` from ``cam``: (H, W, 3) float32 RGB in [0, 255] (before camera effects)."""
     weather = weather or str(rng.choice(WEATHERS))
     light = make_lighting(rng, weather)
@@ -1544,6 +2018,7 @@ def landmark_photo(rng: Rng, scene: Scene, size: int) -> np.ndarray:
 # Camera effects
 # --------------------------------------------------------------------------------------------------
 
+
 def camera_effects(rng: Rng, img: np.ndarray, strength: float = 1.0) -> np.ndarray:
     """Exposure, white balance, saturation, contrast, gamma, vignetting, blur, noise and rescaling.
 
@@ -1558,7 +2033,9 @@ def camera_effects(rng: Rng, img: np.ndarray, strength: float = 1.0) -> np.ndarr
     x += (grey * np.float32(1.0 - sat))[..., None]
     if rng.random() < 0.3:
         gy, gx = np.mgrid[0:9, 0:9].astype(np.float32) / 8.0 - 0.5
-        vig = cv2.resize(1.0 - float(rng.uniform(0.2, 0.6)) * (gx**2 + gy**2), (W, H), interpolation=cv2.INTER_LINEAR)
+        vig = cv2.resize(
+            1.0 - float(rng.uniform(0.2, 0.6)) * (gx**2 + gy**2), (W, H), interpolation=cv2.INTER_LINEAR
+        )
         x *= vig[..., None]
     out = cv2.convertScaleAbs(x)
     contrast = float(np.clip(rng.normal(1.0, 0.12 * strength), 0.7, 1.35))
@@ -1624,8 +2101,13 @@ def ood_photo(rng: Rng, size: int, kind: str) -> np.ndarray:
 def nature_image(rng: Rng, W: int, H: int) -> np.ndarray:
     """Mountains, hills, lakes, sea, fields and forests (H, W, 3) float32."""
     weather = str(rng.choice(["clear", "clear", "overcast", "hazy", "sunset"]))
-    cam = look_at(np.array([0, 1.7, 0.0]), np.array([0, 1.7 + rng.uniform(-5, 20), 100.0]), W, H,
-                  float(rng.uniform(50, 80)))
+    cam = look_at(
+        np.array([0, 1.7, 0.0]),
+        np.array([0, 1.7 + rng.uniform(-5, 20), 100.0]),
+        W,
+        H,
+        float(rng.uniform(50, 80)),
+    )
     img = sky(rng, cam, weather)
     horizon = H * float(rng.uniform(0.35, 0.7))
     xs = np.arange(W, dtype=np.float32)
@@ -1637,10 +2119,12 @@ def nature_image(rng: Rng, W: int, H: int) -> np.ndarray:
         amp = H * float(rng.uniform(0.05, 0.35)) * (1 - 0.5 * t)
         ridge = np.zeros(W, np.float32)
         for o in range(5):
-            f = 2 ** o * rng.uniform(0.5, 1.5)
-            ridge += np.sin(xs / W * 2 * math.pi * f + rng.uniform(0, 6.28)).astype(np.float32) / 2 ** o
+            f = 2**o * rng.uniform(0.5, 1.5)
+            ridge += np.sin(xs / W * 2 * math.pi * f + rng.uniform(0, 6.28)).astype(np.float32) / 2**o
         top = horizon - amp * (0.6 + 0.4 * ridge) * (1 if rng.random() < 0.8 else 0.3)
-        col = _pick(rng, np.array([(90, 100, 110), (70, 90, 60), (110, 100, 80), (60, 80, 70)], np.float32), 15)
+        col = _pick(
+            rng, np.array([(90, 100, 110), (70, 90, 60), (110, 100, 80), (60, 80, 70)], np.float32), 15
+        )
         col = col * (1 - t * 0.5) + haze * t * 0.5 if k < n_layers - 1 else col
         mask = (yy >= top[None, :]).astype(np.float32)
         tex = 1 + 0.08 * fractal(rng, H, W, 3, 8)
@@ -1660,11 +2144,14 @@ def nature_image(rng: Rng, W: int, H: int) -> np.ndarray:
             wimg = wimg * (1 - beach[..., None]) + np.array([215, 195, 150], np.float32) * beach[..., None]
         img = img * (1 - below[..., None]) + wimg * below[..., None]
     else:
-        base = np.array([80, 120, 50] if fg != "field" else [190, 170, 90], np.float32) * rng.uniform(0.8, 1.2)
+        base = np.array([80, 120, 50] if fg != "field" else [190, 170, 90], np.float32) * rng.uniform(
+            0.8, 1.2
+        )
         tex = 1 + 0.15 * fractal(rng, H, W, 4, 6)
         if fg == "field":
-            tex *= 1 + 0.08 * np.sin(np.arange(W, dtype=np.float32)[None, :] * rng.uniform(0.3, 1.0)
-                                     + yy * rng.uniform(-0.5, 0.5))
+            tex *= 1 + 0.08 * np.sin(
+                np.arange(W, dtype=np.float32)[None, :] * rng.uniform(0.3, 1.0) + yy * rng.uniform(-0.5, 0.5)
+            )
         img = img * (1 - below[..., None]) + (base * tex[..., None]) * below[..., None]
     n_trees = int(rng.integers(0, 12)) if fg in ("forest", "meadow", "lake") else int(rng.integers(0, 3))
     if fg == "forest":
@@ -1687,17 +2174,23 @@ def _paste(canvas: np.ndarray, spr: np.ndarray, x: int, y: int) -> None:
     x0, y0, x1, y1 = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
     if x1 <= x0 or y1 <= y0:
         return
-    s = spr[y0 - y:y1 - y, x0 - x:x1 - x]
+    s = spr[y0 - y : y1 - y, x0 - x : x1 - x]
     _composite(canvas, (x0, y0, x1, y1), s[..., :3].astype(np.float32), s[..., 3])
 
 
 def texture_image(rng: Rng, W: int, H: int) -> np.ndarray:
     """A close-up texture filling the frame (H, W, 3) float32, sometimes seen in perspective."""
-    kind = str(rng.choice(["noise", "stripes", "checker", "cells", "weave", "bricks", "foliage", "marble", "tiles",
-                           "text"]))
+    kind = str(
+        rng.choice(
+            ["noise", "stripes", "checker", "cells", "weave", "bricks", "foliage", "marble", "tiles", "text"]
+        )
+    )
     S = max(W, H)
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
-    c1, c2 = _pick(rng, np.concatenate([WALLS, ACCENTS, GLASS]), 25), _pick(rng, np.concatenate([WALLS, ACCENTS]), 25)
+    c1, c2 = (
+        _pick(rng, np.concatenate([WALLS, ACCENTS, GLASS]), 25),
+        _pick(rng, np.concatenate([WALLS, ACCENTS]), 25),
+    )
     if kind == "noise":
         t = fractal(rng, S, S, 5, 3)
         img = c1 + (c2 - c1) * np.clip(t * 0.5 + 0.5, 0, 1)[..., None]
@@ -1728,9 +2221,17 @@ def texture_image(rng: Rng, W: int, H: int) -> np.ndarray:
         img[:] = np.array([40, 70, 30], np.float32)
         for _ in range(int(rng.integers(60, 200))):
             col = np.array([60, 110, 45], np.float32) * rng.uniform(0.5, 1.4, 3)
-            cv2.ellipse(img, (int(rng.integers(0, S)), int(rng.integers(0, S))),
-                        (int(rng.integers(3, S // 8)), int(rng.integers(2, S // 14))), float(rng.uniform(0, 180)), 0, 360,
-                        tuple(float(v) for v in col), -1, cv2.LINE_AA)
+            cv2.ellipse(
+                img,
+                (int(rng.integers(0, S)), int(rng.integers(0, S))),
+                (int(rng.integers(3, S // 8)), int(rng.integers(2, S // 14))),
+                float(rng.uniform(0, 180)),
+                0,
+                360,
+                tuple(float(v) for v in col),
+                -1,
+                cv2.LINE_AA,
+            )
     elif kind == "marble":
         t = np.sin(xx * rng.uniform(0.02, 0.08) + 6 * fractal(rng, S, S, 4, 3))
         img = c1 + (np.array([235, 235, 230], np.float32) - c1) * (t * 0.5 + 0.5)[..., None]
@@ -1757,7 +2258,7 @@ def texture_image(rng: Rng, W: int, H: int) -> np.ndarray:
         M = cv2.getPerspectiveTransform(dst, src)
         img = cv2.warpPerspective(img, M, (S, S), borderMode=cv2.BORDER_REFLECT)
     y0, x0 = (S - H) // 2, (S - W) // 2
-    return np.ascontiguousarray(img[y0:y0 + H, x0:x0 + W])
+    return np.ascontiguousarray(img[y0 : y0 + H, x0 : x0 + W])
 
 
 def people_image(rng: Rng, W: int, H: int) -> np.ndarray:
@@ -1772,34 +2273,103 @@ def people_image(rng: Rng, W: int, H: int) -> np.ndarray:
         img *= (1 + 0.1 * fractal(rng, H, W, 3, 6))[..., None]
         img = np.asarray(cv2.GaussianBlur(img, (0, 0), 3), np.float32)
     else:
-        c1, c2 = _pick(rng, np.concatenate([WALLS, TRIMS]), 20), _pick(rng, np.concatenate([WALLS, TRIMS]), 20)
+        c1, c2 = (
+            _pick(rng, np.concatenate([WALLS, TRIMS]), 20),
+            _pick(rng, np.concatenate([WALLS, TRIMS]), 20),
+        )
         t = np.linspace(0, 1, H, dtype=np.float32)[:, None, None]
         img[:] = c1 * (1 - t) + c2 * t
     if rng.random() < 0.35:  # portrait
         cx, cy = W * rng.uniform(0.35, 0.65), H * rng.uniform(0.35, 0.5)
         r = min(W, H) * rng.uniform(0.18, 0.3)
         shirt = tuple(float(v) for v in _pick(rng, np.concatenate([ACCENTS, GLASS]), 20))
-        cv2.ellipse(img, (round(cx), round(cy + r * 2.4)), (round(r * 2.0), round(r * 1.3)), 0, 0, 360, shirt, -1,
-                    cv2.LINE_AA)
+        cv2.ellipse(
+            img,
+            (round(cx), round(cy + r * 2.4)),
+            (round(r * 2.0), round(r * 1.3)),
+            0,
+            0,
+            360,
+            shirt,
+            -1,
+            cv2.LINE_AA,
+        )
         skin = _pick(rng, SKIN, 8)
-        cv2.rectangle(img, (round(cx - r * 0.35), round(cy + r * 0.6)), (round(cx + r * 0.35), round(cy + r * 1.3)),
-                      tuple(float(v) for v in skin * 0.9), -1)
-        hair = tuple(float(v) for v in _pick(rng, np.array([(30, 20, 15), (90, 60, 30), (200, 170, 110)], np.float32)))
-        cv2.ellipse(img, (round(cx), round(cy - r * 0.1)), (round(r * 0.9), round(r * 1.15)), 0, 0, 360, hair, -1,
-                    cv2.LINE_AA)
-        cv2.ellipse(img, (round(cx), round(cy + r * 0.05)), (round(r * 0.78), round(r)), 0, 0, 360,
-                    tuple(float(v) for v in skin), -1, cv2.LINE_AA)
+        cv2.rectangle(
+            img,
+            (round(cx - r * 0.35), round(cy + r * 0.6)),
+            (round(cx + r * 0.35), round(cy + r * 1.3)),
+            tuple(float(v) for v in skin * 0.9),
+            -1,
+        )
+        hair = tuple(
+            float(v) for v in _pick(rng, np.array([(30, 20, 15), (90, 60, 30), (200, 170, 110)], np.float32))
+        )
+        cv2.ellipse(
+            img,
+            (round(cx), round(cy - r * 0.1)),
+            (round(r * 0.9), round(r * 1.15)),
+            0,
+            0,
+            360,
+            hair,
+            -1,
+            cv2.LINE_AA,
+        )
+        cv2.ellipse(
+            img,
+            (round(cx), round(cy + r * 0.05)),
+            (round(r * 0.78), round(r)),
+            0,
+            0,
+            360,
+            tuple(float(v) for v in skin),
+            -1,
+            cv2.LINE_AA,
+        )
         for s in (-1, 1):
             ex = round(cx + s * r * 0.33)
-            cv2.ellipse(img, (ex, round(cy - r * 0.05)), (round(r * 0.14), round(r * 0.07)), 0, 0, 360,
-                        (245.0, 245.0, 245.0), -1, cv2.LINE_AA)
-            cv2.circle(img, (ex, round(cy - r * 0.05)), max(1, round(r * 0.06)), (40.0, 30.0, 20.0), -1, cv2.LINE_AA)
-            cv2.line(img, (ex - round(r * 0.15), round(cy - r * 0.25)), (ex + round(r * 0.15), round(cy - r * 0.28)),
-                     hair, max(1, round(r * 0.04)), cv2.LINE_AA)
-        cv2.line(img, (round(cx), round(cy)), (round(cx - r * 0.05), round(cy + r * 0.3)),
-                 tuple(float(v) for v in skin * 0.8), max(1, round(r * 0.04)), cv2.LINE_AA)
-        cv2.ellipse(img, (round(cx), round(cy + r * 0.55)), (round(r * 0.25), round(r * 0.08)), 0, 0, 180,
-                    (150.0, 60.0, 60.0), max(1, round(r * 0.05)), cv2.LINE_AA)
+            cv2.ellipse(
+                img,
+                (ex, round(cy - r * 0.05)),
+                (round(r * 0.14), round(r * 0.07)),
+                0,
+                0,
+                360,
+                (245.0, 245.0, 245.0),
+                -1,
+                cv2.LINE_AA,
+            )
+            cv2.circle(
+                img, (ex, round(cy - r * 0.05)), max(1, round(r * 0.06)), (40.0, 30.0, 20.0), -1, cv2.LINE_AA
+            )
+            cv2.line(
+                img,
+                (ex - round(r * 0.15), round(cy - r * 0.25)),
+                (ex + round(r * 0.15), round(cy - r * 0.28)),
+                hair,
+                max(1, round(r * 0.04)),
+                cv2.LINE_AA,
+            )
+        cv2.line(
+            img,
+            (round(cx), round(cy)),
+            (round(cx - r * 0.05), round(cy + r * 0.3)),
+            tuple(float(v) for v in skin * 0.8),
+            max(1, round(r * 0.04)),
+            cv2.LINE_AA,
+        )
+        cv2.ellipse(
+            img,
+            (round(cx), round(cy + r * 0.55)),
+            (round(r * 0.25), round(r * 0.08)),
+            0,
+            0,
+            180,
+            (150.0, 60.0, 60.0),
+            max(1, round(r * 0.05)),
+            cv2.LINE_AA,
+        )
     else:
         n = int(rng.integers(1, 7))
         for _ in range(n):
@@ -1828,18 +2398,33 @@ def indoor_image(rng: Rng, W: int, H: int) -> np.ndarray:
             p = max(3, round(rng.uniform(0.1, 0.4) * s))
             img[:, (np.arange(tw) // p) % 2 == 1] *= 0.9
         if rng.random() < 0.5:  # wainscot
-            img[round(th * 0.65):] = _pick(rng, TRIMS, 10) * 0.8
+            img[round(th * 0.65) :] = _pick(rng, TRIMS, 10) * 0.8
         for _ in range(int(rng.integers(0, 4))):
             kind = rng.random()
             fw, fh = rng.uniform(0.6, 2.0) * s, rng.uniform(0.5, 1.5) * s
             fx, fy = rng.uniform(0, max(1, tw - fw)), rng.uniform(0.1, 0.45) * th
             if kind < 0.4:  # window with bright outside
-                cv2.rectangle(img, (round(fx), round(fy)), (round(fx + fw), round(fy + fh * 1.5)), (235.0, 240.0, 250.0),
-                              -1)
-                cv2.rectangle(img, (round(fx), round(fy)), (round(fx + fw), round(fy + fh * 1.5)), (250.0, 250.0, 250.0),
-                              max(1, round(0.06 * s)))
-                cv2.line(img, (round(fx + fw / 2), round(fy)), (round(fx + fw / 2), round(fy + fh * 1.5)),
-                         (250.0, 250.0, 250.0), max(1, round(0.04 * s)))
+                cv2.rectangle(
+                    img,
+                    (round(fx), round(fy)),
+                    (round(fx + fw), round(fy + fh * 1.5)),
+                    (235.0, 240.0, 250.0),
+                    -1,
+                )
+                cv2.rectangle(
+                    img,
+                    (round(fx), round(fy)),
+                    (round(fx + fw), round(fy + fh * 1.5)),
+                    (250.0, 250.0, 250.0),
+                    max(1, round(0.06 * s)),
+                )
+                cv2.line(
+                    img,
+                    (round(fx + fw / 2), round(fy)),
+                    (round(fx + fw / 2), round(fy + fh * 1.5)),
+                    (250.0, 250.0, 250.0),
+                    max(1, round(0.04 * s)),
+                )
             elif kind < 0.8:  # painting
                 sub = fractal(rng, max(2, round(fh)), max(2, round(fw)), 3, 3)
                 c1, c2 = _pick(rng, ACCENTS, 30), _pick(rng, WALLS, 30)
@@ -1847,7 +2432,7 @@ def indoor_image(rng: Rng, W: int, H: int) -> np.ndarray:
                 y0, x0 = round(fy), round(fx)
                 ph, pw = pic.shape[:2]
                 ph, pw = min(ph, th - y0), min(pw, tw - x0)
-                img[y0:y0 + ph, x0:x0 + pw] = pic[:ph, :pw]
+                img[y0 : y0 + ph, x0 : x0 + pw] = pic[:ph, :pw]
                 cv2.rectangle(img, (x0, y0), (x0 + pw, y0 + ph), (120.0, 90.0, 40.0), max(1, round(0.05 * s)))
             else:  # door
                 dw, dh = 0.9 * s, 2.1 * s
@@ -1875,29 +2460,52 @@ def indoor_image(rng: Rng, W: int, H: int) -> np.ndarray:
         tile = 2.0
     scene.ground_tex = scene.add_texture(_rgba(fimg))
     scene.ground_tile_m = tile
-    ceil = np.array([[-rw / 2, rh, -rd / 2], [rw / 2, rh, -rd / 2], [rw / 2, rh, rd / 2], [-rw / 2, rh, rd / 2]])
+    ceil = np.array(
+        [[-rw / 2, rh, -rd / 2], [rw / 2, rh, -rd / 2], [rw / 2, rh, rd / 2], [-rw / 2, rh, rd / 2]]
+    )
     scene.faces.append(FlatFace(ceil, np.array([238, 236, 230], np.float32), np.array([0.0, -1.0, 0.0])))
     for _ in range(int(rng.integers(1, 6))):  # furniture
         fw, fd, fh = rng.uniform(0.5, 2.5), rng.uniform(0.4, 1.2), rng.uniform(0.4, 2.0)
-        fx, fz = rng.uniform(-rw / 2 + fw / 2, rw / 2 - fw / 2), rng.uniform(-rd / 2 + fd / 2, rd / 2 - fd / 2)
-        col = _pick(rng, np.array([(110, 80, 55), (60, 60, 65), (160, 140, 120), (120, 40, 40), (40, 60, 100)],
-                                  np.float32), 15)
+        fx, fz = (
+            rng.uniform(-rw / 2 + fw / 2, rw / 2 - fw / 2),
+            rng.uniform(-rd / 2 + fd / 2, rd / 2 - fd / 2),
+        )
+        col = _pick(
+            rng,
+            np.array(
+                [(110, 80, 55), (60, 60, 65), (160, 140, 120), (120, 40, 40), (40, 60, 100)], np.float32
+            ),
+            15,
+        )
         b = _box(fx, fz, fw, fd)
         for o, u, v, _ in _side_faces(b, 0.0, fh):
             quad = np.stack([o, o + u, o + u + v, o + v])
             scene.faces.append(FlatFace(quad, col, _unit(_cross(v, u))))
         scene.faces.append(FlatFace(np.array([[p[0], fh, p[1]] for p in b]), col * 1.1, _UP.copy()))
-    C = np.array([rng.uniform(-rw / 2 + 0.5, rw / 2 - 0.5), rng.uniform(1.2, 1.8), rng.uniform(-rd / 2 + 0.5,
-                                                                                           rd / 2 - 0.5)])
+    C = np.array(
+        [
+            rng.uniform(-rw / 2 + 0.5, rw / 2 - 0.5),
+            rng.uniform(1.2, 1.8),
+            rng.uniform(-rd / 2 + 0.5, rd / 2 - 0.5),
+        ]
+    )
     ang = rng.uniform(0, 2 * math.pi)
     target = C + np.array([math.cos(ang), rng.uniform(-0.3, 0.2), math.sin(ang)])
     cam = look_at(C, target, W, H, float(rng.uniform(55, 90)), float(rng.normal(0, 3)))
-    light = Lighting(sun=_unit(np.array([0.3, 1.0, 0.2])), ambient=np.ones(3, np.float32) * np.float32(
-        rng.uniform(0.6, 0.9)), direct=np.array([1.0, 0.92, 0.8], np.float32) * np.float32(rng.uniform(0.1, 0.35)))
+    light = Lighting(
+        sun=_unit(np.array([0.3, 1.0, 0.2])),
+        ambient=np.ones(3, np.float32) * np.float32(rng.uniform(0.6, 0.9)),
+        direct=np.array([1.0, 0.92, 0.8], np.float32) * np.float32(rng.uniform(0.1, 0.35)),
+    )
     canvas = np.zeros((H, W, 3), np.float32)
     canvas[:] = 200.0
-    g = TexFace(np.array([-rw / 2, 0.0, rd / 2]), np.array([rw, 0.0, 0.0]), np.array([0.0, 0.0, -rd]),
-                scene.ground_tex, tile_m=tile)
+    g = TexFace(
+        np.array([-rw / 2, 0.0, rd / 2]),
+        np.array([rw, 0.0, 0.0]),
+        np.array([0.0, 0.0, -rd]),
+        scene.ground_tex,
+        tile_m=tile,
+    )
     draw_tex_face(canvas, cam, g, scene.textures[g.tex], light.shade(_UP))
     render_faces(canvas, cam, scene.faces, scene.textures, light)
     return canvas

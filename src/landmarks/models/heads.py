@@ -43,8 +43,9 @@ DEFAULT_MARGIN_A = 0.45
 DEFAULT_MARGIN_B = 0.05
 
 
-def dynamic_margins(counts: Sequence[int] | np.ndarray, a: float = DEFAULT_MARGIN_A,
-                    b: float = DEFAULT_MARGIN_B) -> np.ndarray:
+def dynamic_margins(
+    counts: Sequence[int] | np.ndarray, a: float = DEFAULT_MARGIN_A, b: float = DEFAULT_MARGIN_B
+) -> np.ndarray:
     """Per-class margins ``m_c = a·(n_c^(-1/4) − min)/(max − min) + b`` (radians for ArcFace).
 
     Rare classes get the largest margin (``a + b``), the most frequent the smallest (``b``). When all
@@ -59,7 +60,7 @@ def dynamic_margins(counts: Sequence[int] | np.ndarray, a: float = DEFAULT_MARGI
     n = np.asarray(counts, dtype=np.float64)
     if n.ndim != 1 or n.size == 0 or (n < 1).any():
         raise ConfigError("dynamic margins need a non-empty list of class counts, each >= 1")
-    t = n ** -0.25
+    t = n**-0.25
     lo, hi = t.min(), t.max()
     if hi - lo < 1e-12:
         return np.full(n.shape, b + a / 2, dtype=np.float32)
@@ -82,8 +83,9 @@ def class_weights(counts: Sequence[int] | np.ndarray) -> np.ndarray:
     return (w / w.mean()).astype(np.float32)
 
 
-def margin_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
-                         weight: torch.Tensor | None = None) -> torch.Tensor:
+def margin_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy of margin logits, optionally class-weighted (see :func:`class_weights`).
 
     Args:
@@ -109,8 +111,15 @@ class MarginSoftmax(nn.Module):
     #: Whether the class supports several sub-centres per class (see :class:`SubCenter`).
     supports_subcenters = False
 
-    def __init__(self, in_dim: int, num_classes: int, scale: float = 30.0, margin_rad: float = 0.3,
-                 subcenters: int = 1, class_margins: Sequence[float] | np.ndarray | None = None):
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        scale: float = 30.0,
+        margin_rad: float = 0.3,
+        subcenters: int = 1,
+        class_margins: Sequence[float] | np.ndarray | None = None,
+    ):
         super().__init__()
         if num_classes < 1 or in_dim < 1:
             raise ConfigError(f"a head needs >= 1 class and >= 1 input dim, got {num_classes}, {in_dim}")
@@ -128,7 +137,9 @@ class MarginSoftmax(nn.Module):
         if class_margins is not None:
             margins = torch.as_tensor(np.asarray(class_margins, dtype=np.float32))
             if margins.shape != (num_classes,):
-                raise ConfigError(f"class_margins has shape {tuple(margins.shape)}, expected ({num_classes},)")
+                raise ConfigError(
+                    f"class_margins has shape {tuple(margins.shape)}, expected ({num_classes},)"
+                )
         #: ``(num_classes,)`` per-class margins (used by :class:`DynamicMargins`; saved with the weights).
         self.class_margins: torch.Tensor
         self.register_buffer("class_margins", margins)
@@ -170,8 +181,10 @@ class MarginSoftmax(nn.Module):
             return logits * self.scale
 
     def extra_repr(self) -> str:
-        return (f"in_dim={self.in_dim}, num_classes={self.num_classes}, subcenters={self.subcenters}, "
-                f"scale={self.scale}, margin_rad={self.margin_rad}")
+        return (
+            f"in_dim={self.in_dim}, num_classes={self.num_classes}, subcenters={self.subcenters}, "
+            f"scale={self.scale}, margin_rad={self.margin_rad}"
+        )
 
 
 class ArcFace(MarginSoftmax):
@@ -228,7 +241,11 @@ class DynamicSubCenterArcFace(DynamicMargins, SubCenter, ArcFace):
 
 
 #: Margin kinds by config name: the class that overrides ``apply_margin``.
-HEAD_KINDS: dict[str, type[MarginSoftmax]] = {"arcface": ArcFace, "cosface": CosFace, "softmax": MarginSoftmax}
+HEAD_KINDS: dict[str, type[MarginSoftmax]] = {
+    "arcface": ArcFace,
+    "cosface": CosFace,
+    "softmax": MarginSoftmax,
+}
 
 
 @cache
@@ -238,19 +255,33 @@ def head_class(kind: str, subcenter: bool, dynamic: bool) -> type[MarginSoftmax]
         raise ConfigError(f"unknown head kind {kind!r} (known: {', '.join(HEAD_KINDS)})")
     base = HEAD_KINDS[kind]
     known: dict[tuple[type[MarginSoftmax], bool, bool], type[MarginSoftmax]] = {
-        (ArcFace, True, False): SubCenterArcFace, (ArcFace, True, True): DynamicSubCenterArcFace}
+        (ArcFace, True, False): SubCenterArcFace,
+        (ArcFace, True, True): DynamicSubCenterArcFace,
+    }
     if (base, subcenter, dynamic) in known:
         return known[(base, subcenter, dynamic)]
     if not subcenter and not dynamic:
         return base
     mixins: tuple[type, ...] = ((DynamicMargins,) if dynamic else ()) + ((SubCenter,) if subcenter else ())
     name = ("Dynamic" if dynamic else "") + ("SubCenter" if subcenter else "") + base.__name__
-    return type(name, (*mixins, base), {"__doc__": f"{base.__name__} with mixins {[m.__name__ for m in mixins]}."})
+    return type(
+        name, (*mixins, base), {"__doc__": f"{base.__name__} with mixins {[m.__name__ for m in mixins]}."}
+    )
 
 
-def build_head(kind: str, in_dim: int, num_classes: int, *, scale: float = 30.0, margin_rad: float = 0.3,
-               subcenters: int = 1, dynamic: bool = False, class_counts: Sequence[int] | None = None,
-               margin_a: float = DEFAULT_MARGIN_A, margin_b: float = DEFAULT_MARGIN_B) -> MarginSoftmax:
+def build_head(
+    kind: str,
+    in_dim: int,
+    num_classes: int,
+    *,
+    scale: float = 30.0,
+    margin_rad: float = 0.3,
+    subcenters: int = 1,
+    dynamic: bool = False,
+    class_counts: Sequence[int] | None = None,
+    margin_a: float = DEFAULT_MARGIN_A,
+    margin_b: float = DEFAULT_MARGIN_B,
+) -> MarginSoftmax:
     """Build a margin head.
 
     Args:
@@ -265,6 +296,9 @@ def build_head(kind: str, in_dim: int, num_classes: int, *, scale: float = 30.0,
             state dict.
     """
     cls = head_class(kind, subcenters > 1, dynamic)
-    margins = dynamic_margins(class_counts, margin_a, margin_b) if dynamic and class_counts is not None else None
-    return cls(in_dim, num_classes, scale=scale, margin_rad=margin_rad, subcenters=subcenters,
-               class_margins=margins)
+    margins = (
+        dynamic_margins(class_counts, margin_a, margin_b) if dynamic and class_counts is not None else None
+    )
+    return cls(
+        in_dim, num_classes, scale=scale, margin_rad=margin_rad, subcenters=subcenters, class_margins=margins
+    )

@@ -43,9 +43,11 @@ class LocalHead(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         # Heads saved before the input normalisation existed: identity statistics (their behaviour).
-        for key, value in (("running_mean", torch.zeros(self.in_channels)),
-                           ("running_var", torch.ones(self.in_channels)),
-                           ("num_batches_tracked", torch.zeros((), dtype=torch.long))):
+        for key, value in (
+            ("running_mean", torch.zeros(self.in_channels)),
+            ("running_var", torch.ones(self.in_channels)),
+            ("num_batches_tracked", torch.zeros((), dtype=torch.long)),
+        ):
             state_dict.setdefault(f"{prefix}norm.{key}", value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 

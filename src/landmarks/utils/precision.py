@@ -68,8 +68,12 @@ def amp_dtype(amp: str, device: torch.device | str, *, cpu_auto: bool = True) ->
     stays comparable with one built elsewhere).
     """
     dev = torch.device(device)
-    return choose_amp_dtype(amp, dev.type, cuda_bf16=dev.type == "cuda" and cuda_bf16_native(),
-                            cpu_amx=cpu_auto and dev.type == "cpu" and cpu_has_amx())
+    return choose_amp_dtype(
+        amp,
+        dev.type,
+        cuda_bf16=dev.type == "cuda" and cuda_bf16_native(),
+        cpu_amx=cpu_auto and dev.type == "cpu" and cpu_has_amx(),
+    )
 
 
 def needs_grad_scaler(dtype: torch.dtype | None, device_type: str) -> bool:

@@ -24,8 +24,9 @@ class Progress:
     every ``interval_s`` seconds and once at the end.
     """
 
-    def __init__(self, total: int | None, desc: str, unit: str = "img", interval_s: float = 10.0,
-                 disable: bool = False):
+    def __init__(
+        self, total: int | None, desc: str, unit: str = "img", interval_s: float = 10.0, disable: bool = False
+    ):
         self.total = total
         self.desc = desc
         self.unit = unit
@@ -84,7 +85,9 @@ class Progress:
         self.close()
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
+def progress(
+    iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it"
+) -> Iterator[T]:
     """Wrap an iterable with a :class:`Progress`."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]

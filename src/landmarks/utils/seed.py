@@ -16,4 +16,3 @@ def seed_everything(seed: int) -> None:
     except ImportError:  # pragma: no cover
         return
     torch.manual_seed(seed)
-
