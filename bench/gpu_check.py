@@ -673,7 +673,7 @@ def stage_index_recognize(data: Path, run: Path, work: Path, s: Sizes) -> dict[s
             rec.close()
         out[f"recognize_{rerank}_s"] = round(time.perf_counter() - t, 1)
         out[f"gap_{rerank}"] = round(100 * evaluate_variant(pred, None, data)["gap"], 2)
-        out["queries"] = stats["queries"]
+        out["queries"] = stats.queries
     return out
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -81,7 +80,7 @@ def test_unlabelled_gldv2_index_for_retrieval(tiny_synth: Path, tmp_path: Path) 
             num_workers=0,
             conf=RecognizeConfig(rerank=rerank, rerank_workers=0),
         )
-        assert stats["with_landmark"] == 0 and stats["recognized"] == stats["queries"] == 40
+        assert stats.with_landmark == 0 and stats.recognized == stats.queries == 40
         assert all(r["landmarks"] == "" for r in read_csv(out / "p.csv"))
         rsol = submission.read_retrieval_solution(tiny_synth / "retrieval_solution.csv")
         ranked = submission.read_retrieval_predictions(
@@ -172,7 +171,7 @@ def test_recognize_queries_reports_and_keeps_unreadable_queries(tmp_path: Path) 
     ix = build_index(TinyEmbedder(), coll, tmp_path / "ix", extract_conf=NO_WORKERS, show_progress=False)
     truth = make_queries(tmp_path / "q", LANDMARKS)
     (tmp_path / "q" / "broken.jpg").write_bytes(b"\xff\xd8\xff nope")
-    stats: dict[str, Any] = recognize_queries(
+    stats = recognize_queries(
         ix,
         [tmp_path / "q"],
         tmp_path / "out" / "p.csv",
@@ -180,8 +179,8 @@ def test_recognize_queries_reports_and_keeps_unreadable_queries(tmp_path: Path) 
         embedder=TinyEmbedder(),
         num_workers=0,
     )
-    assert stats["queries"] == 4 and stats["recognized"] == 3 and stats["unreadable"] == 1
-    assert stats["rerank"] == "none" and stats["ms_per_query"] > 0
+    assert stats.queries == 4 and stats.recognized == 3 and stats.unreadable == 1
+    assert stats.rerank == "none" and stats.ms_per_query > 0
     rows = {r["id"]: r["landmarks"] for r in read_csv(tmp_path / "out" / "p.csv")}
     assert rows["broken"] == "" and set(rows) == set(truth) | {"broken"}
     assert [Path(r["path"]).name for r in read_csv(tmp_path / "out" / "skipped.csv")] == ["broken.jpg"]

@@ -413,7 +413,7 @@ def test_recognize_queries_reports_rerank_timings(tiny_index: Path, data: Path, 
         conf=RecognizeConfig(rerank="local", rerank_workers=0),
         num_workers=0,
     )
-    assert stats["rerank"] == "local" and stats["recognized"] == 6 and stats["timings_ms"]["rerank"] > 0
+    assert stats.rerank == "local" and stats.recognized == 6 and stats.timings_ms["rerank"] > 0
     with pytest.raises(ConfigError):
         RecognizeConfig(rerank="global")
     with pytest.raises(LandmarksError, match="sift or model"):

@@ -206,7 +206,7 @@ def test_whitened_index_with_sift_rerank_end_to_end(tmp_path: Path) -> None:
         num_workers=0,
         conf=RecognizeConfig(rerank="local", rerank_workers=0),
     )
-    assert stats["ood_active"] and stats["rerank"] == "local"
+    assert stats.ood_active and stats.rerank == "local"
     with open(tmp_path / "p.csv", newline="") as f:
         got = {row["id"]: row["landmarks"].split()[0] for row in csv.DictReader(f)}
     assert got == truth  # the verified views win

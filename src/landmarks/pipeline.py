@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,28 @@ def _query_records(
     return load_images([Path(q) for q in items if isinstance(q, (str, Path))], image_dir)
 
 
+@dataclass
+class RecognizeStats:
+    """What :func:`recognize_queries` did."""
+
+    queries: int  # query records (unreadable ones included)
+    recognized: int  # queries that decoded and were recognized
+    with_landmark: int  # rows of the predictions CSV that name a landmark
+    is_landmark: int  # queries whose confidence reaches the is_landmark threshold
+    is_landmark_threshold: dict[str, Any]  # {"value", "source", ...} (see Recognizer.info)
+    unreadable: int  # queries that could not be decoded (listed in skipped.csv)
+    ood_active: bool  # the out-of-domain handling was on
+    non_landmarks: int  # size of the index's non-landmark set
+    rerank: str  # "none" or "local"
+    seconds: float  # wall time of the call
+    ms_per_query: float  # seconds / queries, in ms
+    timings_ms: dict[str, float] = field(default_factory=dict)  # recognition stages summed over the batch
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
 def recognize_queries(
     index_dir: Source,
     queries: Source | Sequence[Source] | Sequence[ImageRecord],
@@ -367,7 +390,7 @@ def recognize_queries(
     image_dir: Source | None = None,
     num_workers: int | None = None,
     recognizer: Any = None,
-) -> dict[str, Any]:
+) -> RecognizeStats:
     """Recognize query images against an index and write the Kaggle recognition CSV (and more).
 
     Args:
@@ -386,10 +409,7 @@ def recognize_queries(
             ``conf``, ``device``, ``model``, ``embedder`` are ignored).
 
     Returns:
-        ``{"queries", "recognized", "with_landmark", "is_landmark", "is_landmark_threshold", "unreadable",
-        "ood_active", "rerank", "non_landmarks", "seconds", "ms_per_query", "timings_ms"}`` (timings:
-        recognition stages summed over the batch; ``is_landmark``: queries whose confidence reaches the
-        calibrated or configured threshold).
+        :class:`RecognizeStats` (counts, the is_landmark threshold, OOD/re-ranking in use, timings).
     """
     from landmarks import extract
     from landmarks.recognize import Recognizer, neighbours_row
@@ -446,17 +466,17 @@ def recognize_queries(
             rec.close()
     timings = dict(recs[0].timings_ms) if recs else {}
     seconds = time.perf_counter() - t0
-    return {
-        "queries": len(records),
-        "recognized": len(done),
-        "with_landmark": sum(v is not None for v in predictions.values()),
-        "is_landmark": sum(bool(x.is_landmark) for x in recs),
-        "is_landmark_threshold": info.is_landmark_threshold,
-        "unreadable": len(res.skipped),
-        "ood_active": info.ood_active,
-        "non_landmarks": info.index.non_landmarks,
-        "rerank": rec.conf.rerank,
-        "seconds": round(seconds, 3),
-        "ms_per_query": round(1000 * seconds / max(1, len(records)), 3),
-        "timings_ms": timings,
-    }
+    return RecognizeStats(
+        queries=len(records),
+        recognized=len(done),
+        with_landmark=sum(v is not None for v in predictions.values()),
+        is_landmark=sum(bool(x.is_landmark) for x in recs),
+        is_landmark_threshold=dict(info.is_landmark_threshold),
+        unreadable=len(res.skipped),
+        ood_active=bool(info.ood_active),
+        non_landmarks=int(info.index.non_landmarks),
+        rerank=str(rec.conf.rerank),
+        seconds=round(seconds, 3),
+        ms_per_query=round(1000 * seconds / max(1, len(records)), 3),
+        timings_ms=timings,
+    )

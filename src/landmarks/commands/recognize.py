@@ -196,23 +196,19 @@ def run(args: argparse.Namespace) -> int:
         image_dir=args.image_dir,
         num_workers=args.workers,
     )
-    ood = (
-        f"OOD handling on ({stats['non_landmarks']} non-landmarks)"
-        if stats["ood_active"]
-        else "no OOD handling"
-    )
+    ood = f"OOD handling on ({stats.non_landmarks} non-landmarks)" if stats.ood_active else "no OOD handling"
     rerank = ""
-    if stats["rerank"] != "none":
-        per_query = stats["timings_ms"].get("rerank", 0.0) / max(1, stats["recognized"])
-        rerank = f"; re-ranked ({stats['rerank']}, {per_query:.1f} ms/query)"
-    thr = stats.get("is_landmark_threshold") or {}
+    if stats.rerank != "none":
+        per_query = stats.timings_ms.get("rerank", 0.0) / max(1, stats.recognized)
+        rerank = f"; re-ranked ({stats.rerank}, {per_query:.1f} ms/query)"
+    thr = stats.is_landmark_threshold
     yes = (
-        f"; is_landmark for {stats['is_landmark']} (confidence >= {thr['value']:.4f}, {thr['source']})"
+        f"; is_landmark for {stats.is_landmark} (confidence >= {thr['value']:.4f}, {thr['source']})"
         if thr.get("value") is not None
         else ""
     )
     print(
-        f"recognized {stats['recognized']} of {stats['queries']} queries ({stats['with_landmark']} with a landmark, "
-        f"{stats['unreadable']} unreadable) -> {args.out}; {ood}{rerank}{yes}"
+        f"recognized {stats.recognized} of {stats.queries} queries ({stats.with_landmark} with a landmark, "
+        f"{stats.unreadable} unreadable) -> {args.out}; {ood}{rerank}{yes}"
     )
     return 0
