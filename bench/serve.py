@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if split is not None:
             index_photos = [(path.read_bytes(), lm) for path, lm in split[0]]
             queries = [path.read_bytes() for path in split[1]]
-            source = f"landmarks13_web photos from {args.data}"
+            source = f"landmarks13_web photos from {os.path.relpath(Path(args.data).absolute(), REPO)}"
         else:
             synth = synthetic_photos(13 * args.per_landmark + args.queries, seed=0)
             index_photos = [(b, f"lm{i % 13}") for i, b in enumerate(synth[: 13 * args.per_landmark])]
@@ -305,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         queries = (
             [path.read_bytes() for path in split[1]] if split else synthetic_photos(args.queries, seed=1)
         )
-        source = f"landmarks13_web photos from {args.data}" if split else source
+        source = (
+            f"landmarks13_web photos from {os.path.relpath(Path(args.data).absolute(), REPO)}"
+            if split
+            else source
+        )
         model_desc = "the index's model"
 
     threads_per_worker = max(1, (os.cpu_count() or 1) // args.workers)
