@@ -53,6 +53,16 @@ _GLR_HEAD = {
     "margin_b": 0.05,
 }
 
+#: The GLR recipe's optimizer: AdamW, backbone lr 1e-4, neck/heads x10, short warm-up, clipping.
+_GLR_OPTIM = {
+    "name": "adamw",
+    "lr": 1e-4,
+    "head_lr_mult": 10.0,
+    "weight_decay": 1e-4,
+    "warmup_fraction": 0.02,
+    "grad_clip": 5.0,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {
@@ -118,14 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "epochs": 10,
         "amp": "auto",
-        "optim": {
-            "name": "adamw",
-            "lr": 1e-4,
-            "head_lr_mult": 10.0,
-            "weight_decay": 1e-4,
-            "warmup_fraction": 0.02,
-            "grad_clip": 5.0,
-        },
+        "optim": dict(_GLR_OPTIM),
     },
     "glr-b5-512": {
         "model": {
@@ -139,14 +142,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "epochs": 10,
         "amp": "auto",
-        "optim": {
-            "name": "adamw",
-            "lr": 1e-4,
-            "head_lr_mult": 10.0,
-            "weight_decay": 1e-4,
-            "warmup_fraction": 0.02,
-            "grad_clip": 5.0,
-        },
+        "optim": dict(_GLR_OPTIM),
     },
     "glr-b5-768": {
         "model": {
@@ -160,14 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "epochs": 3,
         "amp": "auto",
-        "optim": {
-            "name": "adamw",
-            "lr": 3e-5,
-            "head_lr_mult": 10.0,
-            "weight_decay": 1e-4,
-            "warmup_fraction": 0.02,
-            "grad_clip": 5.0,
-        },
+        "optim": {**_GLR_OPTIM, "lr": 3e-5},
     },
     "lite2-256": {
         "model": {
